@@ -1,0 +1,162 @@
+"""Similarity of LoRA deltas from their factors, never materialising ΔW.
+
+⟨s₁B₁A₁, s₂B₂A₂⟩_F = s₁s₂ · Σ((B₁ᵀB₂) ∘ (A₁A₂ᵀ)), costing O((out + in)·r₁r₂) instead of O(out·in·r).
+A weighted *sum* of adapters is itself a LoRA (ranks concatenated, see compose.weighted_sum), so the same formula
+compares a sum with an adapter or another sum. Over layers the paper's RMS is sqrt(mean_i cos²θ_i).
+For N adapters the layers of equal shape are batched: one (L, out, Σr) Gram matmul per shape group.
+Convention: a zero delta has cosine 0 with everything (it is orthogonal to all), so no NaN ever appears.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+
+from .compose import weighted_sum
+from .delta import Adapter, LoraFactors, check_compatible, module_kind
+from .errors import LorasumError
+
+
+def factored_inner(f: LoraFactors, g: LoraFactors) -> float:
+    """⟨s_f B_f A_f, s_g B_g A_g⟩_F from the factors, in float64."""
+    bb = f.B.double().T @ g.B.double()  # (r_f, r_g)
+    aa = f.A.double() @ g.A.double().T  # (r_f, r_g)
+    return float(f.scale * g.scale * (bb * aa).sum())
+
+
+def cosine_from_gram(ab: float, aa: float, bb: float) -> float:
+    """ab / sqrt(aa·bb), 0 when either delta is zero; clipped to [-1, 1] against round-off."""
+    den = math.sqrt(max(aa, 0.0) * max(bb, 0.0))
+    return 0.0 if den == 0.0 else max(-1.0, min(1.0, ab / den))
+
+
+def rms(cosines: dict[str, float] | Iterable[float]) -> float:
+    """The paper's RMS over layers: sqrt(mean_i cos²θ_i)."""
+    vals = list(cosines.values() if isinstance(cosines, dict) else cosines)
+    if not vals:
+        raise LorasumError("no layers to average over")
+    return math.sqrt(sum(c * c for c in vals) / len(vals))
+
+
+def layer_inner(a: Adapter, b: Adapter) -> dict[str, float]:
+    """Per-layer Frobenius inner products ⟨ΔW_a, ΔW_b⟩."""
+    layers = check_compatible([a, b])
+    return {n: factored_inner(a.layers[n], b.layers[n]) for n in layers}
+
+
+def layer_norms(a: Adapter) -> dict[str, float]:
+    """Per-layer Frobenius norms ‖ΔW‖_F."""
+    return {n: math.sqrt(max(factored_inner(f, f), 0.0)) for n, f in sorted(a.layers.items())}
+
+
+def norm_ratios(a: Adapter, b: Adapter) -> dict[str, float]:
+    """Per-layer ‖ΔW_a‖ / ‖ΔW_b‖ (inf where only b's delta is zero, 1 where both are)."""
+    check_compatible([a, b])
+    na, nb = layer_norms(a), layer_norms(b)
+    return {n: (na[n] / nb[n]) if nb[n] > 0 else (1.0 if na[n] == 0 else math.inf) for n in na}
+
+
+def layer_cosines(a: Adapter, b: Adapter) -> dict[str, float]:
+    """Per-layer cos θ between the two deltas."""
+    layers = check_compatible([a, b])
+    return {n: cosine_from_gram(factored_inner(a.layers[n], b.layers[n]), factored_inner(a.layers[n], a.layers[n]),
+                                factored_inner(b.layers[n], b.layers[n])) for n in layers}
+
+
+def _as_delta(x: Adapter | list[tuple[Adapter, float]]) -> Adapter:
+    return x if isinstance(x, Adapter) else weighted_sum(list(x))
+
+
+def cosine_of_sum(blocks: Adapter | list[tuple[Adapter, float]],
+                  other: Adapter | list[tuple[Adapter, float]]) -> dict[str, float]:
+    """Per-layer cos(Σ wᵢ ΔWᵢ, other): the weight-space view of the paper's hypothesis (e.g. Table 5).
+
+    Each side is an Adapter or a list of (Adapter, weight) summed exactly. Use rms() for the summary.
+    """
+    return layer_cosines(_as_delta(blocks), _as_delta(other))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def gram_matrices(adapters: list[Adapter], dtype: torch.dtype = torch.float64) -> tuple[list[str], torch.Tensor]:
+    """All pairwise per-layer inner products: (layers, G) with G (L, N, N), G[l, i, j] = ⟨ΔW_i, ΔW_j⟩ at layer l.
+
+    Layers of equal (out, in, ranks) are stacked: with Bcat (L, out, R) = [s₁B₁ … s_NB_N] and Acat (L, R, in),
+    H = (BcatᵀBcat) ∘ (Acat Acatᵀ) is (L, R, R) and G = Pᵀ H P sums each adapter's rank block (P is (R, N)).
+    """
+    layers = check_compatible(adapters)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for li, name in enumerate(layers):
+        fs = [a.layers[name] for a in adapters]
+        groups[(fs[0].shape, tuple(f.rank for f in fs))].append(li)
+    n = len(adapters)
+    gram = torch.empty(len(layers), n, n, dtype=dtype)
+    for (_, ranks), idx in groups.items():
+        names = [layers[i] for i in idx]
+        B = torch.stack([torch.cat([a.layers[m].B.to(dtype) * a.layers[m].scale for a in adapters], dim=1)
+                         for m in names])  # (L, out, R)
+        A = torch.stack([torch.cat([a.layers[m].A.to(dtype) for a in adapters], dim=0) for m in names])  # (L, R, in)
+        H = (B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))  # (L, R, R)
+        P = torch.zeros(sum(ranks), n, dtype=dtype)  # (R, N) block indicator
+        P[torch.arange(sum(ranks)), torch.repeat_interleave(torch.arange(n), torch.tensor(ranks))] = 1.0
+        gram[idx] = P.T @ H @ P  # (L, N, N)
+    return layers, gram
+
+
+def cosine_matrices(adapters: list[Adapter]) -> tuple[list[str], torch.Tensor]:
+    """Per-layer pairwise cosines (L, N, N) (zero deltas give 0, see module doc)."""
+    layers, gram = gram_matrices(adapters)
+    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # (L, N)
+    den = norms[:, :, None] * norms[:, None, :]
+    cos = torch.where(den > 0, gram / torch.where(den > 0, den, 1.0), torch.zeros_like(gram))
+    return layers, cos.clamp(-1.0, 1.0)
+
+
+def rms_matrix(adapters: list[Adapter]) -> torch.Tensor:
+    """Pairwise RMS (N, N): sqrt(mean over layers of cos²)."""
+    _, cos = cosine_matrices(adapters)
+    return (cos**2).mean(dim=0).sqrt()
+
+
+def _display_names(adapters: list[Adapter]) -> list[str]:
+    names = [a.name for a in adapters]
+    return names if len(set(names)) == len(names) else [a.path or a.name for a in adapters]
+
+
+def similarity_report(adapters: list[Adapter]) -> dict:
+    """{"adapters": [...], "pairs": [{"a", "b", "layers": {layer: cos}, "rms"}], "kinds": {layer: attn|mlp}}."""
+    if len(adapters) < 2:
+        raise LorasumError("similarity needs at least two adapters: lorasum similarity A B [C ...]")
+    layers, cos = cosine_matrices(adapters)
+    names = _display_names(adapters)
+    pairs = []
+    for i in range(len(adapters)):
+        for j in range(i + 1, len(adapters)):
+            per = {m: float(cos[li, i, j]) for li, m in enumerate(layers)}
+            pairs.append({"a": names[i], "b": names[j], "layers": per, "rms": rms(per)})
+    return {"adapters": names, "pairs": pairs, "kinds": {m: module_kind(m) for m in layers}}
+
+
+def format_table(report: dict) -> str:
+    """Layers × pairs of cosines, with the module kind, and an RMS row."""
+    heads = [f"{p['a']} ~ {p['b']}" for p in report["pairs"]]
+    layers = list(report["kinds"])
+    lw = max(len("layer"), *(len(m) for m in layers))
+    cw = [max(9, len(h)) for h in heads]
+    lines = ["  ".join([f"{'layer':<{lw}}", "kind "] + [f"{h:>{w}}" for h, w in zip(heads, cw)])]
+    for m in layers:
+        vals = [f"{p['layers'][m]:>{w}.4f}" for p, w in zip(report["pairs"], cw)]
+        lines.append("  ".join([f"{m:<{lw}}", f"{report['kinds'][m]:<5}"] + vals))
+    lines.append("  ".join([f"{'RMS':<{lw}}", "     "] + [f"{p['rms']:>{w}.4f}" for p, w in zip(report["pairs"], cw)]))
+    return "\n".join(lines)
+
+
+def similarity(paths: list[str]) -> dict:
+    """`lorasum similarity`: load the adapter folders and return the report (see similarity_report)."""
+    from .delta import load_adapter
+
+    if len(paths) < 2:
+        raise LorasumError("similarity needs at least two adapters: lorasum similarity A B [C ...]")
+    return similarity_report([load_adapter(p) for p in paths])
