@@ -20,15 +20,14 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Delta algebra commands (issue 3): similarity, compose, merge.
 def _add_delta_commands(sub: argparse._SubParsersAction) -> None:
-    from .compose import compose
-    from .merge import merge
-    from .similarity import format_table, similarity
-
+    # Imports happen in the handlers, so `lorasum --help` does not pay for torch.
     p = sub.add_parser("similarity", help="per-layer cosines and RMS between adapters, from the LoRA factors")
     p.add_argument("adapters", nargs="*", metavar="ADAPTER", help="two or more PEFT adapter folders")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     def _similarity(args: argparse.Namespace) -> int:
+        from .similarity import format_table, similarity
+
         report = similarity(args.adapters)
         if args.json:
             print_json(report)
@@ -40,12 +39,14 @@ def _add_delta_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compose", help="exact weighted sum of adapters, saved as one PEFT adapter folder")
     p.add_argument("adapters", nargs="*", metavar="PATH[:WEIGHT]", help="adapter folders, weight defaults to 1")
-    p.add_argument("--max-rank", type=int, default=None, metavar="K", help="SVD-compress each layer to rank K")
+    p.add_argument("--max-rank", default=None, metavar="K", help="SVD-compress each layer to rank K")
     p.add_argument("--out", required=True, help="output adapter folder (must not exist or be empty)")
     p.add_argument("--json", action="store_true", help="print the full report (per-layer errors) as JSON")
 
     def _compose(args: argparse.Namespace) -> int:
-        report = compose(args.adapters, args.out, max_rank=args.max_rank)
+        from .compose import compose, parse_max_rank
+
+        report = compose(args.adapters, args.out, max_rank=parse_max_rank(args.max_rank))
         if args.json:
             print_json(report)
         else:
@@ -62,6 +63,8 @@ def _add_delta_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model folder (must not exist or be empty)")
 
     def _merge(args: argparse.Namespace) -> int:
+        from .merge import merge
+
         report = merge(args.adapter, args.out, model=args.model, device=args.device, dtype=args.dtype)
         terms = " + ".join(f"{a['weight']:g}*{a['name']}" for a in report["adapters"])
         print(f"wrote {report['out']}: {report['base_model']['id']} + {terms}")

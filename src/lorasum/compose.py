@@ -129,6 +129,19 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, extra_meta: dict | No
     return out
 
 
+def parse_max_rank(text: str | int | None) -> int | None:
+    """`--max-rank K`: a whole number ≥ 1, or None."""
+    if text is None:
+        return None
+    try:
+        k = int(str(text).strip())
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise LorasumError(f"--max-rank must be a whole number ≥ 1, got '{text}'")
+    return k
+
+
 def compose(adapter_args: list[str] | list[tuple[str, float]], out: str | os.PathLike,
             max_rank: int | None = None) -> dict:
     """`lorasum compose`: load PATH[:WEIGHT] adapters, sum them exactly, optionally compress, save a PEFT folder.
