@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from .errors import LorasumError
 
@@ -15,6 +16,167 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: GPU if present)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Core commands (issue 2): train, eval, generate, data stats, demo.
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="folder with <domain>.jsonl/.csv/.parquet (default: $LORASUM_DATA_DIR)")
+    p.add_argument("--question-field", default="question", help="record field holding the question")
+    p.add_argument("--answer-field", default="answer", help="record field holding the answer")
+    p.add_argument("--split-seed", type=int, default=0, help="salt of the content hash that assigns splits")
+    for split in ("train", "validation", "test"):
+        p.add_argument(f"--max-{split}", type=int, default=None, metavar="N", help=f"cap on {split} records per domain")
+
+
+def _data_config(args: argparse.Namespace):
+    from .data import DataConfig
+
+    caps = {s: getattr(args, f"max_{s}") for s in ("train", "validation", "test") if getattr(args, f"max_{s}", None)}
+    return DataConfig(args.data_dir, args.question_field, args.answer_field, args.split_seed, caps)
+
+
+def _load(args: argparse.Namespace):
+    from .models import load_model
+
+    return load_model(args.model, args.device, args.dtype)
+
+
+def _expand_domains(specs: list[str]) -> list[str]:
+    from .data import partition_domains
+
+    return [d for s in specs for d in partition_domains(s)]
+
+
+def _add_core_commands(sub: argparse._SubParsersAction) -> None:
+    from .train import TrainConfig
+
+    defaults = TrainConfig()
+    p = sub.add_parser("train", help="train one LoRA adapter on a domain or merged partition (e.g. math+medicine)")
+    _add_common_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--data", required=True, help="domain or partition: math, medicine[category=GARD], math+finance")
+    p.add_argument("--out", required=True, help="adapter folder to write (stock PEFT format + lorasum.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished adapter in --out")
+    p.add_argument("--params", default=None, help="JSON file of training parameters (e.g. a tuning best.json)")
+    p.add_argument("--targets", nargs="+", default=None, help="module names to adapt (default: architecture preset)")
+    for name, typ in (("r", int), ("alpha", float), ("dropout", float), ("max_length", int), ("batch_size", int),
+                      ("epochs", int), ("lr", float), ("warmup_ratio", float), ("weight_decay", float),
+                      ("seed", int)):
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None,
+                       help=f"default {getattr(defaults, name)}")
+    p.add_argument("--loss-on", choices=("all", "answer"), default=None, help="default: all tokens (as the paper)")
+    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+
+    def _train(args: argparse.Namespace) -> int:
+        from .train import train_command
+
+        overrides = {k: getattr(args, k) for k in ("r", "alpha", "dropout", "max_length", "batch_size", "epochs",
+                                                   "lr", "warmup_ratio", "weight_decay", "seed", "loss_on",
+                                                   "targets") if getattr(args, k) is not None}
+        if args.rslora:
+            overrides["use_rslora"] = True
+        res = train_command(_load(args), args.data, args.out, overrides, args.params, _data_config(args),
+                            args.overwrite)
+        for e in res.epochs:
+            print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}  val loss {e['val_loss']:.4f}  "
+                  f"val ppl {e['val_perplexity']:.3f}")
+        print(f"best epoch {res.best_epoch}; {res.tokens_per_s:.0f} tokens/s; {res.wall_s:.1f} s; saved {res.out}")
+        return 0
+
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="token-weighted perplexity of the base model plus a weighted sum of adapters")
+    _add_common_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]",
+                   help="adapter to add (repeat: their weighted sum is applied)")
+    p.add_argument("--data", nargs="+", required=True, help="domains; a+b expands to both (pooled = partition)")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--loss-on", choices=("all", "answer"), default="all")
+    p.add_argument("--per-example", default=None, metavar="FILE", help="write per-example NLL and tokens (JSONL)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    def _eval(args: argparse.Namespace) -> int:
+        from .evaluate import evaluate
+
+        if args.batch_size < 1:
+            raise LorasumError(f"--batch-size must be at least 1, got {args.batch_size}")
+        if args.max_length < 8:
+            raise LorasumError(f"--max-length {args.max_length} is too short; use at least 8 tokens")
+        res = evaluate(_load(args), _expand_domains(args.data), args.adapter, _data_config(args), args.split,
+                       args.max_length, args.batch_size, args.loss_on, args.per_example)
+        if args.json:
+            print_json(res)
+            return 0
+        names = " + ".join(f"{a['weight']:g}*{a['name']}" for a in res["adapters"]) or "(none)"
+        print(f"model {res['model']}; adapters {names}; split {res['split']}")
+        for dom, r in res["results"].items():
+            extra = f"  loss {r['loss']:.4f}  tokens {r['tokens']}" if "loss" in r else ""
+            print(f"  {dom:<30} perplexity {r['perplexity']:10.4f}{extra}")
+        return 0
+
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("generate", help="text from the base model with a sum of adapters applied")
+    _add_common_model_args(p)
+    p.add_argument("prompt", help="the question; formatted with the training template")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--template", choices=("lorasum", "chat"), default="lorasum",
+                   help="lorasum: 'Question: ...\\nAnswer:' (as trained); chat: the model's chat template")
+
+    def _generate(args: argparse.Namespace) -> int:
+        from .generate import generate
+
+        print(generate(_load(args), args.prompt, args.adapter, args.max_new_tokens, args.temperature, args.top_p,
+                       args.seed, args.template))
+        return 0
+
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("data", help="inspect domain data")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("stats", help="records, tokens, truncation and answer-token share per domain and split")
+    _add_common_model_args(p)
+    _add_data_args(p)
+    p.add_argument("domains", nargs="+")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+
+    def _stats(args: argparse.Namespace) -> int:
+        from .data import DataConfig
+        from .datastats import data_stats, format_stats
+
+        if args.max_length < 8:
+            raise LorasumError(f"--max-length {args.max_length} is too short; use at least 8 tokens")
+        rows = data_stats(_expand_domains(args.domains), _load(args).tokenizer, _data_config(args), args.max_length)
+        print_json(rows) if args.json else print(format_stats(rows))
+        return 0
+
+    p.set_defaults(func=_stats)
+
+    p = sub.add_parser("demo", help="the main job until the experiment grid exists: train on a slice of math, "
+                                    "print base vs adapter perplexity")
+    _add_common_model_args(p)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--domain", default="math")
+    p.add_argument("--train-records", type=int, default=200)
+    p.add_argument("--test-records", type=int, default=200)
+    p.add_argument("--out", default="runs/demo")
+
+    def _demo(args: argparse.Namespace) -> int:
+        from .train import demo
+
+        demo(_load(args), args.domain, args.out, args.data_dir, args.train_records, args.test_records)
+        return 0
+
+    p.set_defaults(func=_demo)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,6 +239,7 @@ def _add_delta_commands(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorasum", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_core_commands(sub)
     _add_delta_commands(sub)
     return parser
 
@@ -84,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*Unable to fetch remote file.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
     if getattr(args, "threads", None):
         import torch
 

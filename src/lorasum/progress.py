@@ -1,0 +1,14 @@
+"""Progress bars with ETA on stderr (tqdm); silenced with LORASUM_PROGRESS=0."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+
+def progress(total: int, desc: str, unit: str = "it", **kw) -> tqdm:
+    disable = os.environ.get("LORASUM_PROGRESS", "1") == "0"
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, file=sys.stderr,
+                disable=disable, mininterval=0.5, **kw)

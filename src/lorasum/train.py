@@ -1,0 +1,234 @@
+"""Train one LoRA adapter on a partition with the paper's recipe (r=4, alpha=64, max length 64) via PEFT.
+
+The result is a stock PEFT adapter folder (adapter_config.json + adapter_model.safetensors) plus `lorasum.json`
+with the config, data fingerprints, seed, per-epoch losses, throughput and provenance.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .data import DataConfig, Example, collate, load_domain, partition_domains, partition_records, \
+    require_nonempty, tokenize_records
+from .errors import LorasumError
+from .evaluate import Perplexity, per_example_nll
+from .files import atomic_dir, atomic_write_json
+from .models import LoadedModel, targets_for, weights_fingerprint
+from .progress import progress
+from .provenance import provenance
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one adapter. r, alpha, targets and max_length are fixed across partitions (paper §3)."""
+
+    r: int = 4  # LoRA rank (paper: 4)
+    alpha: float = 64.0  # LoRA alpha; the delta is scaled by alpha/r (paper: 64)
+    dropout: float = 0.05  # LoRA dropout (tuned in the paper)
+    targets: list[str] | None = None  # module names; None = the architecture's preset
+    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    max_length: int = 64  # tokens per record after formatting (paper: 64)
+    batch_size: int = 8  # records per optimizer step (tuned in the paper)
+    epochs: int = 1  # passes over the training split (tuned in the paper); the best epoch by validation is kept
+    lr: float = 1e-3  # AdamW peak learning rate, decayed linearly to 0
+    warmup_ratio: float = 0.0  # share of steps with linear warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    loss_on: str = "all"  # "all" tokens of the formatted record (paper) or "answer" tokens only
+    seed: int = 0  # initialisation, dropout and batch order; never moves records between splits
+    eval_batch_size: int = 16  # records per validation batch
+
+    def validate(self) -> None:
+        if self.max_length < 8:
+            raise LorasumError(f"--max-length {self.max_length} is too short; use at least 8 tokens")
+        for name in ("r", "batch_size", "epochs", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise LorasumError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise LorasumError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.loss_on not in ("all", "answer"):
+            raise LorasumError(f"--loss-on must be 'all' or 'answer', got '{self.loss_on}'")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LorasumError(f"--lr must be a positive number, got {self.lr}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LorasumError(f"unknown training parameter(s): {', '.join(sorted(unknown))}; known: "
+                               f"{', '.join(sorted(known))}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    epochs: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lora_config(cfg: TrainConfig, loaded: LoadedModel):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+        target_modules=targets_for(loaded.model_type, cfg.targets), bias="none", task_type="CAUSAL_LM",
+        fan_in_fan_out=loaded.model_type == "gpt2",  # GPT-2's Conv1D stores weights as (in, out)
+    )
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if (out / "adapter_config.json").exists() and not overwrite:
+        raise LorasumError(f"{out} already holds a finished adapter; pass --overwrite or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise LorasumError(f"--out {out} exists and is not a folder")
+
+
+def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    return [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+
+
+def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: TrainConfig | None = None,
+                  data: DataConfig | None = None, overwrite: bool = False) -> TrainResult:
+    """Train a LoRA adapter on `partition` (e.g. "math" or "math+medicine") and save it to `out`.
+
+    The base model is left as it was (LoRA layers are unloaded afterwards), so one loaded model serves many runs.
+    """
+    from peft import get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+
+    cfg, data = cfg or TrainConfig(), data or DataConfig()
+    cfg.validate()
+    out = Path(out)
+    _check_out(out, overwrite)
+    domains = [load_domain(d, data) for d in partition_domains(partition)]
+    require_nonempty(domains, "train")
+    require_nonempty(domains, "validation")
+    tok = loaded.tokenizer
+    train_ex = tokenize_records(tok, partition_records(domains, "train", seed=data.split_seed), cfg.max_length)
+    val_ex = tokenize_records(tok, partition_records(domains, "validation", shuffle=False), cfg.max_length)
+    base_sha = weights_fingerprint(loaded.model)
+
+    set_seed(cfg.seed)
+    peft_model = get_peft_model(loaded.model, lora_config(cfg, loaded))
+    try:
+        result = _fit(peft_model, train_ex, val_ex, tok.pad_token_id, cfg, get_linear_schedule_with_warmup)
+        peft_model.peft_config["default"].base_model_name_or_path = loaded.model_id
+        meta = {
+            "lorasum_version": provenance()["lorasum"], "partition": partition, "domains": [d.spec for d in domains],
+            "base_model": {"id": loaded.model_id, "model_type": loaded.model_type, "weights_sha256": base_sha},
+            "train": asdict(cfg), "data": {**asdict(data), "domains": [d.fingerprint() for d in domains]},
+            "seed": cfg.seed, "epochs": result.epochs, "best_epoch": result.best_epoch,
+            "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s, "provenance": provenance(),
+        }
+        with atomic_dir(out, overwrite=True) as tmp:
+            peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+            atomic_write_json(tmp / "lorasum.json", meta)
+    finally:
+        peft_model.unload()  # removes LoRA layers, restoring the base modules in place
+    result.out = out
+    return result
+
+
+def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg: TrainConfig,
+         schedule_fn) -> TrainResult:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sched = schedule_fn(opt, int(cfg.warmup_ratio * total), total)
+    rng = random.Random(cfg.seed)
+    device = next(model.parameters()).device
+    result = TrainResult(out=Path())
+    best_loss, best_state = float("inf"), None
+    tokens, train_s, wall0 = 0, 0.0, time.perf_counter()
+    bar = progress(total=total, desc="train", unit="step")
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        running, seen, t_epoch = 0.0, 0, time.perf_counter()
+        for batch_ex in _batches(train_ex, cfg.batch_size, rng):
+            batch = {k: v.to(device) for k, v in collate(batch_ex, pad_id, cfg.loss_on).items()}
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += int(batch["attention_mask"].sum())
+            running, seen = running + loss.item(), seen + 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{running / seen:.3f}")
+        train_s += time.perf_counter() - t_epoch  # validation time is excluded from throughput
+        rows = per_example_nll(model, {"validation": val_ex}, pad_id, cfg.eval_batch_size, cfg.loss_on, desc="val")
+        val = Perplexity(sum(r.nll for r in rows), sum(r.tokens for r in rows))
+        result.epochs.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val.loss,
+                              "val_perplexity": val.perplexity})
+        bar.set_postfix(epoch=epoch, val_loss=f"{val.loss:.3f}")
+        if val.loss < best_loss:
+            best_loss, result.best_epoch = val.loss, epoch
+            best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    bar.close()
+    result.wall_s = time.perf_counter() - wall0
+    result.tokens_per_s = tokens / train_s if train_s > 0 else 0.0
+    if best_state is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best_state:
+                    p.copy_(best_state[n])
+    model.eval()
+    return result
+
+
+def train_command(loaded: LoadedModel, partition: str, out: str, overrides: dict, params_file: str | None,
+                  data: DataConfig, overwrite: bool) -> TrainResult:
+    """`lorasum train`: defaults < `--params FILE` (e.g. a tuning best.json) < explicit flags."""
+    import json
+
+    params: dict = {}
+    if params_file:
+        try:
+            with open(params_file, encoding="utf-8") as f:
+                params = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise LorasumError(f"cannot read --params {params_file}: {e}") from None
+        params = params.get("params", params) if isinstance(params, dict) else params
+        if not isinstance(params, dict):
+            raise LorasumError(f"--params {params_file} must hold a JSON object of training parameters")
+    cfg = TrainConfig.from_dict({**params, **overrides})
+    return train_adapter(loaded, partition, out, cfg, data, overwrite)
+
+
+def demo(loaded: LoadedModel, domain: str, out: str, data_dir: str | None, train_records: int = 200,
+         test_records: int = 200) -> dict:
+    """The main job until the experiment grid exists: train on a slice of one domain, compare perplexities."""
+    from .evaluate import evaluate
+
+    data = DataConfig(data_dir=data_dir, max_records={"train": train_records, "validation": 50,
+                                                      "test": test_records})
+    print(f"[1/3] perplexity of {loaded.model_id} on {domain} (test, {test_records} records)")
+    base = evaluate(loaded, [domain], [], data)["results"][domain]
+    print(f"[2/3] training a LoRA adapter (r=4, alpha=64) on {train_records} {domain} records -> {out}")
+    res = train_adapter(loaded, domain, out, TrainConfig(), data, overwrite=True)
+    print(f"[3/3] perplexity with the adapter")
+    tuned = evaluate(loaded, [domain], [out], data)["results"][domain]
+    ratio = tuned["perplexity"] / base["perplexity"]
+    print(f"\nbase    {loaded.model_id:<14} {domain}: perplexity {base['perplexity']:.3f} ({base['tokens']} tokens)")
+    print(f"adapter {Path(out).name:<14} {domain}: perplexity {tuned['perplexity']:.3f} ({ratio:.2f}x base; "
+          f"trained {res.wall_s:.0f} s at {res.tokens_per_s:.0f} tokens/s)")
+    return {"base": base, "adapter": tuned, "train": {"wall_s": res.wall_s, "tokens_per_s": res.tokens_per_s}}
