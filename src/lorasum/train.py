@@ -146,6 +146,28 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     return result
 
 
+def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoch: int = 1) -> dict:
+    """One pass of AdamW steps over collated batches; returns summed loss, steps and tokens seen."""
+    model.train()
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_sum, steps, tokens = 0.0, 0, 0
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        loss_sum, steps = loss_sum + loss.item(), steps + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss_sum / steps:.3f}")
+    return {"loss_sum": loss_sum, "steps": steps, "tokens": tokens}
+
+
 def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg: TrainConfig,
          schedule_fn) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
@@ -154,27 +176,17 @@ def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg
     total = steps_per_epoch * cfg.epochs
     sched = schedule_fn(opt, int(cfg.warmup_ratio * total), total)
     rng = random.Random(cfg.seed)
-    device = next(model.parameters()).device
     result = TrainResult(out=Path())
     best_loss, best_state = float("inf"), None
     tokens, train_s, wall0 = 0, 0.0, time.perf_counter()
     bar = progress(total=total, desc="train", unit="step")
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        running, seen, t_epoch = 0.0, 0, time.perf_counter()
-        for batch_ex in _batches(train_ex, cfg.batch_size, rng):
-            batch = {k: v.to(device) for k, v in collate(batch_ex, pad_id, cfg.loss_on).items()}
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
-            running, seen = running + loss.item(), seen + 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{running / seen:.3f}")
+        t_epoch = time.perf_counter()
+        batches = (collate(b, pad_id, cfg.loss_on) for b in _batches(train_ex, cfg.batch_size, rng))
+        stats = train_epoch(model, batches, opt, sched, cfg.max_grad_norm, bar, epoch)
         train_s += time.perf_counter() - t_epoch  # validation time is excluded from throughput
+        tokens += stats["tokens"]
+        running, seen = stats["loss_sum"], stats["steps"]
         rows = per_example_nll(model, {"validation": val_ex}, pad_id, cfg.eval_batch_size, cfg.loss_on, desc="val")
         val = Perplexity(sum(r.nll for r in rows), sum(r.tokens for r in rows))
         result.epochs.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val.loss,
