@@ -12,8 +12,8 @@ from delta_fixtures import cos64, dense64, make_adapter
 from lorasum.cli import main
 from lorasum.compose import weighted_sum
 from lorasum.delta import Adapter, LoraFactors, load_adapter
-from lorasum.similarity import (cosine_matrices, cosine_of_sum, layer_cosines, layer_inner, layer_norms, norm_ratios,
-                                rms, rms_matrix, similarity_report)
+from lorasum.similarity import (cosine_matrices, cosine_of_sum, factored_inner, layer_cosines, layer_inner,
+                                layer_norms, norm_ratios, rms, rms_matrix, similarity_report)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,7 @@ def test_hand_worked_numbers():
     a = _hand("a", [[1.0, 0.0]], [[1.0], [0.0]])
     b = _hand("b", [[1.0, 1.0]], [[1.0], [0.0]], scale=3.0)
     assert layer_inner(a, b)["x.attn.q"] == pytest.approx(3.0, abs=1e-12)
+    assert factored_inner(a.layers["x.attn.q"], b.layers["x.attn.q"]) == pytest.approx(3.0, abs=1e-12)
     assert layer_norms(b)["x.attn.q"] == pytest.approx(3 * math.sqrt(2), abs=1e-12)
     assert layer_cosines(a, b)["x.attn.q"] == pytest.approx(1 / math.sqrt(2), abs=1e-12)
     assert norm_ratios(a, b)["x.attn.q"] == pytest.approx(1 / (3 * math.sqrt(2)), abs=1e-12)

@@ -41,29 +41,36 @@ def rms(cosines: dict[str, float] | Iterable[float]) -> float:
     return math.sqrt(sum(c * c for c in vals) / len(vals))
 
 
+def _pair_gram(a: Adapter, b: Adapter) -> tuple[list[str], torch.Tensor]:
+    return gram_matrices([a, b])  # (L, 2, 2)
+
+
 def layer_inner(a: Adapter, b: Adapter) -> dict[str, float]:
     """Per-layer Frobenius inner products ⟨ΔW_a, ΔW_b⟩."""
-    layers = check_compatible([a, b])
-    return {n: factored_inner(a.layers[n], b.layers[n]) for n in layers}
+    layers, g = _pair_gram(a, b)
+    return {n: float(g[i, 0, 1]) for i, n in enumerate(layers)}
 
 
 def layer_norms(a: Adapter) -> dict[str, float]:
     """Per-layer Frobenius norms ‖ΔW‖_F."""
-    return {n: math.sqrt(max(factored_inner(f, f), 0.0)) for n, f in sorted(a.layers.items())}
+    layers, g = gram_matrices([a])
+    return {n: float(g[i, 0, 0].clamp_min(0).sqrt()) for i, n in enumerate(layers)}
 
 
 def norm_ratios(a: Adapter, b: Adapter) -> dict[str, float]:
     """Per-layer ‖ΔW_a‖ / ‖ΔW_b‖ (inf where only b's delta is zero, 1 where both are)."""
-    check_compatible([a, b])
-    na, nb = layer_norms(a), layer_norms(b)
-    return {n: (na[n] / nb[n]) if nb[n] > 0 else (1.0 if na[n] == 0 else math.inf) for n in na}
+    layers, g = _pair_gram(a, b)
+    out = {}
+    for i, n in enumerate(layers):
+        na, nb = math.sqrt(max(float(g[i, 0, 0]), 0.0)), math.sqrt(max(float(g[i, 1, 1]), 0.0))
+        out[n] = (na / nb) if nb > 0 else (1.0 if na == 0 else math.inf)
+    return out
 
 
 def layer_cosines(a: Adapter, b: Adapter) -> dict[str, float]:
     """Per-layer cos θ between the two deltas."""
-    layers = check_compatible([a, b])
-    return {n: cosine_from_gram(factored_inner(a.layers[n], b.layers[n]), factored_inner(a.layers[n], a.layers[n]),
-                                factored_inner(b.layers[n], b.layers[n])) for n in layers}
+    layers, g = _pair_gram(a, b)
+    return {n: cosine_from_gram(float(g[i, 0, 1]), float(g[i, 0, 0]), float(g[i, 1, 1])) for i, n in enumerate(layers)}
 
 
 def _as_delta(x: Adapter | list[tuple[Adapter, float]]) -> Adapter:
@@ -83,8 +90,9 @@ def cosine_of_sum(blocks: Adapter | list[tuple[Adapter, float]],
 def gram_matrices(adapters: list[Adapter], dtype: torch.dtype = torch.float64) -> tuple[list[str], torch.Tensor]:
     """All pairwise per-layer inner products: (layers, G) with G (L, N, N), G[l, i, j] = ⟨ΔW_i, ΔW_j⟩ at layer l.
 
-    Layers of equal (out, in, ranks) are stacked: with Bcat (L, out, R) = [s₁B₁ … s_NB_N] and Acat (L, R, in),
-    H = (BcatᵀBcat) ∘ (Acat Acatᵀ) is (L, R, R) and G = Pᵀ H P sums each adapter's rank block (P is (R, N)).
+    Layers of equal (out, in, ranks) are stacked: with Bcat (L, out, R) = [B₁ … B_N] and Acat (L, R, in),
+    H = (BcatᵀBcat) ∘ (Acat Acatᵀ) is (L, R, R); summing each (adapter, adapter) rank block of H gives the
+    unscaled Gram (via Pᵀ H P with P the (R, N) block indicator), then G[l, i, j] is multiplied by sᵢ sⱼ.
     """
     layers = check_compatible(adapters)
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -93,15 +101,20 @@ def gram_matrices(adapters: list[Adapter], dtype: torch.dtype = torch.float64) -
         groups[(fs[0].shape, tuple(f.rank for f in fs))].append(li)
     n = len(adapters)
     gram = torch.empty(len(layers), n, n, dtype=dtype)
+    scales = torch.tensor([[a.layers[m].scale for a in adapters] for m in layers], dtype=dtype)  # (L, N)
     for (_, ranks), idx in groups.items():
         names = [layers[i] for i in idx]
-        B = torch.stack([torch.cat([a.layers[m].B.to(dtype) * a.layers[m].scale for a in adapters], dim=1)
-                         for m in names])  # (L, out, R)
-        A = torch.stack([torch.cat([a.layers[m].A.to(dtype) for a in adapters], dim=0) for m in names])  # (L, R, in)
-        H = (B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))  # (L, R, R)
-        P = torch.zeros(sum(ranks), n, dtype=dtype)  # (R, N) block indicator
-        P[torch.arange(sum(ranks)), torch.repeat_interleave(torch.arange(n), torch.tensor(ranks))] = 1.0
-        gram[idx] = P.T @ H @ P  # (L, N, N)
+        B = torch.cat([torch.stack([a.layers[m].B for m in names]) for a in adapters], dim=2).to(dtype)  # (L, out, R)
+        A = torch.cat([torch.stack([a.layers[m].A for m in names]) for a in adapters], dim=1).to(dtype)  # (L, R, in)
+        H = (B.mT @ B) * (A @ A.mT)  # (L, R, R)
+        if len(set(ranks)) == 1:  # equal ranks: block sums by a reshape
+            r = ranks[0]
+            gram[idx] = H.view(len(idx), n, r, n, r).sum(dim=(2, 4))
+        else:
+            P = torch.zeros(sum(ranks), n, dtype=dtype)  # (R, N) block indicator
+            P[torch.arange(sum(ranks)), torch.repeat_interleave(torch.arange(n), torch.tensor(ranks))] = 1.0
+            gram[idx] = P.T @ H @ P  # (L, N, N)
+    gram *= scales[:, :, None] * scales[:, None, :]
     return layers, gram
 
 
