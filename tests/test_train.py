@@ -1,0 +1,171 @@
+"""Training: validation loss goes down and the best epoch is kept, the saved folder is a stock PEFT adapter that
+reloads with no missing/unexpected keys and identical logits, lorasum.json, --overwrite, the base left unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from conftest import color_rows, shape_rows, write_jsonl
+
+from lorasum.data import DataConfig, load_domain, partition_records, tokenize_records
+from lorasum.delta import load_adapter
+from lorasum.evaluate import evaluate
+from lorasum.merge import apply_adapters
+from lorasum.models import load_model, weights_fingerprint
+from lorasum.train import TrainConfig, train_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-llama"])
+def test_training_lowers_validation_loss_and_keeps_best_epoch(model_name, tiny_adapters):
+    data = tiny_adapters["data"]
+    lm = load_model(model_name)
+    for domain in ("colors", "shapes"):
+        folder = tiny_adapters[model_name][domain]
+        result = tiny_adapters[model_name]["results"][domain]
+        base = evaluate(lm, [domain], [], data, split="validation")["results"][domain]
+        tuned = evaluate(lm, [domain], [str(folder)], data, split="validation")["results"][domain]
+        assert tuned["tokens"] == base["tokens"]
+        assert tuned["loss"] < base["loss"] - 0.05, (base, tuned)
+        # the saved adapter is the best epoch: its validation loss is the minimum recorded during training
+        losses = [e["val_loss"] for e in result.epochs]
+        assert result.best_epoch == 1 + losses.index(min(losses))
+        assert tuned["loss"] == pytest.approx(min(losses), rel=1e-4)
+        assert all(e["val_loss"] < base["loss"] for e in result.epochs)
+
+
+def test_lorasum_json_contents(tiny_adapters, tiny_data):
+    folder = tiny_adapters["tiny-gpt2"]["colors"]
+    result = tiny_adapters["tiny-gpt2"]["results"]["colors"]
+    data = tiny_adapters["data"]
+    meta = json.loads((folder / "lorasum.json").read_text())
+    cfg = TrainConfig(epochs=2, lr=2e-2, batch_size=8, seed=0, dropout=0.0)  # as in conftest.tiny_adapters
+    assert meta["train"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert meta["seed"] == 0 and meta["partition"] == "colors" and meta["domains"] == ["colors"]
+    # data fingerprints: the file's sha256 and the split sizes actually used
+    import hashlib
+
+    dom = meta["data"]["domains"][0]
+    assert dom["sha256"] == hashlib.sha256((tiny_data / "colors.jsonl").read_bytes()).hexdigest()
+    assert dom["spec"] == "colors" and dom["source"] == "colors.jsonl"
+    assert dom["split_sizes"] == load_domain("colors", data).sizes() == {"train": 32, "validation": 8, "test": 8}
+    assert sum(dom["available"].values()) == 200
+    assert meta["data"]["split_seed"] == 0 and meta["data"]["max_records"] == {"train": 32, "validation": 8,
+                                                                                 "test": 8}
+    # per-epoch losses, throughput and wall time
+    assert [e["epoch"] for e in meta["epochs"]] == [1, 2] and meta["best_epoch"] == result.best_epoch
+    assert meta["epochs"] == json.loads(json.dumps(result.epochs))
+    train_ex = tokenize_records(load_model("tiny-gpt2").tokenizer,
+                                partition_records([load_domain("colors", data)], "train"), 64)
+    tokens = 2 * sum(len(e.input_ids) for e in train_ex)  # every non-padding token of both epochs
+    assert meta["tokens_per_s"] > 0 and meta["wall_s"] > 0
+    assert meta["tokens_per_s"] * meta["wall_s"] >= tokens * 0.999  # train time (the divisor) <= wall time
+    # provenance: versions, git revision, base model id and weights hash
+    prov = meta["provenance"]
+    assert prov["torch"] == torch.__version__.split("+")[0] or prov["torch"] == torch.__version__
+    assert prov["transformers"] == transformers.__version__ and prov["peft"] == peft.__version__
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert prov["git_revision"].removesuffix("+dirty") == head
+    assert meta["lorasum_version"] == prov["lorasum"]
+    assert meta["base_model"]["id"] == "tiny-gpt2" and meta["base_model"]["model_type"] == "gpt2"
+    sha = meta["base_model"]["weights_sha256"]
+    assert sha == weights_fingerprint(load_model("tiny-gpt2").model)
+    assert sha != weights_fingerprint(load_model("tiny-llama").model)
+    # the PEFT config names the canonical base id and the paper's r=4, alpha=64 on the GPT-2 preset
+    cfg_json = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg_json["base_model_name_or_path"] == "tiny-gpt2"
+    assert (cfg_json["r"], cfg_json["lora_alpha"], cfg_json["fan_in_fan_out"]) == (4, 64, True)
+    assert sorted(cfg_json["target_modules"]) == ["c_attn", "c_proj"]
+
+
+@pytest.mark.parametrize("model_name, layers", [("tiny-gpt2", 6), ("tiny-llama", 10)])
+def test_saved_adapter_reloads_in_stock_peft(model_name, layers, tiny_adapters, strict_reload):
+    folder = tiny_adapters[model_name]["colors"]
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "lorasum.json"] or \
+        files == ["adapter_config.json", "adapter_model.safetensors", "lorasum.json"]
+    # 2 blocks x (c_attn, attn.c_proj, mlp.c_proj) on GPT-2; 2 x (q, k, v, o, down) on Llama
+    assert len(load_adapter(folder).layers) == layers
+    ref = strict_reload(load_model(model_name).model, folder).eval()
+    lm = load_model(model_name)
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = lm.model(input_ids=ids).logits
+        want = ref(input_ids=ids).logits
+        apply_adapters(lm.model, [(load_adapter(folder), 1.0)])
+        got = lm.model(input_ids=ids).logits
+    assert (want - base).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_train_leaves_the_model_unchanged_and_loss_on_answer(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", color_rows(60))
+    data = DataConfig(data_dir=str(tmp_path), max_records={"train": 16, "validation": 4})
+    lm = load_model("tiny-llama")
+    before, modules = _state(lm.model), [(n, type(m)) for n, m in lm.model.named_modules()]
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids).logits
+    res = train_adapter(lm, "d", tmp_path / "out", TrainConfig(epochs=1, lr=2e-2, loss_on="answer"), data)
+    after = lm.model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert [(n, type(m)) for n, m in lm.model.named_modules()] == modules  # LoRA layers unloaded
+    assert not any("lora" in n for n, _ in lm.model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(lm.model(input_ids=ids).logits, logits)
+    # loss on answer tokens: the recorded validation loss is the answer-only loss of the saved adapter
+    ans = evaluate(lm, ["d"], [str(tmp_path / "out")], data, split="validation", loss_on="answer")["results"]["d"]
+    alltok = evaluate(lm, ["d"], [str(tmp_path / "out")], data, split="validation")["results"]["d"]
+    assert ans["loss"] == pytest.approx(res.epochs[0]["val_loss"], rel=1e-4)
+    assert ans["tokens"] < alltok["tokens"]
+    assert json.loads((tmp_path / "out" / "lorasum.json").read_text())["train"]["loss_on"] == "answer"
+
+
+def test_train_cli_params_overwrite_and_merged_partition(tmp_path, run_cli):
+    write_jsonl(tmp_path / "data" / "colors.jsonl", color_rows(60))
+    write_jsonl(tmp_path / "data" / "shapes.jsonl", shape_rows(60))
+    params = tmp_path / "best.json"
+    params.write_text(json.dumps({"params": {"r": 2, "alpha": 8, "epochs": 3, "lr": 0.01}}))
+    out = tmp_path / "runs" / "cs"
+    common = ["train", "--model", "tiny-gpt2", "--data-dir", tmp_path / "data", "--data", "colors+shapes",
+              "--out", out, "--max-train", 8, "--max-validation", 4, "--max-length", 32]
+    # defaults < --params file < explicit flags
+    rc, stdout, err, _ = run_cli(*common, "--params", params, "--epochs", 1, "--seed", 3)
+    assert rc == 0, err
+    assert "epoch 1:" in stdout and "epoch 2:" not in stdout and str(out) in stdout
+    meta = json.loads((out / "lorasum.json").read_text())
+    assert (meta["train"]["r"], meta["train"]["alpha"], meta["train"]["epochs"], meta["train"]["lr"]) == (2, 8, 1, 0.01)
+    assert meta["train"]["max_length"] == 32 and meta["seed"] == 3
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    # a merged partition: both domains' fingerprints, each capped on its own
+    assert meta["domains"] == ["colors", "shapes"]
+    assert [d["split_sizes"]["train"] for d in meta["data"]["domains"]] == [8, 8]
+
+    # a finished adapter is never replaced without --overwrite, and nothing is touched
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, stdout, err, _ = run_cli(*common, "--seed", 4, "--epochs", 1)
+    assert rc == 2 and stdout == ""
+    assert err.count("\n") == 1 and err.startswith("lorasum: error: ") and str(out) in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cs"]  # no temp folders left beside it
+
+    rc, stdout, err, _ = run_cli(*common, "--seed", 4, "--epochs", 1, "--overwrite")
+    assert rc == 0, err
+    meta2 = json.loads((out / "lorasum.json").read_text())
+    assert meta2["seed"] == 4 and meta2["train"]["r"] == 4  # the defaults again: no --params this time
+    # the training seed never moves records between splits
+    assert meta2["data"]["domains"] == meta["data"]["domains"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cs"]
