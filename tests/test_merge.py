@@ -11,7 +11,7 @@ from delta_fixtures import logits, make_adapter, peft_merged_state
 from lorasum.cli import main
 from lorasum.delta import Adapter, LoraFactors, load_adapter
 from lorasum.errors import LorasumError
-from lorasum.merge import apply_adapters, remove_adapters, restore_weights, snapshot_weights
+from lorasum.merge import applied, apply_adapters, remove_adapters, restore_weights, snapshot_weights
 from lorasum.models import load_model
 
 WEIGHTS = [0.83, -1.27]
@@ -69,6 +69,21 @@ def test_snapshot_restore_is_exact_over_many_compositions(pair):
         apply_adapters(m, [(ads[0], w), (ads[1], 1 - w)])
         assert not torch.equal(m.state_dict()[f"{names[0]}.weight"], base[f"{names[0]}.weight"])
         restore_weights(m, snap)
+    assert all(torch.equal(v, base[k]) for k, v in m.state_dict().items())
+
+
+def test_applied_context_restores_exactly(pair):
+    model, folders = pair
+    ads = list(zip([load_adapter(f) for f in folders], WEIGHTS))
+    m = load_model(model).model
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    ref = load_model(model).model
+    apply_adapters(ref, ads)
+    with applied(m, ads):
+        assert torch.allclose(logits(m), logits(ref), atol=1e-6, rtol=0)
+    assert all(torch.equal(v, base[k]) for k, v in m.state_dict().items())
+    with pytest.raises(RuntimeError), applied(m, ads):
+        raise RuntimeError("evaluation failed half-way")
     assert all(torch.equal(v, base[k]) for k, v in m.state_dict().items())
 
 

@@ -7,8 +7,10 @@ so each weight is touched by one `addmm_`. Every layer is validated before any w
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -99,6 +101,19 @@ def restore_weights(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -
     with torch.no_grad():
         for name, saved in snapshot.items():
             _base_weight(model, name)[0].copy_(saved)
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, adapters: list[tuple[Adapter, float]]) -> Iterator[torch.nn.Module]:
+    """`with applied(model, [(a, 1.0), (b, -0.5)]):` the model holds base + Σ wᵢ ΔWᵢ inside the block; on exit
+    (also on error) the touched weights are restored bit-for-bit from a snapshot, never by subtraction."""
+    layers = sorted({n for a, _ in adapters for n in a.layers})
+    snap = snapshot_weights(model, layers)
+    try:
+        apply_adapters(model, adapters)
+        yield model
+    finally:
+        restore_weights(model, snap)
 
 
 def check_model_matches(adapter: Adapter, model_id: str | None, fingerprint: str | None = None) -> None:
