@@ -163,3 +163,17 @@ def test_cli_out_not_empty(trio, tmp_path, capsys):
     assert main(["compose", str(folders[0]), str(folders[1]), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_base_identity_carries_over(tmp_path, capsys):
+    rec = {"base_model": {"id": "tiny-gpt2", "weights_sha256": "ab" * 32}, "training": {"steps": 10}}
+    folders = [make_adapter(tmp_path / n, seed=i, base="tiny-gpt2") for i, n in enumerate(["x", "y"])]
+    for f in folders:
+        (f / "lorasum.json").write_text(json.dumps(rec))
+    out = tmp_path / "xy"
+    assert main(["compose", str(folders[0]), f"{folders[1]}:-1", "--out", str(out)]) == 0
+    meta = json.loads((out / "lorasum.json").read_text())
+    assert meta["base_model"] == rec["base_model"] and "training" not in meta
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-gpt2"
+    back = load_adapter(out)
+    assert back.base_id == "tiny-gpt2" and back.base_sha256 == "ab" * 32

@@ -154,7 +154,7 @@ def test_nan_in_factor_names_tensor(tmp_path, capsys, gpt2_dir):
 
 @pytest.mark.parametrize("field, value, word", [
     ("use_dora", True, "use_dora"), ("modules_to_save", ["lm_head"], "modules_to_save"), ("bias", "all", "bias"),
-    ("peft_type", "IA3", "peft_type"), ("r", 0, "'r'"),
+    ("peft_type", "IA3", "peft_type"), ("r", 0, "'r'"), ("init_lora_weights", "pissa_niter_4", "pissa"),
 ])
 def test_unsupported_configs(tmp_path, capsys, gpt2_dir, field, value, word):
     bad = _copy(gpt2_dir, tmp_path / "cfg")

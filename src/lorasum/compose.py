@@ -38,7 +38,7 @@ def weighted_sum(adapters: list[tuple[Adapter, float]], name: str = "sum") -> Ad
     layers = check_compatible([a for a, _ in adapters])
     first = adapters[0][0]
     out = {layer: concat_factors([(a.layers[layer], float(w)) for a, w in adapters]) for layer in layers}
-    return Adapter(name, "", copy.deepcopy(first.config), out, copy.deepcopy(first.lorasum))
+    return Adapter(name, "", copy.deepcopy(first.config), out, first.base_record())
 
 
 def truncate_factors(f: LoraFactors, k: int) -> tuple[LoraFactors, float, float]:
@@ -77,7 +77,7 @@ def compress(adapter: Adapter, max_rank: int) -> tuple[Adapter, dict]:
         tot_err2 += err2
         tot_norm2 += norm2
     overall = math.sqrt(tot_err2 / tot_norm2) if tot_norm2 > 0 else 0.0
-    out = Adapter(adapter.name, adapter.path, copy.deepcopy(adapter.config), layers, copy.deepcopy(adapter.lorasum))
+    out = Adapter(adapter.name, adapter.path, copy.deepcopy(adapter.config), layers, adapter.base_record())
     return out, {"max_rank": max_rank, "overall": overall, "layers": per_layer}
 
 
@@ -116,11 +116,10 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, extra_meta: dict | No
     config.update({
         "r": r, "lora_alpha": r, "use_rslora": False, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
         "target_modules": sorted(adapter.layers), "exclude_modules": None, "layers_to_transform": None,
-        "layers_pattern": None, "use_dora": False, "modules_to_save": None, "bias": "none", "inference_mode": True,
+        "layers_pattern": None, "init_lora_weights": True, "use_dora": False, "modules_to_save": None, "bias": "none", "inference_mode": True,
         "peft_type": "LORA",
     })
-    meta = copy.deepcopy(adapter.lorasum) if adapter.lorasum else {}
-    meta.update(extra_meta or {})
+    meta = {**adapter.base_record(), **(extra_meta or {})}  # the base identity carries over, training records don't
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         atomic_write_json(tmp / CONFIG_FILE, config)

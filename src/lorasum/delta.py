@@ -7,6 +7,7 @@ Layer names are the base model's module paths (`transformer.h.0.attn.c_attn`), n
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -40,6 +41,9 @@ _UNSUPPORTED = {
     "kasa_config": "KaSA is not a plain s·B·A delta",
     "velora_config": "VeLoRA is not supported",
 }
+
+# Initialisations that rewrite the base weight (W - s·B₀A₀); saved unconverted, the adapter is relative to that.
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
 @dataclass
@@ -84,6 +88,11 @@ class Adapter:
     def base_sha256(self) -> str | None:
         bm = self.lorasum.get("base_model") if isinstance(self.lorasum, dict) else None
         return bm.get("weights_sha256") if isinstance(bm, dict) else None
+
+    def base_record(self) -> dict:
+        """{"base_model": {...}} from lorasum.json (empty if none): what a derived adapter inherits."""
+        bm = self.lorasum.get("base_model") if isinstance(self.lorasum, dict) else None
+        return {"base_model": copy.deepcopy(bm)} if isinstance(bm, dict) else {}
 
 
 def module_kind(layer: str) -> str:
@@ -157,6 +166,10 @@ def check_config(config: dict, where: str) -> None:
     for key, why in _UNSUPPORTED.items():
         if config.get(key):
             raise LorasumError(f"{where}: '{key}' is set ({why}); retrain the adapter without it")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise LorasumError(f"{where}: init_lora_weights='{init}' also changes the base weights, so the factors alone "
+                           "are not the delta; convert it with PEFT's path_initial_model_for_weight_conversion")
     if config.get("bias", "none") != "none":
         raise LorasumError(f"{where}: bias is '{config['bias']}' (trained biases are not a low-rank delta); "
                            "retrain with bias='none'")
