@@ -236,11 +236,68 @@ def _add_delta_commands(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Experiment commands (issue 4): experiment, report, job.
+def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="the paper's grid for N domains: train, compose, evaluate, report")
+    p.add_argument("--preset", default=None, help="smoke, quick, full or paper")
+    p.add_argument("--config", default=None, help="YAML/JSON config (applied over the preset)")
+    p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
+    p.add_argument("--data-dir", default=None, help="folder with <domain>.jsonl (default: $LORASUM_DATA_DIR)")
+    p.add_argument("--domains", nargs="+", default=None, help="override the config's domains")
+    p.add_argument("--model", default=None, help="override the config's model")
+    p.add_argument("--overwrite", action="store_true", help="switch an existing run folder to this config")
+
+    def _experiment(args: argparse.Namespace) -> int:
+        import os
+
+        from .config import load_config
+        from .experiment import run_experiment
+
+        if not args.preset and not args.config:
+            raise LorasumError("experiment needs --preset (smoke, quick, full, paper) or --config FILE")
+        overrides = {k: v for k, v in (("domains", args.domains), ("model", args.model)) if v}
+        data_dir = args.data_dir or os.environ.get("LORASUM_DATA_DIR")
+        if data_dir:
+            overrides["data_dir"] = data_dir
+        cfg = load_config(args.config, args.preset, overrides)
+        res = run_experiment(cfg, args.out, args.overwrite)
+        for f in res["findings"]:
+            print(f"{f['claim']} — {f['subject']}: {f['verdict']} ({f['evidence']})")
+        print(f"report: {os.path.join(args.out, 'report.html')}")
+        return 0
+
+    p.set_defaults(func=_experiment)
+
+    p = sub.add_parser("report", help="re-render report.md/report.html from RUN_DIR/results.json")
+    p.add_argument("run_dir")
+
+    def _report(args: argparse.Namespace) -> int:
+        from .report import write_report
+
+        print(write_report(args.run_dir))
+        return 0
+
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("job", help="run one job spec (train, eval, similarity, ...) in this process")
+    p.add_argument("spec", help="JSON job spec")
+
+    def _job(args: argparse.Namespace) -> int:
+        from .jobs import run_job_file
+
+        print(run_job_file(args.spec))
+        return 0
+
+    p.set_defaults(func=_job)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorasum", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_core_commands(sub)
     _add_delta_commands(sub)
+    _add_experiment_commands(sub)
     return parser
 
 

@@ -1,0 +1,189 @@
+"""`lorasum experiment`: plan the paper's grid for N domains as jobs, run what is missing, assemble and report.
+
+Grid (paper §4): an adapter per non-empty subset of domains up to `max_level` (singletons = fundamental blocks,
+k-subsets = level-k blocks trained on merged data), per seed. Composed models evaluated beside them: the naive sum
+of a subset's fundamentals, the mean (weights 1/k), level-2 block + remaining fundamental (3-subsets), and
+unlearning (all-domain block minus one fundamental). Every model is evaluated on every single domain's test set;
+pooled figures for a subset are exp(ΣNLL/Σtokens) over the union of its domains' test sets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import ExperimentConfig, config_diff
+from .data import parse_spec, resolve_source
+from .errors import LorasumError
+from .files import atomic_write_json, sha256_file
+from .jobs import is_done, run_job, with_key
+from .progress import progress
+
+
+def partition_name(domains: tuple[str, ...] | list[str]) -> str:
+    return "+".join(domains)
+
+
+def subsets(cfg: ExperimentConfig, min_size: int = 1) -> list[tuple[str, ...]]:
+    """Non-empty subsets of the domains up to max_level, in config order (singletons first)."""
+    return [c for k in range(min_size, cfg.level + 1) for c in itertools.combinations(cfg.domains, k)]
+
+
+def model_catalog(cfg: ExperimentConfig) -> dict[str, dict]:
+    """Every model evaluated: name -> {"kind", "subset", "terms": [[partition, weight], ...]}."""
+    models: dict[str, dict] = {"base": {"kind": "base", "subset": [], "terms": []}}
+    for s in subsets(cfg):
+        models[f"adapter[{partition_name(s)}]"] = {"kind": "adapter", "subset": list(s),
+                                                    "terms": [[partition_name(s), 1.0]]}
+    for s in subsets(cfg, 2):
+        if "sum" in cfg.compositions:
+            models[f"sum[{partition_name(s)}]"] = {"kind": "sum", "subset": list(s), "terms": [[d, 1.0] for d in s]}
+        if "mean" in cfg.compositions:
+            models[f"mean[{partition_name(s)}]"] = {"kind": "mean", "subset": list(s),
+                                                     "terms": [[d, 1.0 / len(s)] for d in s]}
+        if len(s) == 3 and "level2_plus_one" in cfg.compositions:
+            for d in s:
+                pair = partition_name([x for x in s if x != d])
+                models[f"level2+1[{pair}|{d}]"] = {"kind": "level2_plus_one", "subset": list(s),
+                                                    "terms": [[pair, 1.0], [d, 1.0]]}
+    if "unlearning" in cfg.compositions and cfg.level == len(cfg.domains):
+        full = partition_name(cfg.domains)
+        for d in cfg.domains:
+            models[f"unlearn[{full}-{d}]"] = {"kind": "unlearn", "subset": [x for x in cfg.domains if x != d],
+                                              "removed": d, "terms": [[full, 1.0], [d, -1.0]]}
+    return models
+
+
+def _sources(cfg: ExperimentConfig) -> dict[str, str | None]:
+    out = {}
+    for d in cfg.domains:
+        name = parse_spec(d)[0]
+        path = resolve_source(name, cfg.data_dir)
+        out[name] = None if path.startswith("hf:") else sha256_file(path)
+    return out
+
+
+def plan(cfg: ExperimentConfig, run_dir: str | Path) -> dict:
+    """All job specs (with keys) of the run: train, similarity and eval, plus the model catalog."""
+    run_dir = str(run_dir)
+    sources = _sources(cfg)
+    base = {"model": cfg.model, "dtype": cfg.dtype, "run_dir": run_dir, "device": cfg.device,
+            "data_dir": cfg.data_dir}
+    fields_ = {"question_field": cfg.question_field, "answer_field": cfg.answer_field, "split_seed": cfg.split_seed}
+
+    def data_part(domains: list[str], caps: dict) -> dict:
+        names = sorted({parse_spec(d)[0] for d in domains})
+        return {**fields_, "max_records": caps, "sources": {n: sources[n] for n in names}}
+
+    train_caps = {"train": cfg.max_train, "validation": cfg.max_validation}
+    train: dict[tuple[str, int], dict] = {}
+    for seed in cfg.seeds:
+        for s in subsets(cfg):
+            spec = with_key({**base, "kind": "train", "partition": partition_name(s),
+                             "data": data_part(list(s), train_caps), "train": {**asdict(cfg.train), "seed": seed}})
+            train[(partition_name(s), seed)] = spec
+
+    def terms(items, seed):
+        return [{"train_key": train[(p, seed)]["key"], "weight": w} for p, w in items]
+
+    models = model_catalog(cfg)
+    evals: dict[tuple[str, str, int], dict] = {}
+    for seed in cfg.seeds:
+        for name, m in models.items():
+            for d in cfg.domains:
+                spec = with_key({**base, "kind": "eval", "adapters": terms(m["terms"], seed), "domain": d,
+                                 "data": data_part([d], {"test": cfg.max_test}), "max_length": cfg.train.max_length,
+                                 "batch_size": cfg.eval_batch_size, "loss_on": cfg.eval_loss_on})
+                evals[(name, d, seed)] = spec
+
+    sims: dict[tuple[str, int], dict] = {}
+    for seed in cfg.seeds:
+        def sim(label: str, a, b):
+            sims[(label, seed)] = with_key({"kind": "similarity", "run_dir": run_dir,
+                                             "a": terms(a, seed), "b": terms(b, seed)})
+
+        for x, y in itertools.combinations(cfg.domains, 2):
+            sim(f"pair[{x}|{y}]", [[x, 1.0]], [[y, 1.0]])
+        for s in subsets(cfg, 2):
+            sim(f"weight[{partition_name(s)}]", [[d, 1.0] for d in s], [[partition_name(s), 1.0]])
+            if len(s) >= 3:
+                for d in s:
+                    sim(f"block_vs_rest[{partition_name(s)}|{d}]", [[d, 1.0]], [[x, 1.0] for x in s if x != d])
+            if len(s) == 3:
+                for d in s:
+                    pair = partition_name([x for x in s if x != d])
+                    sim(f"level2+1[{pair}|{d}]", [[pair, 1.0]], [[d, 1.0]])
+    checks: dict[tuple[str, int], dict] = {}
+    if "unlearning" in cfg.compositions and cfg.level == len(cfg.domains):
+        for seed in cfg.seeds:
+            keys = [train[(d, seed)]["key"] for d in cfg.domains]
+            for d, k in zip(cfg.domains, keys):
+                checks[(d, seed)] = with_key({"kind": "inplace", "model": cfg.model, "dtype": cfg.dtype,
+                                              "run_dir": run_dir, "device": cfg.device, "all": keys, "removed": k})
+    caps = {"train": cfg.max_train, "validation": cfg.max_validation, "test": cfg.max_test}
+    stats = with_key({**base, "kind": "data_stats", "domains": list(cfg.domains), "data": data_part(cfg.domains, caps),
+                      "max_length": cfg.train.max_length})
+    return {"train": train, "evals": evals, "sims": sims, "checks": checks, "data_stats": stats, "models": models}
+
+
+def _check_run_dir(cfg: ExperimentConfig, run_dir: Path, overwrite: bool) -> None:
+    cfg_path = run_dir / "config.json"
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        diff = config_diff(old, json.loads(json.dumps(cfg.to_dict())))
+        if diff and not overwrite:
+            raise LorasumError(f"{run_dir} holds a run made with a different config (differs in: {', '.join(diff)}); "
+                               "pass --overwrite to switch it to this config (unchanged jobs are reused) or choose "
+                               "another --out")
+    elif run_dir.exists() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
+        raise LorasumError(f"{run_dir} exists and is not a lorasum run folder; choose another --out")
+
+
+def _cost(spec: dict, cfg: ExperimentConfig) -> float:
+    """Rough work units for the ETA: training costs ~3 forward passes per token."""
+    k = len(spec.get("partition", "").split("+"))
+    if spec["kind"] == "train":
+        return 3.0 * k * (cfg.max_train or 500) * cfg.train.epochs + k * (cfg.max_validation or 60) * cfg.train.epochs
+    if spec["kind"] == "eval":
+        return float(cfg.max_test or 60)
+    return 0.5
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool = False, loaded=None) -> dict:
+    """Run (or resume) the grid, then write results.json, timings.json and the report."""
+    from .models import load_model
+    from .results import assemble
+    from .report import write_report
+
+    run_dir = Path(run_dir).resolve()
+    _check_run_dir(cfg, run_dir, overwrite)
+    cfg.data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else cfg.data_dir
+    p = plan(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    jobs = [p["data_stats"], *p["train"].values(), *p["sims"].values(), *p["checks"].values(), *p["evals"].values()]
+    pending = [j for j in jobs if not is_done(j)]
+    timings_path = run_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    if pending and loaded is None and any(j["kind"] != "similarity" for j in pending):
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        loaded = load_model(cfg.model, cfg.device, cfg.dtype)
+    total = sum(_cost(j, cfg) for j in pending)
+    with progress(total=round(total), desc="grid", unit="u") as bar:
+        for i, job in enumerate(pending, 1):
+            label = job.get("partition") or job.get("domain") or job["key"]
+            bar.set_postfix_str(f"job {i}/{len(pending)} {job['kind']} {label}")
+            t0 = time.perf_counter()
+            run_job(job, loaded)
+            timings[job["key"]] = {"kind": job["kind"], "wall_s": round(time.perf_counter() - t0, 3)}
+            atomic_write_json(timings_path, timings)
+            bar.update(round(_cost(job, cfg)))
+    results = assemble(cfg, p, run_dir)
+    write_report(run_dir, results)
+    return results
