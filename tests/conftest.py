@@ -15,10 +15,9 @@ import torch
 
 os.environ["LORASUM_PROGRESS"] = "0"  # progress bars off for every test (set before lorasum is used)
 
-# The tiny models are far too small to gain from intra-op threads, and on a shared 2-core machine OpenMP threads
-# that wait for each other make a tiny training run 10-50x slower. One thread for the unit tests; the SmolLM2
-# integration test gets the machine's threads back through the `all_threads` fixture.
-DEFAULT_THREADS = torch.get_num_threads()
+# One intra-op thread: the tiny models cannot use more, and on a busy 2-core machine OpenMP threads waiting for
+# each other make a training step 5-50x slower (measured: a SmolLM2 8x64 step took 25-33 s with 2 threads beside
+# two other jobs, 4-7 s with 1). Set LORASUM_TEST_THREADS to change it.
 torch.set_num_threads(int(os.environ.get("LORASUM_TEST_THREADS", "1")))
 
 COLORS = ("red", "blue", "green", "cyan", "pink")
@@ -187,15 +186,6 @@ def real_data_dir() -> Path:
     if not (d / "math.jsonl").is_file():
         unavailable(f"data directory {d} holds no math.jsonl")
     return d
-
-
-@pytest.fixture
-def all_threads():
-    """torch's default intra-op thread count for the duration of one test (the real model gains from them)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(DEFAULT_THREADS)
-    yield DEFAULT_THREADS
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,230 @@
+"""Bad input through the CLI: exit 2, exactly one `lorasum: error:` line naming the culprit, no traceback, no
+warnings, and nothing half-written (no --out folder, no temp folders, no --per-example file)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import color_rows, shape_rows, write_jsonl
+
+from lorasum.data import DataConfig
+from lorasum.errors import LorasumError
+from lorasum.evaluate import evaluate
+from lorasum.models import load_model
+
+
+def assert_one_line_error(result, *culprits: str) -> str:
+    rc, out, err, caught = result
+    assert rc == 2, (rc, out, err)
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, f"not exactly one line: {err!r}"
+    assert err.startswith("lorasum: error: "), err
+    assert "Traceback" not in err
+    for c in culprits:
+        assert str(c) in err, f"{c!r} not named in {err!r}"
+    assert caught == [], f"warnings on an error path: {caught}"
+    return err
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def ddir(tmp_path) -> Path:
+    d = tmp_path / "data"
+    write_jsonl(d / "colors.jsonl", color_rows(60))
+    write_jsonl(d / "shapes.jsonl", shape_rows(60))
+    return d
+
+
+def _split(q: str, a: str, seed: int = 0) -> str:
+    u = int.from_bytes(hashlib.sha256(f"{seed}\x00{q}\x00{a}".encode()).digest()[:8], "big") / 2**64
+    return "train" if u < 0.8 else "validation" if u < 0.9 else "test"
+
+
+def peft_adapter(out: Path, model, targets, r: int = 2) -> Path:
+    """A stock PEFT adapter (no lorasum.json, no base id) with non-zero factors."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                           fan_in_fan_out=model.config.model_type == "gpt2"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(str(out))
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    return out
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+def test_missing_data_file(tmp_path, ddir, run_cli):
+    missing = tmp_path / "nowhere" / "math.jsonl"
+    out = tmp_path / "out"
+    before = listing(tmp_path)
+    assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data", missing, "--out", out),
+                          "data file not found", missing)
+    assert listing(tmp_path) == before  # no --out folder, no temp folder
+    assert_one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data", missing), missing)
+    assert_one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data-dir", tmp_path / "nodir", "--data", "x"),
+                          "data directory not found", tmp_path / "nodir")
+
+
+def test_unknown_domain_lists_the_ones_found(tmp_path, ddir, run_cli):
+    out = tmp_path / "out"
+    err = assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data",
+                                        "colors+maths", "--out", out), "'maths'", "colors, shapes")
+    assert not out.exists()
+    assert_one_line_error(run_cli("data", "stats", "--model", "tiny-gpt2", "--data-dir", ddir, "nope"),
+                          "'nope'", "colors, shapes")
+    assert "found:" in err
+
+
+def test_record_without_field_names_file_and_line(tmp_path, ddir, run_cli):
+    bad = ddir / "bad.jsonl"
+    write_jsonl(bad, [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"},
+                      {"question": "q3", "reply": "a3"}])
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "bad",
+                                  "--out", out), f"{bad}:3", "'answer'")
+    assert not out.exists()
+    write_jsonl(bad, [{"question": "q1", "answer": "a1"}, {"question": None, "answer": "a2"}])
+    assert_one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "bad"),
+                          f"{bad}:2", "'question'")
+    # a custom field name that the file lacks
+    assert_one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors",
+                                  "--answer-field", "response"), f"{ddir / 'colors.jsonl'}:1", "'response'")
+
+
+def test_non_utf8_and_bad_json_lines(tmp_path, ddir, run_cli):
+    bad = ddir / "latin.jsonl"
+    bad.write_bytes(b'{"question": "q1", "answer": "a1"}\n{"question": "caf\xe9", "answer": "a2"}\n')
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "latin",
+                                  "--out", out), f"{bad}:2", "UTF-8")
+    assert not out.exists()
+    bad.write_text('{"question": "q1", "answer": "a1"}\n\n{"question": "q2", "answer": \n')
+    assert_one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "latin"),
+                          f"{bad}:3", "JSON")
+
+
+def test_empty_split(tmp_path, ddir, run_cli):
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(200) if _split(f"q{i}", f"a{i}") == "train"]
+    rows = rows[:20]
+    write_jsonl(ddir / "trainonly.jsonl", rows)
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data",
+                                  "colors+trainonly", "--out", out), "'trainonly'", "empty validation split")
+    assert not out.exists()
+    pe = tmp_path / "pe.jsonl"
+    assert_one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "trainonly",
+                                  "--per-example", pe), "'trainonly'", "empty test split")
+    assert not pe.exists()
+    # a filter that selects nothing names the spec
+    assert_one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data-dir", ddir, "--data",
+                                  "colors[category=purple]"), "colors[category=purple]", "selects no records")
+
+
+@pytest.mark.parametrize("cmd", ["train", "eval", "stats"])
+def test_max_length_below_8(tmp_path, ddir, run_cli, cmd):
+    out = tmp_path / "out"
+    args = {"train": ["train", "--data", "colors", "--out", out], "eval": ["eval", "--data", "colors"],
+            "stats": ["data", "stats", "colors"]}[cmd]
+    assert_one_line_error(run_cli(*args, "--model", "tiny-gpt2", "--data-dir", ddir, "--max-length", 7),
+                          "--max-length 7", "at least 8")
+    assert not out.exists()
+
+
+def test_out_folder_with_finished_adapter_is_refused(tmp_path, ddir, run_cli):
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    (out / "adapter_model.safetensors").write_bytes(b"old")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors",
+                                  "--out", out), str(out), "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "done"]
+
+
+# --- adapters -------------------------------------------------------------------------------------------------------
+def test_adapter_folder_without_config(tmp_path, ddir, run_cli):
+    folder = tmp_path / "half"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    pe = tmp_path / "pe.jsonl"
+    assert_one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors",
+                                  "--adapter", folder, "--per-example", pe), str(folder), "adapter_config.json")
+    assert not pe.exists()
+    assert_one_line_error(run_cli("generate", "--model", "tiny-gpt2", "--adapter", f"{tmp_path / 'nope'}:0.5", "hi"),
+                          str(tmp_path / "nope"), "not found")
+
+
+@pytest.fixture(scope="module")
+def mismatched(tmp_path_factory) -> dict[str, Path]:
+    """Adapters that do not fit the built-in tiny models."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("mismatch")
+    torch.manual_seed(0)
+    out = {"llama_on_gpt2": peft_adapter(root / "llama", load_model("tiny-llama").model,
+                                         ["q_proj", "v_proj", "down_proj"])}
+    narrow = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2))
+    out["narrow_llama"] = peft_adapter(root / "narrow", narrow, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+    deep = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=256, n_embd=64, n_layer=3, n_head=4))
+    out["deep_gpt2"] = peft_adapter(root / "deep", deep, ["c_attn", "c_proj"])
+    return out
+
+
+@pytest.mark.parametrize("case, model, pattern", [
+    ("llama_on_gpt2", "tiny-gpt2", r"layer 'model\.layers\.\d\.(self_attn\.[qv]_proj|mlp\.down_proj)' is not in the model"),
+    ("narrow_llama", "tiny-llama", r"layer 'model\.layers\.\d\.(self_attn\.[qkvo]_proj|mlp\.down_proj)': the model's "
+                                   r"weight is \(\d+, \d+\) but the adapter's delta is \(\d+, \d+\)"),
+    ("deep_gpt2", "tiny-gpt2", r"layer 'transformer\.h\.2\.(attn\.c_attn|attn\.c_proj|mlp\.c_proj)' is not in the model"),
+], ids=["llama-adapter-on-gpt2", "hidden-32-on-hidden-64", "3-layer-gpt2-on-2-layer"])
+def test_adapter_that_does_not_fit_the_model(case, model, pattern, mismatched, ddir, tmp_path, run_cli):
+    folder = mismatched[case]
+    pe = tmp_path / "pe.jsonl"
+    err = assert_one_line_error(run_cli("eval", "--model", model, "--data-dir", ddir, "--data", "colors",
+                                        "--adapter", f"{folder}:0.5", "--per-example", pe))
+    assert re.search(pattern, err), err
+    assert not pe.exists()
+    err = assert_one_line_error(run_cli("generate", "--model", model, "--adapter", folder, "hello"))
+    assert re.search(pattern, err), err
+    # API level: nothing was applied before the mismatch was found
+    lm = load_model(model)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with pytest.raises(LorasumError, match=pattern):
+        evaluate(lm, ["colors"], [str(folder)], DataConfig(data_dir=str(ddir)))
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_lorasum_adapter_for_another_base_names_both(tiny_adapters, ddir, run_cli):
+    folder = tiny_adapters["tiny-llama"]["colors"]
+    assert_one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors",
+                                  "--adapter", folder), folder.name, "'tiny-llama'", "'tiny-gpt2'")
+
+
+def test_error_is_one_line_in_a_real_process(mismatched, ddir, tmp_path):
+    """Outside pytest's capture: the process's whole stderr (warnings, logging, progress) is the one line."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LORASUM_PROGRESS",)}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "lorasum.cli", "eval", "--model", "tiny-gpt2", "--data-dir",
+                           str(ddir), "--data", "colors", "--adapter", str(mismatched["llama_on_gpt2"]),
+                           "--per-example", str(out / "pe.jsonl")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("lorasum: error: layer '"), proc.stderr
+    assert not out.exists()

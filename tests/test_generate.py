@@ -1,0 +1,84 @@
+"""Generation: greedy output is deterministic, equals a hand-written argmax loop (also on stock PEFT with the
+adapter), is unchanged by a zero-weight adapter, and leaves the model's weights as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorasum.generate import build_prompt, generate
+from lorasum.models import load_model
+
+
+def argmax_loop(model, tok, question: str, n: int) -> str:
+    """Reference greedy decoding: the training template, one token at a time, stop at EOS."""
+    ids = tok(f"Question: {question}\nAnswer:")["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if t == tok.eos_token_id:
+                break
+            new.append(t)
+    return tok.decode(new, skip_special_tokens=True).strip()
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model, before) -> bool:
+    now = model.state_dict()
+    return set(now) == set(before) and all(torch.equal(now[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-llama"])
+def test_greedy_matches_reference_with_and_without_adapters(model_name, tiny_adapters, strict_reload):
+    lm = load_model(model_name)
+    before = state(lm.model)
+    q = "what color is item 7?"
+    base = generate(lm, q, max_new_tokens=20)
+    assert base == generate(lm, q, max_new_tokens=20)  # deterministic
+    assert base == argmax_loop(lm.model, lm.tokenizer, q, 20)
+    folder = tiny_adapters[model_name]["colors"]
+    assert generate(lm, q, [f"{folder}:0"], max_new_tokens=20) == base  # a zero-weight adapter changes nothing
+    assert same_state(lm.model, before)
+    tuned = generate(lm, q, [str(folder)], max_new_tokens=20)
+    assert same_state(lm.model, before)  # the adapter is removed again, bit for bit
+    ref = strict_reload(load_model(model_name).model, folder).eval()
+    assert tuned == argmax_loop(ref, lm.tokenizer, q, 20)
+    assert tuned != base  # the adapter (trained on this question's pattern) changes the continuation
+    assert generate(lm, q, max_new_tokens=20) == base
+
+
+def test_sampling_is_seeded_and_restores_the_model():
+    lm = load_model("tiny-llama")
+    before = state(lm.model)
+    q = "pick something"
+    runs = {seed: generate(lm, q, max_new_tokens=12, temperature=1.0, seed=seed) for seed in (0, 1, 2)}
+    assert runs[1] == generate(lm, q, max_new_tokens=12, temperature=1.0, seed=1)
+    assert len(set(runs.values())) > 1  # a random model sampled at T=1: seeds give different text
+    assert same_state(lm.model, before)
+
+
+def test_prompt_template_and_chat_template_error():
+    lm = load_model("tiny-gpt2")
+    assert build_prompt(lm.tokenizer, "why?") == "Question: why?\nAnswer:"
+    from lorasum.errors import LorasumError
+
+    with pytest.raises(LorasumError, match="no chat template"):
+        build_prompt(lm.tokenizer, "why?", template="chat")
+
+
+def test_generate_cli(tiny_adapters, run_cli):
+    folder = tiny_adapters["tiny-gpt2"]["shapes"]
+    rc, out, err, _ = run_cli("generate", "--model", "tiny-gpt2", "--adapter", f"{folder}:0.5",
+                              "--max-new-tokens", 16, "how many sides has a square?")
+    assert rc == 0, err
+    lm = load_model("tiny-gpt2")
+    assert out == generate(lm, "how many sides has a square?", [f"{folder}:0.5"], max_new_tokens=16) + "\n"
+    for bad, culprit in ((["--max-new-tokens", 0], "--max-new-tokens"), (["--top-p", 0], "--top-p"),
+                         (["--temperature", -1], "--temperature"), (["--template", "chat"], "chat template")):
+        rc, out, err, _ = run_cli("generate", "--model", "tiny-gpt2", *bad, "hi")
+        assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("lorasum: error: ")
+        assert culprit in err
