@@ -8,7 +8,7 @@ Timed side by side (interleaved repeats, medians; the base weights are restored 
   peft        PeftModel.from_pretrained + load_adapter × 2 + add_weighted_adapter(..., "cat") + merge_and_unload
 The merged weights of lorasum and PEFT are compared (max abs difference).
 
-    .venv/bin/python benchmarks/compose_apply.py [--repeats 7] [--threads 2] [--model smollm2-135m]
+    .venv/bin/python benchmarks/compose_apply.py [--repeats 5] [--threads 2] [--model smollm2-135m]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def make_adapters(model: torch.nn.Module, targets: list[str], root: Path) -> lis
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=None, help="default: the embedded smollm2-135m")
     args = ap.parse_args()

@@ -159,3 +159,36 @@ def test_correct_hash_accepted(tmp_path, capsys):
     assert main(["merge", "--model", "tiny-gpt2", "--adapter", str(a), "--out", str(tmp_path / "m")]) == 0
     meta = json.loads((tmp_path / "m" / "lorasum-merge.json").read_text())
     assert meta["base_model"]["weights_sha256"] == sha
+
+
+def test_add_then_subtract_at_real_gpt2_and_llama_shapes():
+    """GPT-2 small c_attn (Conv1D 768→2304) and a Llama-7B-like down_proj slice (Linear 2752→4096), r=16, fp32."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.attn = torch.nn.Module()
+    model.attn.c_attn = Conv1D(2304, 768)  # weight (768, 2304)
+    model.mlp = torch.nn.Module()
+    model.mlp.down_proj = torch.nn.Linear(2752, 4096, bias=False)  # weight (4096, 2752)
+    with torch.no_grad():
+        model.attn.c_attn.weight.normal_(0, 0.02)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+
+    def adapter(name):
+        return Adapter(name, "", {}, {
+            "attn.c_attn": LoraFactors(torch.randn(16, 768, generator=g) * 0.02, torch.randn(2304, 16, generator=g) * 0.02,
+                                       2.0, True),
+            "mlp.down_proj": LoraFactors(torch.randn(16, 2752, generator=g) * 0.02,
+                                         torch.randn(4096, 16, generator=g) * 0.02, 2.0, False)})
+
+    ads = [(adapter("a"), 0.7), (adapter("b"), -1.3), (adapter("c"), 1.0)]
+    apply_adapters(model, ads)
+    for name, conv1d in [("attn.c_attn", True), ("mlp.down_proj", False)]:
+        want = sum(w * a.layers[name].scale * (a.layers[name].B.double() @ a.layers[name].A.double()) for a, w in ads)
+        got = model.state_dict()[f"{name}.weight"].double() - before[f"{name}.weight"].double()
+        assert _rel(got, want.T if conv1d else want) <= 1e-5  # the delta itself, in the layer's own layout
+    remove_adapters(model, ads)
+    for k, v in model.state_dict().items():
+        assert _rel(v, before[k]) <= 1e-6 if k.endswith("weight") else torch.equal(v, before[k]), k
