@@ -148,3 +148,15 @@ def test_cli_mixed_models(gpt2, llama, capsys):
     assert main(["similarity", gpt2[0].path, llama[0].path]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "same layers" in err
+
+
+def test_cli_table_rms_matrix(gpt2, capsys):
+    assert main(["similarity", *[a.path for a in gpt2]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("RMS matrix")
+    assert lines[at + 1].split() == ["g0", "g1", "g2", "g3"]
+    R = rms_matrix(gpt2)
+    for i in range(4):
+        row = lines[at + 2 + i].split()
+        assert row[0] == f"g{i}"
+        assert [float(x) for x in row[1:]] == pytest.approx(R[i].tolist(), abs=1e-4)

@@ -153,7 +153,7 @@ def similarity_report(adapters: list[Adapter]) -> dict:
 
 
 def format_table(report: dict) -> str:
-    """Layers × pairs of cosines, with the module kind, and an RMS row."""
+    """Layers × pairs of cosines, with the module kind, an RMS row, and for N > 2 the N × N RMS matrix."""
     heads = [f"{p['a']} ~ {p['b']}" for p in report["pairs"]]
     layers = list(report["kinds"])
     lw = max(len("layer"), *(len(m) for m in layers))
@@ -163,6 +163,14 @@ def format_table(report: dict) -> str:
         vals = [f"{p['layers'][m]:>{w}.4f}" for p, w in zip(report["pairs"], cw)]
         lines.append("  ".join([f"{m:<{lw}}", f"{report['kinds'][m]:<5}"] + vals))
     lines.append("  ".join([f"{'RMS':<{lw}}", "     "] + [f"{p['rms']:>{w}.4f}" for p, w in zip(report["pairs"], cw)]))
+    names = report["adapters"]
+    if len(names) > 2:  # the pairwise RMS matrix
+        rms_of = {(p["a"], p["b"]): p["rms"] for p in report["pairs"]}
+        nw = max(9, *(len(n) for n in names))
+        lines += ["", "RMS matrix", "  ".join([" " * nw] + [f"{n:>{nw}}" for n in names])]
+        for i, a in enumerate(names):
+            cells = [1.0 if i == j else rms_of.get((a, b), rms_of.get((b, a))) for j, b in enumerate(names)]
+            lines.append("  ".join([f"{a:<{nw}}"] + [f"{c:>{nw}.4f}" for c in cells]))
     return "\n".join(lines)
 
 
