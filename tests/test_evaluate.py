@@ -210,3 +210,13 @@ def test_eval_cli_adapter_sum_matches_api_and_zero_weight_is_base(tiny_adapters,
     zero = json.loads(out)["results"]
     assert zero == base  # W + 0·ΔW is W exactly
     assert res["results"]["pooled"]["loss"] != base["pooled"]["loss"]
+
+
+def test_eval_in_bfloat16_accepts_an_adapter_trained_in_float32(tiny_adapters):
+    """The weights hash is of float32 weights: a half-precision model must not be refused as 'other weights'."""
+    a = tiny_adapters["tiny-gpt2"]["colors"]
+    data = tiny_adapters["data"]
+    full = evaluate(load_model("tiny-gpt2"), ["colors"], [str(a)], data)["results"]["colors"]
+    half = evaluate(load_model("tiny-gpt2", dtype="bfloat16"), ["colors"], [str(a)], data)["results"]["colors"]
+    assert half["tokens"] == full["tokens"]
+    assert half["loss"] == pytest.approx(full["loss"], rel=0.02)  # bf16 round-off only

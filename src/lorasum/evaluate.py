@@ -100,7 +100,7 @@ def load_adapters_for(loaded, adapter_args: list[str]):
     for arg in adapter_args:
         path, weight = parse_adapter_arg(arg)
         adapter = load_adapter(path)
-        if adapter.base_sha256 and fingerprint is None:
+        if adapter.base_sha256 and fingerprint is None and next(loaded.model.parameters()).dtype == torch.float32:
             from .models import weights_fingerprint
 
             fingerprint = weights_fingerprint(loaded.model)
