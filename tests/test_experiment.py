@@ -1,0 +1,197 @@
+"""End-to-end `smoke` grid on tiny-gpt2 with three domains the test writes: files, tables, fit, resume, kill -9."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lorasum.cli import main
+from lorasum.config import load_config
+from lorasum.stats import linear_fit
+
+# Subprocesses use the parent's thread count: float reductions (and so the bytes of results.json) depend on it.
+ENV = {**os.environ, "LORASUM_PROGRESS": "0", "OMP_NUM_THREADS": str(__import__("torch").get_num_threads())}
+
+WORDS = {"alpha": "apple banana cherry grape", "beta": "dog cat mouse horse", "gamma": "red green blue pink"}
+
+
+def _write_domains(folder: Path) -> None:
+    import random
+
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, words in WORDS.items():
+        ws = words.split()
+        with open(folder / f"{name}.jsonl", "w") as f:
+            for i in range(90):
+                q = f"{name} {rng.choice(ws)} {i}?"
+                a = " ".join(rng.choice(ws) for _ in range(4))
+                f.write(json.dumps({"question": q, "answer": a}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    _write_domains(root / "data")
+    args = ["experiment", "--preset", "smoke", "--domains", "alpha", "beta", "gamma", "--data-dir",
+            str(root / "data"), "--out", str(root / "run")]
+    assert main(args) == 0
+    return root, args
+
+
+def _walk_numbers(obj, path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk_numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _walk_numbers(v, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+def test_files_exist_and_every_table_cell_is_finite(smoke_run):
+    run = smoke_run[0] / "run"
+    for f in ("results.json", "report.md", "report.html", "config.json", "timings.json",
+              "figures/rms_vs_pct_change.png", "figures/cosine_heatmap.png", "figures/perplexity_bars.png"):
+        assert (run / f).is_file(), f
+    r = json.loads((run / "results.json").read_text())
+    for section in ("perplexity", "pairs", "compositions", "unlearning"):
+        for path, v in _walk_numbers(r[section]):
+            if isinstance(v, float) or v is None:
+                assert v is not None and math.isfinite(v), f"{section}{path} = {v}"
+    # the grid: 7 partitions; pairs and the triple compared; three unlearning rows
+    assert len(r["compositions"]) == 4 and len(r["unlearning"]) == 3
+    assert {m for m in r["models"] if m.startswith("adapter[")} == {
+        "adapter[alpha]", "adapter[beta]", "adapter[gamma]", "adapter[alpha+beta]", "adapter[alpha+gamma]",
+        "adapter[beta+gamma]", "adapter[alpha+beta+gamma]"}
+    html = (run / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Table 3" in html and "paper" in html
+    for u in r["unlearning"]:  # in place: apply all fundamentals, remove one == sum of the other two
+        assert u["inplace_check"]["rel_error_weights"] < 1e-6
+
+
+def test_fit_equals_a_fit_recomputed_from_its_points(smoke_run):
+    r = json.loads((smoke_run[0] / "run" / "results.json").read_text())
+    pts = r["fit"]["points"]
+    assert len(pts) == 3
+    ref = linear_fit([p[0] for p in pts], [p[1] for p in pts], r["fit"]["level"])
+    for k in ("slope", "intercept", "r2"):
+        assert r["fit"][k] == pytest.approx(ref[k], rel=1e-9)
+    pairs = [c for c in r["compositions"] if c["level"] == 2]
+    assert sorted(p[1] for p in pts) == pytest.approx(sorted(c["pct_change"]["mean"] for c in pairs))
+
+
+def test_summed_ppl_matches_lorasum_eval_of_the_same_adapters(smoke_run, capsys):
+    """The grid's 'sum' row is the same number `lorasum eval` gives for the two adapters."""
+    root, _ = smoke_run
+    r = json.loads((root / "run" / "results.json").read_text())
+    cfg = load_config(str(root / "run" / "config.json"))
+    spec = json.loads(json.dumps(r["models"]["sum[alpha+beta]"]))
+    assert spec["terms"] == [["alpha", 1.0], ["beta", 1.0]]
+    keys = {}
+    for d in (root / "run" / "adapters").iterdir():
+        meta = json.loads((d / "lorasum.json").read_text())
+        keys[meta["partition"]] = d
+    capsys.readouterr()
+    rc = main(["eval", "--model", "tiny-gpt2", "--data-dir", cfg.data_dir, "--data", "alpha", "beta",
+               "--adapter", str(keys["alpha"]), "--adapter", str(keys["beta"]), "--max-test", str(cfg.max_test),
+               "--max-length", str(cfg.train.max_length), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    row = next(c for c in r["compositions"] if c["subset"] == ["alpha", "beta"])
+    assert out["results"]["pooled"]["perplexity"] == pytest.approx(row["summed"]["mean"], rel=1e-6)
+
+
+def test_rerun_recomputes_nothing(smoke_run, monkeypatch):
+    root, args = smoke_run
+    before = (root / "run" / "results.json").read_bytes()
+
+    def boom(*a, **k):
+        raise AssertionError("a job ran again")
+
+    monkeypatch.setattr("lorasum.experiment.run_job", boom)
+    assert main(args) == 0
+    assert (root / "run" / "results.json").read_bytes() == before
+
+
+def test_changed_config_is_refused_naming_the_key(smoke_run, capsys):
+    root, args = smoke_run
+    capsys.readouterr()
+    assert main(args + ["--model", "tiny-llama"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model" in err and "--overwrite" in err
+
+
+def test_changing_an_eval_cap_retrains_nothing(smoke_run, tmp_path):
+    from lorasum.experiment import plan
+
+    root, _ = smoke_run
+    cfg = load_config(str(root / "run" / "config.json"))
+    p1 = plan(cfg, tmp_path)
+    cfg.max_test = cfg.max_test + 3
+    p2 = plan(cfg, tmp_path)
+    assert {k: s["key"] for k, s in p1["train"].items()} == {k: s["key"] for k, s in p2["train"].items()}
+    assert {s["key"] for s in p1["evals"].values()}.isdisjoint({s["key"] for s in p2["evals"].values()})
+    assert {k: s["key"] for k, s in p1["sims"].items()} == {k: s["key"] for k, s in p2["sims"].items()}
+
+
+def test_job_in_a_fresh_process_gives_the_same_artifact(smoke_run, tmp_path):
+    """`lorasum job SPEC.json` reproduces an eval artifact byte for byte in a new process."""
+    from lorasum.experiment import plan
+
+    root, _ = smoke_run
+    cfg = load_config(str(root / "run" / "config.json"))
+    p = plan(cfg, root / "run")
+    spec = p["evals"][("sum[alpha+gamma]", "gamma", cfg.seeds[0])]
+    art = root / "run" / "evals" / f"{spec['key']}.json"
+    want = art.read_bytes()
+    art.unlink()
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    subprocess.run([sys.executable, "-m", "lorasum.cli", "job", str(spec_file)], check=True, capture_output=True,
+                   env=ENV)
+    assert art.read_bytes() == want
+
+
+def _run_until(args, cond, timeout=300):
+    """Start the experiment in a subprocess and SIGKILL it as soon as cond() holds; returns whether it was killed."""
+    proc = subprocess.Popen([sys.executable, "-m", "lorasum.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < timeout:
+        if cond():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.002)
+    proc.wait()
+    return False
+
+
+def test_sigkill_during_training_and_during_a_write_then_resume_is_byte_identical(smoke_run, tmp_path):
+    root, args = smoke_run
+    run = tmp_path / "run"
+    args = [a if a != str(root / "run") else str(run) for a in args]
+
+    def training_started():  # the second adapter is being written or trained
+        d = run / "adapters"
+        return d.is_dir() and len(list(d.iterdir())) >= 2
+
+    def writing_an_eval():  # a temp file of an eval artifact exists: the process is mid-write
+        d = run / "evals"
+        return d.is_dir() and (any(p.name.endswith(".tmp") for p in d.iterdir()) or len(list(d.iterdir())) >= 20)
+
+    assert _run_until(args, training_started), "the run finished before it could be killed in training"
+    assert not (run / "results.json").exists()
+    assert _run_until(args, writing_an_eval), "the run finished before it could be killed in evaluation"
+    assert not (run / "results.json").exists()
+    subprocess.run([sys.executable, "-m", "lorasum.cli", *args], check=True, capture_output=True,
+                   env=ENV)
+    assert (run / "results.json").read_bytes() == (root / "run" / "results.json").read_bytes()

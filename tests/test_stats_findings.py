@@ -1,0 +1,126 @@
+"""Statistics (paired bootstrap, least-squares fit) against hand-worked numbers and scipy; findings rules."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from lorasum.findings import findings, rms_verdict, summed_verdict, unlearning_verdict
+from lorasum.stats import Scores, bootstrap_ppl, linear_fit, paired_pct_change, resample_weights
+
+
+def _scores(nll, tokens, strata=None):
+    nll = np.atleast_2d(np.asarray(nll, float))
+    tokens = np.asarray(tokens, float)
+    return Scores(nll, tokens, np.zeros(len(tokens), int) if strata is None else np.asarray(strata))
+
+
+def test_bootstrap_ppl_point_estimate_is_token_weighted():
+    s = _scores([2.0, 6.0, 1.0], [2, 3, 1])
+    r = bootstrap_ppl(s, 500, 0.95, 0)
+    assert r["mean"] == pytest.approx(math.exp(9.0 / 6.0))
+    assert r["ci"][0] <= r["mean"] <= r["ci"][1]
+
+
+def test_paired_pct_change_is_exact_for_a_constant_per_token_shift():
+    """summed NLL = merged NLL + c per token: every resample has ppl ratio exp(c), so the CI collapses to it."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 60, size=40).astype(float)
+    merged = rng.uniform(1, 3, size=40) * tokens
+    c = 0.05
+    r = paired_pct_change(_scores(merged + c * tokens, tokens), _scores(merged, tokens), 300, 0.95, 0)
+    want = (math.exp(c) - 1) * 100
+    assert r["mean"] == pytest.approx(want)
+    assert r["ci"][0] == pytest.approx(want) and r["ci"][1] == pytest.approx(want)
+
+
+def test_paired_interval_is_narrower_than_unpaired_spread():
+    """Pairing removes the example-to-example spread that both models share."""
+    rng = np.random.default_rng(2)
+    tokens = np.full(200, 30.0)
+    hardness = rng.uniform(1, 4, size=200) * tokens
+    a = hardness + rng.normal(0, 0.5, 200)
+    b = hardness + rng.normal(0, 0.5, 200) + 0.02 * tokens
+    r = paired_pct_change(_scores(b, tokens), _scores(a, tokens), 1000, 0.95, 0)
+    pa, pb = bootstrap_ppl(_scores(a, tokens), 1000, 0.95, 0), bootstrap_ppl(_scores(b, tokens), 1000, 0.95, 0)
+    unpaired_width = ((pb["ci"][1] - pb["ci"][0]) + (pa["ci"][1] - pa["ci"][0])) / pa["mean"] * 100
+    assert r["ci"][1] - r["ci"][0] < unpaired_width / 3
+    assert r["ci"][0] > 0  # b is worse on every example
+
+
+def test_seeds_are_averaged_and_resampled():
+    tokens = np.full(20, 10.0)
+    merged = np.vstack([np.full(20, 20.0), np.full(20, 20.0)])
+    summed = np.vstack([np.full(20, 21.0), np.full(20, 23.0)])  # +0.1 and +0.3 nats/token
+    r = paired_pct_change(_scores(summed, tokens), _scores(merged, tokens), 400, 0.95, 0)
+    per_seed = [(math.exp(0.1) - 1) * 100, (math.exp(0.3) - 1) * 100]
+    assert r["per_seed"] == pytest.approx(per_seed)
+    assert r["mean"] == pytest.approx(np.mean(per_seed))
+    assert r["ci"][0] == pytest.approx(per_seed[0]) and r["ci"][1] == pytest.approx(per_seed[1])
+
+
+def test_resampling_is_stratified_by_domain():
+    strata = np.array([0] * 5 + [1] * 3)
+    w = resample_weights(strata, 50, np.random.default_rng(0))
+    assert np.all(w[:, :5].sum(1) == 5) and np.all(w[:, 5:].sum(1) == 3)
+
+
+def test_linear_fit_matches_scipy_linregress():
+    x = [0.05, 0.06, 0.07, 0.09, 0.11]
+    y = [-9.0, 4.5, 27.0, 30.0, 60.0]
+    fit = linear_fit(x, y, 0.95)
+    ref = st.linregress(x, y)
+    assert fit["slope"] == pytest.approx(ref.slope) and fit["intercept"] == pytest.approx(ref.intercept)
+    assert fit["r2"] == pytest.approx(ref.rvalue ** 2)
+    t = st.t.ppf(0.975, len(x) - 2)
+    assert fit["slope_ci"] == pytest.approx([ref.slope - t * ref.stderr, ref.slope + t * ref.stderr])
+
+
+def test_linear_fit_reproduces_the_papers_line_from_its_three_points():
+    fit = linear_fit([0.0514, 0.0583, 0.0708], [-9.10, 4.54, 27.56])
+    assert fit["slope"] == pytest.approx(1883.89, rel=2e-3) and fit["intercept"] == pytest.approx(-105.68, rel=2e-3)
+
+
+def test_linear_fit_with_too_few_points_has_no_interval():
+    assert linear_fit([0.1], [1.0])["slope"] is None
+    assert linear_fit([0.1, 0.2], [1.0, 2.0])["slope_ci"] is None
+
+
+@pytest.mark.parametrize("ci,verdict", [((-9.9, 9.9), "summed ≈ merged"), ((-5, 10.5), "inconclusive"),
+                                        ((10.1, 30), "summed worse than merged"),
+                                        ((-40, -12), "summed better than merged"), ((-12, 3), "inconclusive")])
+def test_summed_verdict(ci, verdict):
+    assert summed_verdict(ci) == verdict
+
+
+def test_rms_verdict_flips_with_the_slope_interval():
+    assert rms_verdict({"slope_ci": [10, 3000]}) == "positive RMS relation"
+    assert rms_verdict({"slope_ci": [-3000, -1]}) == "negative RMS relation"
+    assert rms_verdict({"slope_ci": [-10, 3000]}) == "inconclusive"
+    assert rms_verdict({"slope_ci": None}) == "inconclusive"
+
+
+def test_unlearning_verdict():
+    assert unlearning_verdict(10.0, (9.5, 10.5)) == "restores"
+    assert unlearning_verdict(11.0, (9.5, 10.5)) == "does not restore"
+
+
+def _synthetic(pct_ci, slope_ci, after):
+    pc = {"mean": sum(pct_ci) / 2, "ci": list(pct_ci), "per_seed": [sum(pct_ci) / 2]}
+    ppl = lambda m, lo, hi: {"mean": m, "ci": [lo, hi]}  # noqa: E731
+    return {
+        "compositions": [{"subset": ["a", "b"], "pct_change": pc}],
+        "fit": {"n": 5, "slope": 100.0, "intercept": 0.0, "r2": 0.5, "slope_ci": list(slope_ci)},
+        "unlearning": [{"removed": "a", "removed_domain": {"after": ppl(after, after, after),
+                                                          "without": ppl(20.0, 19.0, 21.0)}}],
+    }
+
+
+def test_findings_flip_each_verdict_on_synthetic_results():
+    good = {f["claim"]: f["verdict"] for f in findings(_synthetic((-4, 6), (50, 150), 20.5))}
+    bad = {f["claim"]: f["verdict"] for f in findings(_synthetic((-4, 16), (-50, 150), 25.0))}
+    assert good == {"summed vs merged": "summed ≈ merged", "RMS similarity predicts %Δ perplexity":
+                    "positive RMS relation", "unlearning by subtraction": "restores"}
+    assert bad == {"summed vs merged": "inconclusive", "RMS similarity predicts %Δ perplexity": "inconclusive",
+                   "unlearning by subtraction": "does not restore"}
