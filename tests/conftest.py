@@ -180,7 +180,7 @@ def real_data_dir() -> Path:
     raw = os.environ.get("LORASUM_DATA_DIR")
     if not raw:
         unavailable("LORASUM_DATA_DIR is not set (point it at the shared data folder, e.g. ../shared/data)")
-    d = Path(raw)
+    d = Path(raw).resolve()
     if not d.is_dir():
         unavailable(f"data directory {d} (LORASUM_DATA_DIR) does not exist")
     if not (d / "math.jsonl").is_file():

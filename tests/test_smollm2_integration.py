@@ -35,7 +35,7 @@ def test_unavailable_fails_under_ci_and_skips_elsewhere(monkeypatch):
         unavailable("no data")
 
 
-def test_smollm2_math_few_steps(smollm2, real_data_dir, tmp_path, strict_reload):
+def test_smollm2_math_few_steps(real_data_dir, smollm2, tmp_path, strict_reload):
     t0 = time.perf_counter()
     data = DataConfig(data_dir=str(real_data_dir), max_records={"train": 16, "validation": 8, "test": 8})
     math_dom = load_domain("math", data)
