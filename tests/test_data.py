@@ -311,3 +311,18 @@ def test_data_stats_against_hand_counts(tmp_path, run_cli):
     lines = out.splitlines()
     assert rc == 0 and "no answer" in lines[0]
     assert lines[1].split()[:4] == ["d", "train", "2", "44"]
+
+
+def test_parquet_matches_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = color_rows(80)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    write_jsonl(tmp_path / "j.jsonl", rows)
+    p = load_domain("p[category=odd]", DataConfig(data_dir=str(tmp_path)))
+    j = load_domain("j[category=odd]", DataConfig(data_dir=str(tmp_path)))
+    assert split_sets(p) == split_sets(j) and sum(p.sizes().values()) == 40
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(LorasumError, match=r"bad\.parquet: cannot read parquet"):
+        load_domain("bad", DataConfig(data_dir=str(tmp_path)))
