@@ -32,7 +32,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _data_config(args: argparse.Namespace):
     from .data import DataConfig
 
-    caps = {s: getattr(args, f"max_{s}") for s in ("train", "validation", "test") if getattr(args, f"max_{s}", None)}
+    caps = {s: getattr(args, f"max_{s}") for s in ("train", "validation", "test") if getattr(args, f"max_{s}", None) is not None}
     return DataConfig(args.data_dir, args.question_field, args.answer_field, args.split_seed, caps)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -142,11 +143,17 @@ def _read_rows(path: str) -> list[tuple[int, dict]]:
                     raise LorasumError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
                 rows.append((lineno, row))
     elif path.endswith(".csv"):
+        with open(path, "rb") as f:
+            raw = f.read()
         try:
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = [(i, dict(r)) for i, r in enumerate(csv.DictReader(f), 2)]
-        except UnicodeDecodeError:
-            raise LorasumError(f"{path}: file is not valid UTF-8; re-encode it as UTF-8") from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise LorasumError(f"{path}:{line}: line is not valid UTF-8; re-encode the file as UTF-8") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
+        for r in reader:
+            rows.append((reader.line_num, dict(r)))  # line_num: the record's last physical line
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -178,6 +185,11 @@ def _read_hub(dataset_id: str) -> list[tuple[int, dict]]:
 def load_domain(spec: str, config: DataConfig | None = None) -> Domain:
     """Resolve one domain spec (no `+`) to its split, capped records."""
     config = config or DataConfig()
+    for split, cap in config.max_records.items():
+        if split not in SPLITS:
+            raise LorasumError(f"unknown split '{split}' in record caps; use {', '.join(SPLITS)}")
+        if cap is not None and cap < 1:
+            raise LorasumError(f"--max-{split} must be at least 1 (omit it for all records), got {cap}")
     source, filters = parse_spec(spec)
     path = resolve_source(source, config.data_dir)
     qf, af = config.question_field, config.answer_field

@@ -123,7 +123,10 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     tok = loaded.tokenizer
     train_ex = tokenize_records(tok, partition_records(domains, "train", seed=data.split_seed), cfg.max_length)
     val_ex = tokenize_records(tok, partition_records(domains, "validation", shuffle=False), cfg.max_length)
-    base_sha = weights_fingerprint(loaded.model)
+    # the base identity is the fp32 weights' hash; a half-precision model cannot reproduce it, so none is recorded
+    fp32 = next(loaded.model.parameters()).dtype == torch.float32
+    base_sha = weights_fingerprint(loaded.model) if fp32 else None
+    grad_flags = {n: p.requires_grad for n, p in loaded.model.named_parameters()}
 
     set_seed(cfg.seed)
     peft_model = get_peft_model(loaded.model, lora_config(cfg, loaded))
@@ -142,6 +145,8 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
             atomic_write_json(tmp / "lorasum.json", meta)
     finally:
         peft_model.unload()  # removes LoRA layers, restoring the base modules in place
+        for n, p in loaded.model.named_parameters():  # PEFT froze the base: give back its requires_grad flags
+            p.requires_grad_(grad_flags.get(n, p.requires_grad))
     result.out = out
     return result
 
