@@ -2,7 +2,8 @@
 
 Timed side by side (interleaved repeats, medians; the base weights are restored from a snapshot between runs):
   bare        one in-place `W.addmm_(B, A)` per target weight (one r=4 adapter's factors, already in memory)
-  bare×3      three such passes (one per adapter)
+  bare r=12   the same pass with the composed factors (the three adapters concatenated, rank 12, prepared ahead)
+  bare×3      three r=4 passes (one per adapter)
   lorasum     apply_adapters(model, [(a, w) ...]) on loaded adapters: concatenate ranks, one addmm_ per weight
   lorasum+io  load_adapter × 3 from disk, then apply_adapters
   peft        PeftModel.from_pretrained + load_adapter × 2 + add_weighted_adapter(..., "cat") + merge_and_unload
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lorasum.compose import weighted_sum
 from lorasum.delta import load_adapter
 from lorasum.merge import _base_weight, apply_adapters, restore_weights, snapshot_weights
 from lorasum.models import load_model
@@ -72,8 +74,8 @@ def main() -> None:
     n_params = sum(v.numel() for v in snap.values())
     print(f"{len(layers)} target weights, {n_params / 1e6:.1f} M parameters; adapters r=4, weights {WEIGHTS}")
 
-    plan = []  # (weight, transposed, B, A) for the bare passes, one adapter each
-    for a in adapters:
+    plan = []  # (weight, transposed, B, A) for the bare passes: one per adapter, then the composed rank-12 factors
+    for a in adapters + [weighted_sum(list(zip(adapters, WEIGHTS)))]:
         rows = []
         for n in layers:
             w, tr = _base_weight(model, n)
@@ -81,9 +83,9 @@ def main() -> None:
             rows.append((w, tr, (f.B * f.scale).contiguous(), f.A.contiguous()))
         plan.append(rows)
 
-    def bare(k: int = 1) -> None:
+    def bare(k: int = 1, first: int = 0) -> None:
         with torch.no_grad():
-            for rows in plan[:k]:
+            for rows in plan[first:first + k]:
                 for w, tr, B, A in rows:
                     w.addmm_(A.T, B.T) if tr else w.addmm_(B, A)
 
@@ -104,7 +106,7 @@ def main() -> None:
         if hasattr(model, "peft_config"):
             del model.peft_config
 
-    methods = {"bare": bare, "bare×3": lambda: bare(3), "lorasum": ours, "lorasum+io": ours_io, "peft": peft}
+    methods = {"bare": bare, "bare r=12": lambda: bare(1, 3), "bare×3": lambda: bare(3), "lorasum": ours, "lorasum+io": ours_io, "peft": peft}
     results = {}
     for k, fn in methods.items():  # warm-up and equality check
         restore_weights(model, snap)
@@ -126,6 +128,8 @@ def main() -> None:
     for k in methods:
         print(f"  {k:<11} {med[k] * 1e3:9.2f} ms")
     print(f"\nlorasum / bare          = {med['lorasum'] / med['bare']:.2f}x   (target <= 1.5x)")
+    print(f"lorasum / bare r=12     = {med['lorasum'] / med['bare r=12']:.2f}x   (same pass with the composed factors)")
+    print(f"bare r=12 / bare        = {med['bare r=12'] / med['bare']:.2f}x   (the cost of 3x the rank alone)")
     print(f"lorasum / bare×3        = {med['lorasum'] / med['bare×3']:.2f}x")
     print(f"peft / lorasum+io       = {med['peft'] / med['lorasum+io']:.1f}x   (target >= 10x, both from disk)")
     print(f"peft / lorasum          = {med['peft'] / med['lorasum']:.1f}x")

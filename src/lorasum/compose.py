@@ -20,12 +20,19 @@ from .errors import LorasumError
 from .files import atomic_dir, atomic_write_json
 
 
-def concat_factors(terms: list[tuple[LoraFactors, float]]) -> LoraFactors:
-    """One layer: Σ w·s·B A as a single LoRA with scale 1 (weights and scales folded into B)."""
+def concat_factors(terms: list[tuple[LoraFactors, float]], _cache: dict | None = None) -> LoraFactors:
+    """One layer: Σ w·s·B A as a single LoRA with scale 1 (weights and scales folded into B's columns)."""
     dtype = torch.promote_types(torch.float32, terms[0][0].A.dtype)
-    A = torch.cat([f.A.to(dtype) for f, _ in terms], dim=0)  # (Σr, in)
-    B = torch.cat([f.B.to(dtype) * (w * f.scale) for f, w in terms], dim=1)  # (out, Σr)
-    return LoraFactors(A, B, 1.0, terms[0][0].fan_in_fan_out)
+    A = torch.cat([f.A for f, _ in terms], dim=0)  # (Σr, in)
+    B = torch.cat([f.B for f, _ in terms], dim=1)  # (out, Σr)
+    A, B = (A, B) if A.dtype == dtype and B.dtype == dtype else (A.to(dtype), B.to(dtype))
+    key = (dtype, tuple((w * f.scale, f.rank) for f, w in terms))
+    col_scale = None if _cache is None else _cache.get(key)
+    if col_scale is None:  # (Σr,): each adapter's w·s repeated over its rank
+        col_scale = torch.tensor([c for c, r in key[1] for _ in range(r)], dtype=dtype)
+        if _cache is not None:
+            _cache[key] = col_scale
+    return LoraFactors(A, B.mul_(col_scale), 1.0, terms[0][0].fan_in_fan_out)
 
 
 def weighted_sum(adapters: list[tuple[Adapter, float]], name: str = "sum") -> Adapter:
@@ -37,7 +44,8 @@ def weighted_sum(adapters: list[tuple[Adapter, float]], name: str = "sum") -> Ad
             raise LorasumError(f"weight {w} for adapter '{a.name}' is not a finite number")
     layers = check_compatible([a for a, _ in adapters])
     first = adapters[0][0]
-    out = {layer: concat_factors([(a.layers[layer], float(w)) for a, w in adapters]) for layer in layers}
+    cache: dict = {}
+    out = {layer: concat_factors([(a.layers[layer], float(w)) for a, w in adapters], cache) for layer in layers}
     return Adapter(name, "", copy.deepcopy(first.config), out, first.base_record())
 
 

@@ -19,15 +19,14 @@ from .delta import Adapter, LoraFactors
 from .errors import LorasumError
 
 
-def _base_weight(model: torch.nn.Module, layer: str) -> tuple[torch.Tensor, bool]:
+def _base_weight(model: torch.nn.Module, layer: str, modules: dict | None = None) -> tuple[torch.Tensor, bool]:
     """The layer's weight parameter and whether it is stored (in, out) (Conv1D)."""
     from transformers.pytorch_utils import Conv1D
 
-    try:
-        module = model.get_submodule(layer)
-    except AttributeError:
+    module = (modules if modules is not None else dict(model.named_modules())).get(layer)
+    if module is None:
         raise LorasumError(f"layer '{layer}' is not in the model ({type(model).__name__}); "
-                           "use the base model the adapter was trained on") from None
+                           "use the base model the adapter was trained on")
     module = getattr(module, "base_layer", module)  # a PEFT-wrapped layer: edit its base weight
     if isinstance(module, Conv1D):
         return module.weight, True
@@ -39,9 +38,9 @@ def _base_weight(model: torch.nn.Module, layer: str) -> tuple[torch.Tensor, bool
 
 def _resolve(model: torch.nn.Module, layers: dict[str, LoraFactors]) -> dict[str, tuple[torch.Tensor, bool]]:
     """Validate every layer against the model (existence, type, shape) before anything is changed."""
-    out = {}
+    out, modules = {}, dict(model.named_modules())
     for layer, f in layers.items():
-        w, transposed = _base_weight(model, layer)
+        w, transposed = _base_weight(model, layer, modules)
         want = f.shape[::-1] if transposed else f.shape
         if tuple(w.shape) != want:
             raise LorasumError(f"layer '{layer}': the model's weight is {tuple(w.shape)} but the adapter's delta is "
@@ -57,8 +56,9 @@ def apply_factors(model: torch.nn.Module, layers: dict[str, LoraFactors], sign: 
         for layer, f in layers.items():
             w, transposed = resolved[layer]
             cd = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-            A = f.A.to(device=w.device, dtype=cd)  # (r, in)
-            B = f.B.to(device=w.device, dtype=cd)  # (out, r)
+            A, B = f.A, f.B  # (r, in), (out, r)
+            if A.dtype != cd or A.device != w.device or B.dtype != cd or B.device != w.device:
+                A, B = A.to(device=w.device, dtype=cd), B.to(device=w.device, dtype=cd)
             alpha = sign * f.scale
             if cd == w.dtype:
                 if transposed:
@@ -93,14 +93,16 @@ def remove_adapters(model: torch.nn.Module, adapters: list[tuple[Adapter, float]
 
 def snapshot_weights(model: torch.nn.Module, layer_names) -> dict[str, torch.Tensor]:
     """Copies of the named layers' base weights, for restore_weights (no round-off accumulates)."""
-    return {name: _base_weight(model, name)[0].detach().clone() for name in layer_names}
+    modules = dict(model.named_modules())
+    return {name: _base_weight(model, name, modules)[0].detach().clone() for name in layer_names}
 
 
 def restore_weights(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
     """Copy the snapshot back into the model's weights in place."""
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for name, saved in snapshot.items():
-            _base_weight(model, name)[0].copy_(saved)
+            _base_weight(model, name, modules)[0].copy_(saved)
 
 
 @contextlib.contextmanager
