@@ -1,7 +1,8 @@
 """Similarity of two whole adapters: factored (lorasum) vs dense (fp32 B@A per layer, then cosine).
 
 Shapes: GPT-2 small (36 layers: 12× c_attn 768→2304, 12× attn.c_proj 768→768, 12× mlp.c_proj 3072→768; r=4) and one
-Llama-7B block (q, k, v, o 4096×4096 and down_proj 4096←11008; r=16). Both methods are checked against a dense
+Llama-7B block (q, k, v, o 4096×4096 and down_proj 4096←11008; r=16), saved as PEFT folders and loaded with
+`load_adapter` (loading is not timed). All methods are checked against a dense
 float64 reference (max abs difference of the per-layer cosines). Repeats are interleaved; medians are reported.
 
     .venv/bin/python benchmarks/similarity.py [--repeats 15] [--threads 2]
@@ -11,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from lorasum.delta import Adapter, LoraFactors
+from lorasum.compose import save_adapter
+from lorasum.delta import Adapter, LoraFactors, load_adapter
 from lorasum.similarity import cosine_from_gram, factored_inner, layer_cosines
 
 GPT2 = [(f"transformer.h.{i}.{m}", out, inp) for i in range(12)
@@ -58,8 +62,15 @@ def per_layer_loop(a: Adapter, b: Adapter) -> dict[str, float]:
                                 factored_inner(b.layers[n], b.layers[n])) for n, fa in a.layers.items()}
 
 
+def saved_and_loaded(adapter: Adapter) -> Adapter:
+    """Round-trip through a stock PEFT folder, so the factors are exactly what `load_adapter` gives the CLI."""
+    with tempfile.TemporaryDirectory() as d:
+        save_adapter(adapter, Path(d) / adapter.name)
+        return load_adapter(Path(d) / adapter.name)
+
+
 def bench(title: str, shapes, r: int, repeats: int) -> None:
-    a, b = random_adapter("a", shapes, r, 1), random_adapter("b", shapes, r, 2)
+    a, b = (saved_and_loaded(random_adapter(n, shapes, r, seed)) for n, seed in [("a", 1), ("b", 2)])
     ref = reference64(a, b)
     methods = {"dense fp32": dense_cosines, "factored, layer loop": per_layer_loop,
                "lorasum layer_cosines": layer_cosines}  # the last: batched by shape (what the CLI runs)
