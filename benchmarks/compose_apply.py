@@ -106,7 +106,8 @@ def main() -> None:
         if hasattr(model, "peft_config"):
             del model.peft_config
 
-    methods = {"bare": bare, "bare r=12": lambda: bare(1, 3), "bare×3": lambda: bare(3), "lorasum": ours, "lorasum+io": ours_io, "peft": peft}
+    methods = {"bare": bare, "bare r=12": lambda: bare(1, 3), "bare×3": lambda: bare(3), "lorasum": ours,
+               "lorasum+io": ours_io, "peft": peft}
     results = {}
     for k, fn in methods.items():  # warm-up and equality check
         restore_weights(model, snap)

@@ -1,9 +1,10 @@
 """Pairwise RMS matrix for 50 adapters on GPT-2 small shapes (36 layers, r=4): seconds and peak memory.
 
 Side by side (interleaved repeats, medians): the batched Gram (`rms_matrix`, one stacked matmul per shape group)
-against a loop over pairs (`layer_cosines` per pair; 100 fixed random pairs, extrapolated to all N(N-1)/2). Also timed: loading the 50 adapter folders from
-disk. Peak memory is the process's peak RSS above the baseline while `rms_matrix` runs (Linux VmHWM, reset
-through /proc/self/clear_refs). Accuracy: every entry against the pairwise values, two pairs against dense float64.
+against a loop over pairs (`layer_cosines` per pair; 100 fixed random pairs, extrapolated to all N(N-1)/2).
+Also timed: loading the 50 adapter folders from disk. Peak memory is the process's peak RSS above the baseline
+while `rms_matrix` runs (Linux VmHWM, reset through /proc/self/clear_refs). Accuracy: the sampled entries against
+the pairwise values, two pairs against dense float64.
 
     .venv/bin/python benchmarks/rms_matrix.py [--adapters 50] [--repeats 3] [--threads 2]
 """
@@ -95,7 +96,8 @@ def main() -> None:
         print(f"  {k:<22} {med[k]:8.3f} s" + (" (extrapolated from 100 pairs)" if k == "pairwise loop" else ""))
     print(f"\nrms_matrix: {med['rms_matrix (batched)']:.3f} s for {n * (n - 1) // 2} pairs, peak memory "
           f"+{peak:.0f} MiB; pairwise loop / batched = {med['pairwise loop'] / med['rms_matrix (batched)']:.1f}x")
-    print(f"max |batched - pairwise| (100 pairs) = {err:.1e}; max |batched - dense float64| (2 pairs) = {dense_err:.1e}")
+    print(f"max |batched - pairwise| (100 pairs) = {err:.1e}; "
+          f"max |batched - dense float64| (2 pairs) = {dense_err:.1e}")
     off = R[~torch.eye(n, dtype=torch.bool)]
     print(f"off-diagonal RMS: min {float(off.min()):.4f}, median {float(off.median()):.4f}, max {float(off.max()):.4f}")
 

@@ -178,8 +178,8 @@ def test_add_then_subtract_at_real_gpt2_and_llama_shapes():
 
     def adapter(name):
         return Adapter(name, "", {}, {
-            "attn.c_attn": LoraFactors(torch.randn(16, 768, generator=g) * 0.02, torch.randn(2304, 16, generator=g) * 0.02,
-                                       2.0, True),
+            "attn.c_attn": LoraFactors(torch.randn(16, 768, generator=g) * 0.02,
+                                       torch.randn(2304, 16, generator=g) * 0.02, 2.0, True),
             "mlp.down_proj": LoraFactors(torch.randn(16, 2752, generator=g) * 0.02,
                                          torch.randn(4096, 16, generator=g) * 0.02, 2.0, False)})
 

@@ -124,7 +124,8 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, extra_meta: dict | No
     config.update({
         "r": r, "lora_alpha": r, "use_rslora": False, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
         "target_modules": sorted(adapter.layers), "exclude_modules": None, "layers_to_transform": None,
-        "layers_pattern": None, "init_lora_weights": True, "use_dora": False, "modules_to_save": None, "bias": "none", "inference_mode": True,
+        "layers_pattern": None, "init_lora_weights": True, "use_dora": False, "modules_to_save": None, "bias": "none",
+        "inference_mode": True,
         "peft_type": "LORA",
     })
     meta = {**adapter.base_record(), **(extra_meta or {})}  # the base identity carries over, training records don't

@@ -133,8 +133,8 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
         weight = math.nan
     if not math.isfinite(weight):
         raise LorasumError(
-            f"adapter argument '{text}': weight '{raw}' is not a finite number; write PATH:WEIGHT, e.g. {path or 'math'}:0.5"
-        )
+            f"adapter argument '{text}': weight '{raw}' is not a finite number; "
+            f"write PATH:WEIGHT, e.g. {path or 'math'}:0.5")
     if not path:
         raise LorasumError(f"adapter argument '{text}' has no path before ':'; write PATH:WEIGHT, e.g. math:0.5")
     return path, weight
@@ -143,8 +143,12 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
 def _pattern_value(patterns: dict, layer: str, default):
     """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", layer):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", layer):
+                return value
+        except re.error:
+            raise LorasumError(f"rank/alpha pattern '{key}' in the adapter config is not a valid regular expression; "
+                               "fix adapter_config.json") from None
     return default
 
 
@@ -166,7 +170,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types; all mean the same to the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LorasumError(f"cannot read {path}: {first}; the file is corrupt or truncated, re-save the adapter") from None
+        raise LorasumError(f"cannot read {path}: {first}; the file is corrupt or truncated, "
+                           "re-save the adapter") from None
 
 
 def check_config(config: dict, where: str) -> None:
@@ -195,7 +200,8 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     """Load a stock PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into per-layer factors."""
     folder = Path(path)
     if not folder.is_dir():
-        raise LorasumError(f"adapter folder not found: {folder}; pass a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raise LorasumError(f"adapter folder not found: {folder}; "
+                           f"pass a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}")
     cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not cfg_path.is_file():
         raise LorasumError(f"adapter folder {folder} has no {CONFIG_FILE}; save it with PEFT's save_pretrained")
@@ -219,7 +225,8 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         if not torch.isfinite(t).all():
             raise LorasumError(f"{w_path}: tensor '{key}' contains NaN or Inf; retrain or replace the adapter")
         if t.ndim != 2:
-            raise LorasumError(f"{w_path}: tensor '{key}' has {t.ndim} dims (conv LoRA?); only 2-D factors are supported")
+            raise LorasumError(f"{w_path}: tensor '{key}' has {t.ndim} dims (conv LoRA?); "
+                               "only 2-D factors are supported")
         pairs.setdefault(m["layer"].removeprefix(_PREFIX), {})[m["which"]] = t
     if not pairs:
         raise LorasumError(f"{w_path} holds no LoRA tensors; re-save the adapter")
