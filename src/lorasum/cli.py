@@ -14,7 +14,9 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="built-in name (smollm2-135m, tiny-gpt2, tiny-llama), .gguf path, "
                    "local folder or hub id (default: the embedded smollm2-135m)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: GPU if present)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--dtype", default=None, help="weights: float32 (default), bfloat16, float16")
+    p.add_argument("--autocast", default=None, help="bfloat16: mixed-precision forward passes over fp32 weights "
+                   "(~1.3x faster on CPUs with bf16 instructions); default off")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
@@ -39,7 +41,7 @@ def _data_config(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     from .models import load_model
 
-    return load_model(args.model, args.device, args.dtype)
+    return load_model(args.model, args.device, args.dtype, args.autocast)
 
 
 def _expand_domains(specs: list[str]) -> list[str]:

@@ -37,7 +37,8 @@ class ExperimentConfig:
     ci_level: float = 0.95  # confidence level of every interval
     bootstrap_seed: int = 0  # RNG seed of the bootstrap
     device: str | None = None  # cpu / cuda (default: GPU if present)
-    dtype: str | None = None  # float32 (default) / bfloat16
+    dtype: str | None = None  # weights: float32 (default) / bfloat16
+    autocast: str | None = None  # mixed-precision forward passes over fp32 weights: null (off) / bfloat16
     threads: int | None = None  # torch CPU threads
 
     # --- (de)serialisation -------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ PRESETS: dict[str, dict] = {
               "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "max_length": 32}},
     # embedded SmolLM2, the three real domains, one seed, ~200 training records per domain, one epoch
     "quick": {"model": "smollm2-135m", "domains": ["math", "medicine", "finance"], "max_train": 200,
-              "max_validation": 40, "max_test": 60, "seeds": [0], "train": {"epochs": 1}},
+              "max_validation": 30, "max_test": 60, "seeds": [0], "autocast": "bfloat16", "train": {"epochs": 1}},
     # the same domains, 3 seeds, larger budgets (hours on CPU)
     "full": {"model": "smollm2-135m", "domains": ["math", "medicine", "finance"], "max_train": 2000,
              "max_validation": 200, "max_test": 400, "seeds": [0, 1, 2], "train": {"epochs": 2}},

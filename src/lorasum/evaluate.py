@@ -137,7 +137,8 @@ def evaluate(loaded, domains: list[str], adapter_args: list[str] | None = None, 
     snapshot = snapshot_weights(loaded.model, layer_names)
     try:
         apply_adapters(loaded.model, adapters)
-        rows = per_example_nll(loaded.model, examples, loaded.tokenizer.pad_token_id, batch_size, loss_on)
+        with loaded.autocast():
+            rows = per_example_nll(loaded.model, examples, loaded.tokenizer.pad_token_id, batch_size, loss_on)
     finally:
         restore_weights(loaded.model, snapshot)
     if per_example:

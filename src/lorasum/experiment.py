@@ -70,7 +70,7 @@ def plan(cfg: ExperimentConfig, run_dir: str | Path) -> dict:
     """All job specs (with keys) of the run: train, similarity and eval, plus the model catalog."""
     run_dir = str(run_dir)
     sources = _sources(cfg)
-    base = {"model": cfg.model, "dtype": cfg.dtype, "run_dir": run_dir, "device": cfg.device,
+    base = {"model": cfg.model, "dtype": cfg.dtype, "autocast": cfg.autocast, "run_dir": run_dir, "device": cfg.device,
             "data_dir": cfg.data_dir}
     fields_ = {"question_field": cfg.question_field, "answer_field": cfg.answer_field, "split_seed": cfg.split_seed}
 
@@ -122,6 +122,7 @@ def plan(cfg: ExperimentConfig, run_dir: str | Path) -> dict:
             keys = [train[(d, seed)]["key"] for d in cfg.domains]
             for d, k in zip(cfg.domains, keys):
                 checks[(d, seed)] = with_key({"kind": "inplace", "model": cfg.model, "dtype": cfg.dtype,
+                                              "autocast": cfg.autocast,
                                               "run_dir": run_dir, "device": cfg.device, "all": keys, "removed": k})
     caps = {"train": cfg.max_train, "validation": cfg.max_validation, "test": cfg.max_test}
     stats = with_key({**base, "kind": "data_stats", "domains": list(cfg.domains), "data": data_part(cfg.domains, caps),
@@ -173,7 +174,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
             import torch
 
             torch.set_num_threads(cfg.threads)
-        loaded = load_model(cfg.model, cfg.device, cfg.dtype)
+        loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
     total = sum(_cost(j, cfg) for j in pending)
     with progress(total=round(total), desc="grid", unit="u") as bar:
         for i, job in enumerate(pending, 1):

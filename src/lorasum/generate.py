@@ -41,8 +41,9 @@ def generate(loaded, question: str, adapter_args: list[str] | None = None, max_n
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     try:
         apply_adapters(model, adapters)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, **sampling)
+        with loaded.autocast():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, **sampling)
     finally:
         restore_weights(model, snapshot)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

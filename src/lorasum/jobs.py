@@ -75,7 +75,7 @@ def run_job(spec: dict, loaded=None) -> Path:
     if loaded is None:
         from .models import load_model
 
-        loaded = load_model(spec["model"], spec.get("device"), spec.get("dtype"))
+        loaded = load_model(spec["model"], spec.get("device"), spec.get("dtype"), spec.get("autocast"))
     if spec["kind"] == "inplace":
         _run_inplace(spec, out, loaded)
     elif spec["kind"] == "data_stats":
@@ -111,8 +111,9 @@ def _run_eval(spec: dict, out: Path, loaded) -> None:
     snapshot = snapshot_weights(loaded.model, sorted({n for a, _ in adapters for n in a.layers}))
     try:
         apply_adapters(loaded.model, adapters)
-        rows = per_example_nll(loaded.model, {dom.spec: examples}, loaded.tokenizer.pad_token_id,
-                               spec["batch_size"], spec["loss_on"], desc=f"eval {dom.spec}")
+        with loaded.autocast():
+            rows = per_example_nll(loaded.model, {dom.spec: examples}, loaded.tokenizer.pad_token_id,
+                                   spec["batch_size"], spec["loss_on"], desc=f"eval {dom.spec}")
     finally:
         restore_weights(loaded.model, snapshot)
     atomic_write_json(out, {"domain": dom.spec, "nll": [r.nll for r in rows], "tokens": [r.tokens for r in rows]})

