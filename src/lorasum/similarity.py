@@ -106,7 +106,8 @@ def gram_matrices(adapters: list[Adapter], dtype: torch.dtype = torch.float64) -
         names, L, R = [layers[i] for i in idx], len(idx), sum(ranks)
         Bt = torch.cat([a.layers[m].B.T for m in names for a in adapters]).to(dtype).view(L, R, out)  # (L, R, out)
         A = torch.cat([a.layers[m].A for m in names for a in adapters]).to(dtype).view(L, R, inp)  # (L, R, in)
-        H = (Bt @ Bt.mT) * (A @ A.mT)  # (L, R, R)
+        # (L, R, R); einsum measured faster than `Bt @ Bt.mT` here (same values, a better-shaped batched matmul)
+        H = torch.einsum("lrk,lsk->lrs", Bt, Bt) * torch.einsum("lrk,lsk->lrs", A, A)
         if len(set(ranks)) == 1:  # equal ranks: block sums by a reshape
             r = ranks[0]
             gram[idx] = H.view(L, n, r, n, r).sum(dim=(2, 4))
