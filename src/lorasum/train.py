@@ -6,6 +6,7 @@ with the config, data fingerprints, seed, per-epoch losses, throughput and prove
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -131,8 +132,8 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     set_seed(cfg.seed)
     peft_model = get_peft_model(loaded.model, lora_config(cfg, loaded))
     try:
-        with loaded.autocast():
-            result = _fit(peft_model, train_ex, val_ex, tok.pad_token_id, cfg, get_linear_schedule_with_warmup)
+        result = _fit(peft_model, train_ex, val_ex, tok.pad_token_id, cfg, get_linear_schedule_with_warmup,
+                      loaded.autocast)
         peft_model.peft_config["default"].base_model_name_or_path = loaded.model_id
         meta = {
             "lorasum_version": provenance()["lorasum"], "partition": partition, "domains": [d.spec for d in domains],
@@ -152,15 +153,20 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     return result
 
 
-def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoch: int = 1) -> dict:
-    """One pass of AdamW steps over collated batches; returns summed loss, steps and tokens seen."""
+def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoch: int = 1,
+                autocast=contextlib.nullcontext) -> dict:
+    """One pass of AdamW steps over collated batches; returns summed loss, steps and tokens seen.
+
+    `autocast` wraps the forward pass only (backward, clipping and the optimizer step run in fp32).
+    """
     model.train()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, steps, tokens = 0.0, 0, 0
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss = model(**batch).loss
+        with autocast():
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
@@ -175,7 +181,7 @@ def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoc
 
 
 def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg: TrainConfig,
-         schedule_fn) -> TrainResult:
+         schedule_fn, autocast=contextlib.nullcontext) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
@@ -189,11 +195,13 @@ def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg
     for epoch in range(1, cfg.epochs + 1):
         t_epoch = time.perf_counter()
         batches = (collate(b, pad_id, cfg.loss_on) for b in _batches(train_ex, cfg.batch_size, rng))
-        stats = train_epoch(model, batches, opt, sched, cfg.max_grad_norm, bar, epoch)
+        stats = train_epoch(model, batches, opt, sched, cfg.max_grad_norm, bar, epoch, autocast)
         train_s += time.perf_counter() - t_epoch  # validation time is excluded from throughput
         tokens += stats["tokens"]
         running, seen = stats["loss_sum"], stats["steps"]
-        rows = per_example_nll(model, {"validation": val_ex}, pad_id, cfg.eval_batch_size, cfg.loss_on, desc="val")
+        with autocast():
+            rows = per_example_nll(model, {"validation": val_ex}, pad_id, cfg.eval_batch_size, cfg.loss_on,
+                                   desc="val")
         val = Perplexity(sum(r.nll for r in rows), sum(r.tokens for r in rows))
         result.epochs.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val.loss,
                               "val_perplexity": val.perplexity})
