@@ -124,3 +124,11 @@ def test_findings_flip_each_verdict_on_synthetic_results():
                     "positive RMS relation", "unlearning by subtraction": "restores"}
     assert bad == {"summed vs merged": "inconclusive", "RMS similarity predicts %Δ perplexity": "inconclusive",
                    "unlearning by subtraction": "does not restore"}
+
+
+def test_recipe_check_verdict_flips():
+    ok = {"recipe_check": {"max_ppl_ratio": 0.8, "passed": True, "domains": {"a": {"ratio": 0.5}}}}
+    bad = {"recipe_check": {"max_ppl_ratio": 0.8, "passed": False, "domains": {"a": {"ratio": 0.9}}}}
+    assert findings(ok)[0]["verdict"] == "passed"
+    assert findings(bad)[0]["verdict"].startswith("FAILED")
+    assert not any(f["claim"].startswith("recipe") for f in findings({"recipe_check": {"passed": None}}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -172,3 +173,22 @@ def test_train_cli_params_overwrite_and_merged_partition(tmp_path, run_cli):
     # the training seed never moves records between splits
     assert meta2["data"]["domains"] == meta["data"]["domains"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["cs"]
+
+
+def test_bf16_autocast_learns_like_fp32(tiny_data, tmp_path):
+    """Mixed precision wraps forward passes only; training must still learn as fp32 does (a regression: with the
+    backward pass and optimizer step inside torch.autocast the adapter did not learn)."""
+    from lorasum.data import DataConfig
+    from lorasum.models import load_model
+    from lorasum.train import TrainConfig, train_adapter
+
+    data = DataConfig(data_dir=str(tiny_data), max_records={"train": 48, "validation": 16})
+    cfg = TrainConfig(epochs=4, lr=2e-2, batch_size=8, dropout=0.0, max_length=48)
+    losses = {}
+    for ac in (None, "bfloat16"):
+        lm = load_model("tiny-llama", autocast=ac)
+        res = train_adapter(lm, "colors", tmp_path / str(ac), cfg, data)
+        losses[ac] = min(e["val_loss"] for e in res.epochs)
+    untrained = math.log(len(load_model("tiny-llama").tokenizer))  # ~ a random byte model's loss
+    assert losses[None] < untrained - 0.2, losses
+    assert losses["bfloat16"] == pytest.approx(losses[None], rel=0.02), losses

@@ -42,6 +42,14 @@ def unlearning_verdict(after: float, without_ci: list[float] | tuple[float, floa
 
 def findings(results: dict) -> list[dict]:
     out = []
+    rc = results.get("recipe_check") or {}
+    if rc.get("passed") is not None:
+        worst = max(rc["domains"].items(), key=lambda kv: kv[1]["ratio"])
+        out.append({"claim": "recipe check (fundamental ppl <= %.2f x base on its own domain)" % rc["max_ppl_ratio"],
+                    "subject": "fundamental blocks", "verdict": "passed" if rc["passed"] else
+                    "FAILED: the training recipe is broken, the comparisons below are not results",
+                    "evidence": ", ".join(f"{d} {v['ratio']:.2f}x" for d, v in rc["domains"].items())
+                    + f" (worst: {worst[0]})"})
     for row in results.get("compositions", []):
         if "pct_change" not in row:
             continue

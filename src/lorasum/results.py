@@ -143,6 +143,12 @@ def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
                                  "rel_error_delta": max(c["rel_error_delta"] for c in checks)}}
         unlearning.append(row)
 
+    recipe = {d: {"base": matrix["base"][d]["mean"], "adapter": matrix[f"adapter[{d}]"][d]["mean"],
+                  "ratio": matrix[f"adapter[{d}]"][d]["mean"] / matrix["base"][d]["mean"]} for d in domains}
+    recipe_check = {"max_ppl_ratio": cfg.max_ppl_ratio, "domains": recipe,
+                    "passed": None if cfg.max_ppl_ratio is None
+                    else all(v["ratio"] <= cfg.max_ppl_ratio for v in recipe.values())}
+
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     fit = {**linear_fit(xs, ys, level), "points": [[x, y] for x, y in points], "level": level}
     out = {
@@ -154,6 +160,7 @@ def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
         "pairs": pairs,
         "compositions": compositions,
         "unlearning": unlearning,
+        "recipe_check": recipe_check,
         "fit": fit,
         "data": _data_section(cfg, plan),
         "provenance": {k: v for k, v in provenance().items() if k != "torch_threads"},
