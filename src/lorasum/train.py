@@ -10,6 +10,7 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -106,10 +107,13 @@ def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> li
 
 
 def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: TrainConfig | None = None,
-                  data: DataConfig | None = None, overwrite: bool = False) -> TrainResult:
+                  data: DataConfig | None = None, overwrite: bool = False,
+                  on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train a LoRA adapter on `partition` (e.g. "math" or "math+medicine") and save it to `out`.
 
     The base model is left as it was (LoRA layers are unloaded afterwards), so one loaded model serves many runs.
+    `on_epoch(epoch, val_loss)` is called after each epoch's validation; an exception it raises (e.g. a tuning
+    trial pruned) aborts training and nothing is saved.
     """
     from peft import get_peft_model
     from transformers import get_linear_schedule_with_warmup
@@ -133,7 +137,7 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     peft_model = get_peft_model(loaded.model, lora_config(cfg, loaded))
     try:
         result = _fit(peft_model, train_ex, val_ex, tok.pad_token_id, cfg, get_linear_schedule_with_warmup,
-                      loaded.autocast)
+                      loaded.autocast, on_epoch)
         peft_model.peft_config["default"].base_model_name_or_path = loaded.model_id
         meta = {
             "lorasum_version": provenance()["lorasum"], "partition": partition, "domains": [d.spec for d in domains],
@@ -181,7 +185,8 @@ def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoc
 
 
 def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg: TrainConfig,
-         schedule_fn, autocast=contextlib.nullcontext) -> TrainResult:
+         schedule_fn, autocast=contextlib.nullcontext,
+         on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
@@ -209,6 +214,12 @@ def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg
         if val.loss < best_loss:
             best_loss, result.best_epoch = val.loss, epoch
             best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if on_epoch is not None:
+            try:
+                on_epoch(epoch, val.loss)
+            except BaseException:
+                bar.close()
+                raise
     bar.close()
     result.wall_s = time.perf_counter() - wall0
     result.tokens_per_s = tokens / train_s if train_s > 0 else 0.0
