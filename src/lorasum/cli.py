@@ -294,12 +294,61 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Hyperparameter search (issue 5): tune.
+def _add_tune_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="Optuna TPE search of dropout, batch size, epochs and lr on the validation split")
+    _add_common_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--data", action="append", required=True, help="domain or partition; repeat to pool domains "
+                   "(trained on their merged data, scored on their pooled validation split)")
+    p.add_argument("--trials", type=int, required=True, help="total finished trials the study should reach "
+                   "(rerun to continue; complete and pruned trials count)")
+    p.add_argument("--space", default=None, metavar="FILE", help="YAML search space (default: dropout 0..0.2, "
+                   "batch size {4, 8, 16}, epochs 1..3, lr 1e-4..3e-3 log)")
+    p.add_argument("--storage", default=None, metavar="URL", help="SQLAlchemy URL, e.g. postgresql://user@host/db "
+                   "(default: sqlite:///OUT/study.db)")
+    p.add_argument("--study", default=None, metavar="NAME", help="study name (default: tune:<partition>)")
+    p.add_argument("--out", required=True, help="folder for best.json, trials.csv, summary.md and plots")
+    p.add_argument("--heartbeat", type=int, default=None, metavar="S", help="seconds between a running trial's "
+                   "heartbeats; a trial without one for 2*S is failed and retried (default 30)")
+    p.add_argument("--params", default=None, help="JSON file of the fixed training parameters (e.g. r, alpha)")
+    p.add_argument("--targets", nargs="+", default=None, help="module names to adapt (default: architecture preset)")
+    for name, typ in (("r", int), ("alpha", float), ("max_length", int), ("seed", int)):
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help="fixed training parameter")
+    p.add_argument("--loss-on", choices=("all", "answer"), default=None)
+
+    def _tune(args: argparse.Namespace) -> int:
+        from .train import TrainConfig, read_params
+        from .tune import HEARTBEAT_S, default_space, load_space, tune
+
+        if args.trials < 1:
+            raise LorasumError(f"--trials must be at least 1 (the total number of finished trials), got {args.trials}")
+        space = load_space(args.space) if args.space else default_space()
+        fixed = {k: getattr(args, k) for k in ("r", "alpha", "max_length", "seed", "loss_on", "targets")
+                 if getattr(args, k) is not None}
+        base = TrainConfig.from_dict({**read_params(args.params), **fixed})
+        best = tune(_load(args), args.data, args.out, args.trials, space, args.storage, args.study,
+                    _data_config(args), base, base.seed, args.heartbeat or HEARTBEAT_S)
+        if best:
+            tuned = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["tuned"].items())
+            print(f"best trial {best['trial']}: val loss {best['value']:.4f} ({tuned}); "
+                  f"{best['trials']['complete']} complete, {best['trials']['pruned']} pruned")
+        else:
+            print("no trial completed")
+        print(f"wrote {args.out}/best.json, trials.csv, summary.md, history.png, importance.png")
+        return 0
+
+    p.set_defaults(func=_tune)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorasum", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_core_commands(sub)
     _add_delta_commands(sub)
     _add_experiment_commands(sub)
+    _add_tune_commands(sub)
     return parser
 
 

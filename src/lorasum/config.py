@@ -41,6 +41,8 @@ class ExperimentConfig:
     dtype: str | None = None  # weights: float32 (default) / bfloat16
     autocast: str | None = None  # mixed-precision forward passes over fp32 weights: null (off) / bfloat16
     threads: int | None = None  # torch CPU threads
+    # hyperparameter search (issue 5): null (off), shared, per_partition, or {mode, trials, space, seed, storage}
+    tune: dict | None = None
 
     # --- (de)serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -100,6 +102,9 @@ class ExperimentConfig:
             self.train.validate()
         except LorasumError as e:
             raise LorasumError(f"{where}: train: {e}") from None
+        from .tune_experiment import normalize_tune
+
+        self.tune = normalize_tune(self.tune, where)
 
     @property
     def level(self) -> int:

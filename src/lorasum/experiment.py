@@ -66,8 +66,11 @@ def _sources(cfg: ExperimentConfig) -> dict[str, str | None]:
     return out
 
 
-def plan(cfg: ExperimentConfig, run_dir: str | Path) -> dict:
-    """All job specs (with keys) of the run: train, similarity and eval, plus the model catalog."""
+def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = None) -> dict:
+    """All job specs (with keys) of the run: train, similarity and eval, plus the model catalog.
+
+    `train_for` maps partitions to tuned TrainConfigs (from the `tune` section); others use cfg.train.
+    """
     run_dir = str(run_dir)
     sources = _sources(cfg)
     base = {"model": cfg.model, "dtype": cfg.dtype, "autocast": cfg.autocast, "run_dir": run_dir, "device": cfg.device,
@@ -83,7 +86,8 @@ def plan(cfg: ExperimentConfig, run_dir: str | Path) -> dict:
     for seed in cfg.seeds:
         for s in subsets(cfg):
             spec = with_key({**base, "kind": "train", "partition": partition_name(s),
-                             "data": data_part(list(s), train_caps), "train": {**asdict(cfg.train), "seed": seed}})
+                             "data": data_part(list(s), train_caps),
+                             "train": {**asdict((train_for or {}).get(partition_name(s), cfg.train)), "seed": seed}})
             train[(partition_name(s), seed)] = spec
 
     def terms(items, seed):
@@ -165,6 +169,11 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
     p = plan(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    if cfg.tune:  # issue 5: tuned parameters replace cfg.train in the train jobs (and so in their keys)
+        from .tune_experiment import run_tuning
+
+        loaded, train_for, tuning = run_tuning(cfg, run_dir, loaded, p["data_stats"]["data"]["sources"])
+        p = {**plan(cfg, run_dir, train_for), "tuning": tuning}
     jobs = [p["data_stats"], *p["train"].values(), *p["sims"].values(), *p["checks"].values(), *p["evals"].values()]
     pending = [j for j in jobs if not is_done(j)]
     timings_path = run_dir / "timings.json"

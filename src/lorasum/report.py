@@ -53,6 +53,13 @@ def sections(r: dict) -> list[tuple[str, list]]:
                              "Rules: 'summed ≈ merged' only where the %Δ CI lies within ±10%; a RMS relation only where "
                              "the slope CI excludes 0; unlearning 'restores' only where perplexity after removal lies "
                              "within the CI of the model trained without that domain."]))
+    if r.get("tuning"):  # issue 5: tuning section; per-partition tuning confounds merged vs summed
+        from .tune_report import report_blocks
+
+        if r["tuning"]["confounded"]:
+            out[-1][1].append("Caution: hyperparameters were tuned per partition (tune: per_partition), so every "
+                              "merged-vs-summed comparison above is confounded by tuning.")
+        out.append(("Tuning", report_blocks(r)))
     pairs = [c for c in r["compositions"] if c["level"] == 2]
     rows = []
     for c in pairs:
@@ -129,7 +136,10 @@ def sections(r: dict) -> list[tuple[str, list]]:
     prov = r["provenance"]
     out.append(("Provenance", [(["item", "value"], [[k, str(v)] for k, v in sorted(prov.items())] +
                                 [["config hash", r["config_hash"]], ["model", cfg["model"]],
-                                 ["seeds", ", ".join(map(str, seeds))]], "")]))
+                                 ["seeds", ", ".join(map(str, seeds))]] +
+                                ([["tuning", f"{r['tuning']['mode']}, {r['tuning']['trials']} trials"
+                                   + (" (confounded)" if r["tuning"]["confounded"] else "")]]
+                                 if r.get("tuning") else []), "")]))
     return out
 
 
@@ -140,6 +150,8 @@ def render_md(r: dict) -> str:
         for b in blocks:
             if b == "FIGURES":
                 lines += [f"![{n}](figures/{n}.png)" for n in FIGURES] + [""]
+            elif isinstance(b, str) and b.startswith("FIGURES:"):  # a section's own figures (tuning)
+                lines += [f"![{n}](figures/{n}.png)" for n in b[8:].split(",") if n] + [""]
             elif isinstance(b, str):
                 lines += [b, ""]
             else:
@@ -156,9 +168,10 @@ def render_html(r: dict, pngs: dict[str, bytes]) -> str:
     for head, blocks in sections(r):
         body.append(f"<h2>{e(head)}</h2>")
         for b in blocks:
-            if b == "FIGURES":
-                body += [f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                         f"<figcaption>{e(n.replace('_', ' '))}</figcaption></figure>" for n, png in pngs.items()]
+            if isinstance(b, str) and b.startswith("FIGURES"):  # the report's figures, or a section's own
+                names = list(FIGURES) if b == "FIGURES" else [n for n in b[8:].split(",") if n]
+                body += [f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(pngs[n]).decode()}">'
+                         f"<figcaption>{e(n.replace('_', ' '))}</figcaption></figure>" for n in names]
             elif isinstance(b, str):
                 body.append(f"<p>{e(b).replace('**', '')}</p>")
             else:
@@ -183,6 +196,10 @@ def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
             raise LorasumError(f"{path} not found; run `lorasum experiment --out {run_dir}` first")
         results = json.loads(path.read_text(encoding="utf-8"))
     pngs = {name: fn(results) for name, fn in FIGURES.items()}
+    if results.get("tuning"):
+        from .tune_report import report_pngs
+
+        pngs.update(report_pngs(results))
     for name, png in pngs.items():
         atomic_write_bytes(run_dir / "figures" / f"{name}.png", png)
     atomic_write_text(run_dir / "report.md", render_md(results))

@@ -165,6 +165,8 @@ def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
         "data": _data_section(cfg, plan),
         "provenance": {k: v for k, v in provenance().items() if k != "torch_threads"},
     }
+    if plan.get("tuning"):  # issue 5: how the hyperparameters were tuned (per_partition: confounded)
+        out["tuning"] = plan["tuning"]
     out["findings"] = findings(out)
     atomic_write_json(Path(run_dir) / "results.json", _clean(out))
     return _clean(out)

@@ -232,9 +232,8 @@ def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg
     return result
 
 
-def train_command(loaded: LoadedModel, partition: str, out: str, overrides: dict, params_file: str | None,
-                  data: DataConfig, overwrite: bool) -> TrainResult:
-    """`lorasum train`: defaults < `--params FILE` (e.g. a tuning best.json) < explicit flags."""
+def read_params(params_file: str | None) -> dict:
+    """`--params FILE`: a JSON object of training parameters, or {"params": {...}} (a tuning best.json)."""
     import json
 
     params: dict = {}
@@ -247,7 +246,13 @@ def train_command(loaded: LoadedModel, partition: str, out: str, overrides: dict
         params = params.get("params", params) if isinstance(params, dict) else params
         if not isinstance(params, dict):
             raise LorasumError(f"--params {params_file} must hold a JSON object of training parameters")
-    cfg = TrainConfig.from_dict({**params, **overrides})
+    return params
+
+
+def train_command(loaded: LoadedModel, partition: str, out: str, overrides: dict, params_file: str | None,
+                  data: DataConfig, overwrite: bool) -> TrainResult:
+    """`lorasum train`: defaults < `--params FILE` (e.g. a tuning best.json) < explicit flags."""
+    cfg = TrainConfig.from_dict({**read_params(params_file), **overrides})
     return train_adapter(loaded, partition, out, cfg, data, overwrite)
 
 

@@ -1,0 +1,383 @@
+"""`lorasum tune`: Optuna TPE search of training hyperparameters, minimising validation loss.
+
+Each trial trains an adapter with lorasum's own training (`train_adapter`) and scores it by its best epoch's
+validation loss; per-epoch validation losses feed a median pruner. r, alpha and max length stay fixed (paper §3).
+
+The study lives in an SQLAlchemy storage: by default an SQLite file `OUT/study.db`, or any URL (PostgreSQL) shared
+by several workers. `trials` is the total the study should reach: COMPLETE and PRUNED trials count, FAILed ones
+(a crash, or a killed worker's trial failed by the heartbeat check) do not; a killed worker's trial is retried
+with the same parameters. Workers claim slots by trial number, so a study never holds more than `trials`
+finished trials. The search space and the setup (model, data, fixed hyperparameters) are stored on the study; a
+rerun with a different one is refused.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .data import DataConfig, load_domain, partition_domains, require_nonempty
+from .errors import LorasumError
+from .files import atomic_write_json, atomic_write_text
+from .train import TrainConfig, train_adapter
+
+# Parameters the search may vary, with their type. r, alpha, max_length and targets are fixed across partitions.
+TUNABLE: dict[str, type] = {"dropout": float, "batch_size": int, "epochs": int, "lr": float,
+                            "warmup_ratio": float, "weight_decay": float}
+# The default search space (the paper tunes dropout, batch size and epochs; we add the learning rate).
+DEFAULT_SPACE: dict[str, dict] = {
+    "dropout": {"low": 0.0, "high": 0.2},
+    "batch_size": {"choices": [4, 8, 16]},
+    "epochs": {"low": 1, "high": 3},
+    "lr": {"low": 1.0e-4, "high": 3.0e-3, "log": True},
+}
+HEARTBEAT_S = 30  # a running trial records a heartbeat this often; stale (failed, retried) after 2x without one
+STATES_DONE = ("COMPLETE", "PRUNED")  # the trial states that count towards --trials
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched parameter: a range `low..high` (log-uniform with `log`) or a set of `choices`."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple | None = None
+
+    def to_dict(self) -> dict:
+        if self.choices is not None:
+            return {"choices": list(self.choices)}
+        return {"low": self.low, "high": self.high, **({"log": True} if self.log else {})}
+
+    def suggest(self, trial) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if TUNABLE[self.name] is int:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+
+Space = dict[str, Param]
+
+
+def _number(v: Any, kind: type) -> bool:
+    return not isinstance(v, bool) and (isinstance(v, int) if kind is int else isinstance(v, (int, float)))
+
+
+def _check_value(name: str, v: Any, where: str) -> None:
+    kind = TUNABLE[name]
+    if not _number(v, kind) or (kind is float and not math.isfinite(v)):
+        raise LorasumError(f"{where}: '{name}' values must be {'integers' if kind is int else 'numbers'}, got {v!r}")
+    try:
+        TrainConfig(**{name: v}).validate()
+    except LorasumError as e:
+        raise LorasumError(f"{where}: '{name}' value {v!r} is not allowed ({e})") from None
+
+
+def parse_space(d: Any, where: str = "space") -> Space:
+    """Validate a space mapping {param: {low, high[, log]} | {choices: [...]}}; errors name the parameter."""
+    if not isinstance(d, dict) or not d:
+        raise LorasumError(f"{where}: expected a non-empty mapping of parameters, e.g. "
+                           "{dropout: {low: 0.0, high: 0.2}, batch_size: {choices: [4, 8, 16]}}")
+    space: Space = {}
+    for name, spec in d.items():
+        if name not in TUNABLE:
+            close = difflib.get_close_matches(str(name), TUNABLE, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise LorasumError(f"{where}: unknown parameter '{name}'; {hint}tunable: {', '.join(TUNABLE)}")
+        if not isinstance(spec, dict):
+            raise LorasumError(f"{where}: '{name}' must be {{low: .., high: ..}} or {{choices: [..]}}, got {spec!r}")
+        keys = set(spec)
+        if keys == {"choices"}:
+            ch = spec["choices"]
+            if not isinstance(ch, list) or not ch:
+                raise LorasumError(f"{where}: '{name}' has an empty 'choices' list; give at least one value")
+            for v in ch:
+                _check_value(name, v, where)
+            if len(set(ch)) != len(ch):
+                raise LorasumError(f"{where}: '{name}' lists a choice more than once: {ch}")
+            space[name] = Param(name, choices=tuple(ch))
+            continue
+        if not {"low", "high"} <= keys <= {"low", "high", "log"}:
+            raise LorasumError(f"{where}: '{name}' needs 'low' and 'high' (optional 'log') or only 'choices'; "
+                               f"got keys {sorted(keys)}")
+        low, high, log = spec["low"], spec["high"], spec.get("log", False)
+        _check_value(name, low, where)
+        _check_value(name, high, where)
+        if not isinstance(log, bool):
+            raise LorasumError(f"{where}: '{name}.log' must be true or false, got {log!r}")
+        if low == high:
+            raise LorasumError(f"{where}: '{name}' has an empty range (low = high = {low}); widen it, or drop "
+                               f"'{name}' from the space to keep it fixed")
+        if low > high:
+            raise LorasumError(f"{where}: '{name}' has an inverted range (low {low} > high {high}); swap them")
+        if log and low <= 0:
+            raise LorasumError(f"{where}: '{name}' is log-scaled, so 'low' must be > 0, got {low}")
+        space[name] = Param(name, low, high, log)
+    return space
+
+
+def default_space() -> Space:
+    return parse_space(DEFAULT_SPACE, "default space")
+
+
+def space_dict(space: Space) -> dict:
+    return {name: p.to_dict() for name, p in space.items()}
+
+
+def load_space(path: str) -> Space:
+    """A YAML (or JSON) file holding the whole search space; parameters it omits keep their training value."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise LorasumError(f"cannot read --space {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise LorasumError(f"--space {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_space(data, f"--space {path}")
+
+
+def space_yaml(space: Space) -> str:
+    import yaml
+
+    return yaml.safe_dump(space_dict(space), sort_keys=False, default_flow_style=None)
+
+
+# --- storage and study --------------------------------------------------------------------------------------------
+def storage_label(url: str) -> str:
+    """The URL with any password masked (for messages and best.json)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def open_storage(url: str, heartbeat: int = HEARTBEAT_S):
+    """An RDBStorage with heartbeats; a killed worker's trial is failed after 2x `heartbeat` s and retried."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    kwargs: dict = {"pool_pre_ping": True}
+    if url.startswith("postgres"):
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                              heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LorasumError(f"cannot open --storage {storage_label(url)}: {first}; check the URL, that the "
+                           "database server is running and reachable, and its driver is installed") from None
+
+
+def _seeded_tpe(seed: int, n_startup: int):
+    """TPE whose random draws are seeded by (seed, trial number): a resumed study or a second worker never
+    replays the draws of earlier trials, and a given trial number with a given history is reproducible."""
+    import optuna
+
+    class TrialSeededTPE(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self._by_trial: dict[int, optuna.samplers.TPESampler] = {}
+
+        def _tpe(self, trial) -> optuna.samplers.TPESampler:
+            if trial.number not in self._by_trial:
+                self._by_trial[trial.number] = optuna.samplers.TPESampler(
+                    seed=(seed * 1_000_003 + trial.number) % 2**32, n_startup_trials=n_startup,
+                    constant_liar=True)
+            return self._by_trial[trial.number]
+
+        def infer_relative_search_space(self, study, trial):
+            return self._tpe(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._tpe(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study, trial) -> None:
+            self._tpe(trial).before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self._by_trial.pop(trial.number, self._tpe(trial)).after_trial(study, trial, state, values)
+
+    return TrialSeededTPE()
+
+
+def open_study(storage, name: str, label: str, space: Space, setup: dict, seed: int, trials: int):
+    """Load or create the study; refuse one made with another space or setup, naming what differs."""
+    import optuna
+
+    from .config import config_diff
+
+    sampler = _seeded_tpe(seed, min(10, max(2, trials // 3)))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler,
+                                pruner=pruner, load_if_exists=True)
+    want = {"lorasum.space": space_dict(space), "lorasum.setup": setup}
+    attrs = study.user_attrs
+    if "lorasum.space" not in attrs:
+        if study.trials or study.direction != optuna.study.StudyDirection.MINIMIZE:
+            raise LorasumError(f"study '{name}' in {label} was not made by lorasum tune; choose another --study")
+        for k, v in want.items():
+            study.set_user_attr(k, v)
+        return study
+    for key, what in (("lorasum.space", "search space"), ("lorasum.setup", "setup (model, data, fixed training "
+                                                                           "parameters)")):
+        diff = config_diff(attrs.get(key) or {}, json.loads(json.dumps(want[key])))
+        if diff:
+            raise LorasumError(f"study '{name}' in {label} was made with a different {what} (differs in: "
+                               f"{', '.join(diff)}); use the same one to continue it, or another --study name")
+    return study
+
+
+def count_states(study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def finished(study) -> int:
+    c = count_states(study)
+    return sum(c.get(s, 0) for s in STATES_DONE)
+
+
+class _Surplus(Exception):
+    """Raised inside a trial that lost the race for the last slot (another worker claimed it first)."""
+
+
+# --- the search ---------------------------------------------------------------------------------------------------
+def tune(loaded, partitions: str | list[str], out: str | Path, trials: int, space: Space | None = None,
+         storage: str | None = None, study_name: str | None = None, data: DataConfig | None = None,
+         base: TrainConfig | None = None, seed: int = 0, heartbeat: int = HEARTBEAT_S) -> dict:
+    """Run (or continue) the study until it holds `trials` finished trials; write OUT/best.json and a summary.
+
+    Several partitions are pooled: trained on their merged training data, scored on their pooled validation split.
+    Returns best.json's content ({} when no trial completed).
+    """
+    import optuna
+
+    from .progress import progress
+    from .tune_report import write_summary
+
+    if not isinstance(trials, int) or trials < 1:
+        raise LorasumError(f"--trials must be at least 1 (the total number of finished trials), got {trials}")
+    if heartbeat < 1:
+        raise LorasumError(f"--heartbeat must be at least 1 second, got {heartbeat}")
+    space = space or default_space()
+    base, data = base or TrainConfig(), data or DataConfig()
+    base.validate()
+    specs = [partitions] if isinstance(partitions, str) else list(partitions)
+    domains = [load_domain(d, data) for s in specs for d in partition_domains(s)]
+    require_nonempty(domains, "train")
+    require_nonempty(domains, "validation")
+    partition = "+".join(d.spec for d in domains)
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise LorasumError(f"--out {out} exists and is not a folder")
+    setup = {"model": loaded.model_id, "partition": partition,
+             "data": {"question_field": data.question_field, "answer_field": data.answer_field,
+                      "split_seed": data.split_seed, "max_records": {k: v for k, v in data.max_records.items()
+                                                                      if k in ("train", "validation")},
+                      "sources": {d.spec: d.source_sha256 for d in domains}},
+             "train": {k: v for k, v in asdict(base).items() if k not in space}}
+    name = study_name or f"tune:{partition}"
+    made_out = not out.exists()
+    url = storage or f"sqlite:///{out / 'study.db'}"
+    label = storage_label(url)
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        study = open_study(open_storage(url, heartbeat), name, label, space, setup, seed, trials)
+    except BaseException:
+        if made_out and storage is None:  # leave nothing behind
+            (out / "study.db").unlink(missing_ok=True)
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial) -> float:
+        running = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                   if t.number < trial.number]
+        if finished(study) + len(running) >= trials:
+            trial.set_user_attr("lorasum.surplus", True)
+            raise _Surplus(f"trial {trial.number}: all {trials} slots are taken")
+        trial.set_user_attr("worker", worker)
+        params = {n: p.suggest(trial) for n, p in space.items()}
+        cfg = replace(base, **params)
+        best = [math.inf]
+
+        def on_epoch(epoch: int, val_loss: float) -> None:
+            best[0] = min(best[0], val_loss)
+            trial.report(best[0], epoch)
+            if epoch < cfg.epochs and trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: best val loss {best[0]:.4f}")
+
+        with tempfile.TemporaryDirectory(prefix=".trial-", dir=out) as tmp:
+            res = train_adapter(loaded, partition, Path(tmp) / "adapter", cfg, data, on_epoch=on_epoch)
+        trial.set_user_attr("best_epoch", res.best_epoch)
+        trial.set_user_attr("val_losses", [e["val_loss"] for e in res.epochs])
+        return min(e["val_loss"] for e in res.epochs)
+
+    done, waiting = finished(study), False
+    with progress(total=trials, desc=f"tune {name}", unit="trial", initial=min(done, trials)) as bar:
+        while done < trials:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL, then retried
+            running = count_states(study).get("RUNNING", 0)
+            if done + running >= trials:  # the last slots are being worked on elsewhere: wait for them
+                if not waiting:
+                    bar.write(f"waiting for {running} trial(s) running elsewhere (a dead worker's trial is failed "
+                              f"after {2 * heartbeat} s without a heartbeat, then retried)", file=sys.stderr)
+                waiting = True
+                time.sleep(min(2.0, heartbeat))
+            else:
+                waiting = False
+                study.optimize(objective, n_trials=1, catch=(_Surplus,), gc_after_trial=False)
+                _write_best(study, out, name, label, base, space, trials)
+            done = finished(study)
+            bar.update(min(done, trials) - bar.n)
+            if _has_complete(study):
+                bar.set_postfix(best=f"{study.best_value:.4f}", refresh=False)
+    best = _write_best(study, out, name, label, base, space, trials)
+    atomic_write_text(out / "space.yaml", space_yaml(space))
+    write_summary(study, out, best)
+    return best
+
+
+def _has_complete(study) -> bool:
+    return any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False))
+
+
+def _write_best(study, out: Path, name: str, label: str, base: TrainConfig, space: Space, trials: int) -> dict:
+    """best.json: `params` is the whole training config (so `lorasum train --params` reproduces the trial)."""
+    if not _has_complete(study):
+        return {}
+    t = study.best_trial
+    c = count_states(study)
+    best = {"params": asdict(replace(base, **t.params)), "tuned": dict(t.params), "value": t.value,
+            "trial": t.number, "study": name, "storage": label, "space": space_dict(space),
+            "setup": study.user_attrs.get("lorasum.setup"), "trials": {
+                "requested": trials, "complete": c.get("COMPLETE", 0), "pruned": c.get("PRUNED", 0)}}
+    atomic_write_json(out / "best.json", best)
+    return best

@@ -1,0 +1,131 @@
+"""The experiment config's `tune` section: validate it, run the studies (cached in RUN_DIR/tune), and hand the
+tuned training parameters to the grid.
+
+`shared` (the default mode) finds one parameter set on the pooled validation split of all domains (trained on
+their merged data) and uses it for every partition, so merged and summed models stay comparable.
+`per_partition` tunes every partition separately; the report marks the comparison as confounded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .data import DataConfig
+from .errors import LorasumError
+from .files import atomic_write_text
+from .train import TrainConfig
+from .tune import DEFAULT_SPACE, HEARTBEAT_S, parse_space, space_dict, tune
+
+TUNE_MODES = ("shared", "per_partition")
+TUNE_KEYS = ("mode", "trials", "space", "seed", "storage", "heartbeat")
+DEFAULT_TRIALS = 20
+
+
+def normalize_tune(value, where: str = "config") -> dict | None:
+    """`tune: null | shared | per_partition | {mode, trials, space, seed, storage, heartbeat}` -> a full dict."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if isinstance(value, str):
+        value = {"mode": value}
+    if not isinstance(value, dict):
+        raise LorasumError(f"{where}: 'tune' must be null, 'shared', 'per_partition' or a mapping, got {value!r}")
+    for key in value:
+        if key not in TUNE_KEYS:
+            close = difflib.get_close_matches(str(key), TUNE_KEYS, n=1)
+            hint = f"; did you mean 'tune.{close[0]}'?" if close else f"; known: {', '.join(TUNE_KEYS)}"
+            raise LorasumError(f"{where}: unknown config key 'tune.{key}'{hint}")
+    mode = value.get("mode", "shared")
+    if mode not in TUNE_MODES:
+        raise LorasumError(f"{where}: 'tune.mode' must be one of {', '.join(TUNE_MODES)}, got {mode!r}")
+    trials = value.get("trials", DEFAULT_TRIALS)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise LorasumError(f"{where}: 'tune.trials' must be an integer of at least 1, got {trials!r}")
+    seed = value.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise LorasumError(f"{where}: 'tune.seed' must be an integer, got {seed!r}")
+    storage = value.get("storage")
+    if storage is not None and not (isinstance(storage, str) and "://" in storage):
+        raise LorasumError(f"{where}: 'tune.storage' must be an SQLAlchemy URL (e.g. postgresql://host/db) or "
+                           f"null, got {storage!r}")
+    heartbeat = value.get("heartbeat", HEARTBEAT_S)
+    if isinstance(heartbeat, bool) or not isinstance(heartbeat, int) or heartbeat < 1:
+        raise LorasumError(f"{where}: 'tune.heartbeat' must be a whole number of seconds >= 1, got {heartbeat!r}")
+    space = space_dict(parse_space(value.get("space") or DEFAULT_SPACE, f"{where}: tune.space"))
+    return {"mode": mode, "trials": trials, "space": space, "seed": seed, "storage": storage, "heartbeat": heartbeat}
+
+
+def _folder_name(i: int, partition: str) -> str:
+    return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9_.+=-]", "_", partition)[:80]
+
+
+def run_tuning(cfg, run_dir: Path, loaded, sources: dict) -> tuple:
+    """Tune as `cfg.tune` says (cached: a finished study is not reopened); returns (loaded model or None,
+    {partition: tuned TrainConfig}, the results.json section)."""
+    from .experiment import partition_name, subsets
+
+    t = cfg.tune
+    shared = t["mode"] == "shared"
+    caps = {k: v for k, v in (("train", cfg.max_train), ("validation", cfg.max_validation)) if v is not None}
+    data = DataConfig(cfg.data_dir, cfg.question_field, cfg.answer_field, cfg.split_seed, caps)
+    space = parse_space(t["space"], "tune.space")
+    base = replace(cfg.train, seed=cfg.seeds[0])  # the grid's seeds replace it per job
+    storage = t["storage"] or f"sqlite:///{run_dir / 'tune' / 'study.db'}"
+    partitions = [partition_name(s) for s in subsets(cfg)]
+    targets = [partition_name(cfg.domains)] if shared else partitions
+    studies, train_for = {}, {}
+    for i, part in enumerate(targets):
+        folder = run_dir / "tune" / ("shared" if shared else _folder_name(i, part))
+        key = hashlib.sha256(json.dumps({
+            "model": cfg.model, "dtype": cfg.dtype, "autocast": cfg.autocast, "partition": part, "caps": caps,
+            "fields": [cfg.question_field, cfg.answer_field, cfg.split_seed], "sources": sources,
+            "base": asdict(base), "tune": {k: v for k, v in t.items() if k != "heartbeat"}}, sort_keys=True,
+        ).encode()).hexdigest()[:20]
+        best = _cached(folder, key)
+        if best is None:
+            if loaded is None:
+                loaded = _load(cfg)
+            best = tune(loaded, part, folder, t["trials"], space, storage, f"{t['mode']}:{part}", data, base,
+                        t["seed"], t["heartbeat"])
+            if not best:
+                raise LorasumError(f"tuning {part}: no trial completed (all were pruned or failed); see "
+                                   f"{folder / 'summary.md'}, then rerun to continue the study")
+            atomic_write_text(folder / "experiment_key", key + "\n")
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        studies[part] = {"value": best["value"], "trial": best["trial"], "tuned": best["tuned"],
+                         "study": best["study"], "folder": str(folder.relative_to(run_dir)),
+                         "history": summary["history"], "importances": summary["importances"],
+                         "importance_note": summary["importance_note"]}
+        tuned = TrainConfig.from_dict(best["params"])
+        train_for.update({p: tuned for p in (partitions if shared else [part])})
+    info = {"mode": t["mode"], "confounded": not shared, "trials": t["trials"], "space": t["space"],
+            "studies": studies}
+    return loaded, train_for, info
+
+
+def _cached(folder: Path, key: str) -> dict | None:
+    """best.json of a finished study made for exactly this key, else None."""
+    try:
+        if (folder / "experiment_key").read_text(encoding="utf-8").strip() != key:
+            return None
+        best = json.loads((folder / "best.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    done = best.get("trials", {})
+    return best if done.get("complete", 0) + done.get("pruned", 0) >= done.get("requested", 1) else None
+
+
+def _load(cfg):
+    from .models import load_model
+
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    return load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
