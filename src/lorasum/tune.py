@@ -167,21 +167,29 @@ def storage_label(url: str) -> str:
 
 
 def open_storage(url: str, heartbeat: int = HEARTBEAT_S):
-    """An RDBStorage with heartbeats; a killed worker's trial is failed after 2x `heartbeat` s and retried."""
+    """An RDBStorage with heartbeats; a killed worker's trial is failed after 2x `heartbeat` s and retried.
+
+    A bare `postgresql://` (or `postgres://`) URL uses psycopg 3, the driver lorasum installs; a URL naming its
+    driver (`postgresql+psycopg2://`) is used as given.
+    """
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     kwargs: dict = {"pool_pre_ping": True}
-    if url.startswith("postgres"):
+    label = storage_label(url)
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres"):
+        url = f"postgresql+psycopg://{rest}"
+    if scheme.startswith("postgres"):
         kwargs["connect_args"] = {"connect_timeout": 10}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3))
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LorasumError(f"cannot open --storage {storage_label(url)}: {first}; check the URL, that the "
+        raise LorasumError(f"cannot open --storage {label}: {first}; check the URL, that the "
                            "database server is running and reachable, and its driver is installed") from None
 
 
