@@ -77,6 +77,7 @@ def run_tuning(cfg, run_dir: Path, loaded, sources: dict) -> tuple:
     space = parse_space(t["space"], "tune.space")
     base = replace(cfg.train, seed=cfg.seeds[0])  # the grid's seeds replace it per job
     storage = t["storage"] or f"sqlite:///{run_dir / 'tune' / 'study.db'}"
+    (run_dir / "tune").mkdir(parents=True, exist_ok=True)
     partitions = [partition_name(s) for s in subsets(cfg)]
     targets = [partition_name(cfg.domains)] if shared else partitions
     studies, train_for = {}, {}
