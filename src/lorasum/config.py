@@ -120,7 +120,7 @@ PRESETS: dict[str, dict] = {
               "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "max_length": 32}},
     # embedded SmolLM2, the three real domains, one seed, ~200 training records per domain, one epoch
     "quick": {"model": "smollm2-135m", "domains": ["math", "medicine", "finance"], "max_train": 200,
-              "max_validation": 30, "max_test": 60, "seeds": [0], "autocast": "bfloat16", "max_ppl_ratio": 0.8, "train": {"epochs": 1}},
+              "max_validation": 30, "max_test": 50, "seeds": [0], "autocast": "bfloat16", "max_ppl_ratio": 0.8, "train": {"epochs": 1}},
     # the same domains, 3 seeds, larger budgets (hours on CPU)
     "full": {"model": "smollm2-135m", "domains": ["math", "medicine", "finance"], "max_train": 2000,
              "max_validation": 200, "max_test": 400, "seeds": [0, 1, 2], "train": {"epochs": 2}},

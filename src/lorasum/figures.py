@@ -75,7 +75,8 @@ def cosine_heatmap(results: dict) -> bytes:
     ax.set_yticks(range(len(labels)), [p.replace("|", " / ") for p in labels], fontsize=8)
     kinds = [split_layer(n)[1] for n in layers]
     starts = [i for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
-    ax.set_xticks(starts, [kinds[i] for i in starts], rotation=45, ha="right", fontsize=7)
+    ends = starts[1:] + [len(kinds)]
+    ax.set_xticks([(a + b - 1) / 2 for a, b in zip(starts, ends)], [kinds[i] for i in starts], fontsize=8)
     for s in starts[1:]:
         ax.axvline(s - 0.5, color="black", lw=0.6)
     ax.set_xlabel("layers (by module, then depth)")
@@ -102,6 +103,10 @@ def perplexity_bars(results: dict) -> bytes:
     ax.set_xticks(np.arange(len(doms)) + 0.4 - width / 2, doms)
     ax.set_ylabel("test perplexity")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_title("Per-domain perplexity")
     ax.legend(fontsize=7, ncol=2)
     return _png(fig)

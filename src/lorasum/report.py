@@ -48,7 +48,8 @@ def sections(r: dict) -> list[tuple[str, list]]:
     """(heading, blocks) where a block is a paragraph string or a (headers, rows, caption) table."""
     cfg, out = r["config"], []
     seeds = cfg["seeds"]
-    ci = f"{int(100 * cfg['ci_level'])}% paired bootstrap CI over test examples" + (" and seeds" if len(seeds) > 1 else "")
+    ci = (f"[{int(100 * cfg['ci_level'])}% bootstrap CI over test examples" + (" and seeds" if len(seeds) > 1 else "")
+          + "; paired for %Δ]")
     out.append(("Findings", [findings_paragraph(r["findings"]),
                              "Rules: 'summed ≈ merged' only where the %Δ CI lies within ±10%; a RMS relation only where "
                              "the slope CI excludes 0; unlearning 'restores' only where perplexity after removal lies "
