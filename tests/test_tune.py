@@ -169,6 +169,8 @@ def test_default_space_round_trips_through_yaml(tmp_path):
     path.write_text(space_yaml(default_space()))
     assert yaml.safe_load(path.read_text()) == DEFAULT_SPACE
     assert load_space(str(path)) == default_space()
+    path.write_text("lr: {low: 1e-4, high: 3e-3, log: true}\n")  # YAML 1.1 reads these as strings
+    assert load_space(str(path))["lr"].to_dict() == {"low": 1e-4, "high": 3e-3, "log": True}
 
 
 @pytest.mark.parametrize("space, culprits", [

@@ -75,6 +75,16 @@ def _number(v: Any, kind: type) -> bool:
     return not isinstance(v, bool) and (isinstance(v, int) if kind is int else isinstance(v, (int, float)))
 
 
+def _coerce(name: str, v: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string: accept it for float parameters."""
+    if TUNABLE[name] is float and isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
 def _check_value(name: str, v: Any, where: str) -> None:
     kind = TUNABLE[name]
     if not _number(v, kind) or (kind is float and not math.isfinite(v)):
@@ -100,8 +110,8 @@ def parse_space(d: Any, where: str = "space") -> Space:
             raise LorasumError(f"{where}: '{name}' must be {{low: .., high: ..}} or {{choices: [..]}}, got {spec!r}")
         keys = set(spec)
         if keys == {"choices"}:
-            ch = spec["choices"]
-            if not isinstance(ch, list) or not ch:
+            ch = [_coerce(name, v) for v in spec["choices"]] if isinstance(spec["choices"], list) else None
+            if not ch:
                 raise LorasumError(f"{where}: '{name}' has an empty 'choices' list; give at least one value")
             for v in ch:
                 _check_value(name, v, where)
@@ -112,7 +122,7 @@ def parse_space(d: Any, where: str = "space") -> Space:
         if not {"low", "high"} <= keys <= {"low", "high", "log"}:
             raise LorasumError(f"{where}: '{name}' needs 'low' and 'high' (optional 'log') or only 'choices'; "
                                f"got keys {sorted(keys)}")
-        low, high, log = spec["low"], spec["high"], spec.get("log", False)
+        low, high, log = _coerce(name, spec["low"]), _coerce(name, spec["high"]), spec.get("log", False)
         _check_value(name, low, where)
         _check_value(name, high, where)
         if not isinstance(log, bool):
