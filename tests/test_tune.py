@@ -98,7 +98,7 @@ def test_best_json_reproduces_the_best_trial_when_retrained(ddir, tmp_path, run_
     for png in ("history.png", "importance.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_space(str(out / "space.yaml")) == default_space()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "trial temp folders left behind"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
 
 
 def test_interrupted_study_resumes_with_only_the_missing_trials(ddir, tmp_path, run_cli):

@@ -350,7 +350,7 @@ def tune(loaded, partitions: str | list[str], out: str | Path, trials: int, spac
             if epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: best val loss {best[0]:.4f}")
 
-        with tempfile.TemporaryDirectory(prefix=".trial-", dir=out) as tmp:
+        with tempfile.TemporaryDirectory(prefix="lorasum-trial-") as tmp:  # the adapter itself is not kept
             res = train_adapter(loaded, partition, Path(tmp) / "adapter", cfg, data, on_epoch=on_epoch)
         trial.set_user_attr("best_epoch", res.best_epoch)
         trial.set_user_attr("val_losses", [e["val_loss"] for e in res.epochs])

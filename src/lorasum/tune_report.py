@@ -122,8 +122,9 @@ def write_summary(study, out: Path, best: dict) -> dict:
     summary = {"study": study.study_name, "history": [[r["number"], r["state"], r["value"]] for r in rows],
                "importances": imp, "importance_note": note}
     atomic_write_json(out / "summary.json", summary)
-    atomic_write_bytes(out / "history.png", history_png(summary["history"], f"optimisation history: {study.study_name}"))
-    atomic_write_bytes(out / "importance.png", importance_png(imp, note, f"parameter importances: {study.study_name}"))
+    name = study.study_name
+    atomic_write_bytes(out / "history.png", history_png(summary["history"], f"optimisation history: {name}"))
+    atomic_write_bytes(out / "importance.png", importance_png(imp, note, f"parameter importances: {name}"))
     lines = [f"# Tuning: {study.study_name}", ""]
     if best:
         lines += [f"Best trial **{best['trial']}**: validation loss **{best['value']:.6g}** "
