@@ -212,6 +212,10 @@ def test_unreachable_storage_is_one_line_naming_it(ddir, tmp_path, run_cli):
 def test_existing_study_with_another_space_or_setup_is_refused(ddir, tmp_path, run_cli):
     out = tmp_path / "tune"
     assert run_cli(*tune_args(ddir, out, 1, "--study", "s1"))[0] == 0
+    summary = json.loads((out / "summary.json").read_text())  # one trial: no importances, said so
+    assert summary["importances"] is None and "at least 2 completed trials" in summary["importance_note"]
+    assert "at least 2 completed trials" in (out / "summary.md").read_text()
+    assert (out / "importance.png").read_bytes()[:4] == b"\x89PNG"
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({**DEFAULT_SPACE, "lr": {"low": 1e-4, "high": 1e-2, "log": True}}))
