@@ -138,7 +138,8 @@ def test_killed_worker_trial_is_failed_and_retried_with_its_parameters(ddir, tmp
                 with sqlite3.connect(out / "study.db", timeout=5) as db:
                     try:
                         n = db.execute("select count(*) from trials t join trial_heartbeats h using (trial_id) "
-                                       "where t.state = 'RUNNING'").fetchone()[0]
+                                       "where t.state = 'RUNNING' and (select count(*) from trial_params p "
+                                       "where p.trial_id = t.trial_id) = 2").fetchone()[0]  # sampled: training
                     except sqlite3.OperationalError:
                         n = 0
                 if n:
@@ -150,7 +151,7 @@ def test_killed_worker_trial_is_failed_and_retried_with_its_parameters(ddir, tmp
         proc.kill()
         proc.communicate()
     killed = [t for t in load_study(out).trials if t.state.name == "RUNNING"]
-    assert len(killed) == 1
+    assert len(killed) == 1 and set(killed[0].params) == {"epochs", "batch_size"}
     rc, stdout, err, _ = run_cli(*tune_args(ddir, out, 3, "--space", space, "--heartbeat", "1"))
     assert rc == 0, err
     trials = load_study(out).trials
