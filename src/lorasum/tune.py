@@ -192,11 +192,22 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_S):
         url = f"postgresql+psycopg://{rest}"
     if scheme.startswith("postgres"):
         kwargs["connect_args"] = {"connect_timeout": 10}
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
+                                      grace_period=2 * heartbeat,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+            except (IntegrityError, ProgrammingError):
+                # workers creating the tables of an empty database at once collide ("duplicate key", "already
+                # exists"); the next attempt finds the tables made
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LorasumError(f"cannot open --storage {label}: {first}; check the URL, that the "
