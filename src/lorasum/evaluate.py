@@ -39,14 +39,18 @@ class Perplexity:
 
 
 def batch_nll(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed NLL and predicted-token count for a collated batch.  # (b,), (b,)"""
+    """Per-row summed NLL and predicted-token count for a collated batch.  # (b,), (b,)
+
+    Labels are shifted (not logits), so the (b, n, V) logits are read in place without a copy.
+    """
     device = next(model.parameters()).device
-    ids = batch["input_ids"].to(device)
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits  # (b, n, V)
-    labels = batch["labels"].to(device)[:, 1:]  # (b, n-1): token t+1 is predicted from position t
-    logp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    b, n, v = logits.shape
+    labels = F.pad(batch["labels"].to(device)[:, 1:], (0, 1), value=-100)  # (b, n): position t predicts t+1
+    nll = F.cross_entropy(logits.reshape(b * n, v).float(), labels.reshape(-1), ignore_index=-100,
+                          reduction="none").view(b, n)
     mask = labels != -100
-    return (logp * mask).sum(1), mask.sum(1)
+    return (nll * mask).sum(1), mask.sum(1)
 
 
 @torch.no_grad()
