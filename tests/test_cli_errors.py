@@ -228,3 +228,30 @@ def test_error_is_one_line_in_a_real_process(mismatched, ddir, tmp_path):
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("lorasum: error: layer '"), proc.stderr
     assert not out.exists()
+
+
+def test_non_empty_out_without_adapter_is_never_replaced_silently(tmp_path, ddir, run_cli):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    common = ["train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors", "--out", out,
+              "--max-train", 4, "--max-validation", 2, "--max-length", 16]
+    assert_one_line_error(run_cli(*common), str(out), "not empty", "--overwrite")
+    assert listing(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "mine"]  # no temp folder left beside it
+    rc, stdout, err, _ = run_cli(*common, "--overwrite")  # asked for: the folder is replaced by the adapter
+    assert rc == 0, err
+    assert "notes.txt" not in listing(out) and (out / "adapter_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "mine"]
+
+
+@pytest.mark.parametrize("out", [".", "..", "sub/.."])
+def test_out_without_a_name_is_refused_before_training(tmp_path, ddir, run_cli, monkeypatch, out):
+    import lorasum.train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.setattr(lorasum.train, "_fit", lambda *a, **k: pytest.fail("trained before refusing --out"))
+    assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors",
+                                  "--out", out), f"--out '{out}'", "names no folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "sub"]

@@ -59,7 +59,7 @@ def _add_core_commands(sub: argparse._SubParsersAction) -> None:
     _add_data_args(p)
     p.add_argument("--data", required=True, help="domain or partition: math, medicine[category=GARD], math+finance")
     p.add_argument("--out", required=True, help="adapter folder to write (stock PEFT format + lorasum.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished adapter in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (an adapter or not)")
     p.add_argument("--params", default=None, help="JSON file of training parameters (e.g. a tuning best.json)")
     p.add_argument("--targets", nargs="+", default=None, help="module names to adapt (default: architecture preset)")
     for name, typ in (("r", int), ("alpha", float), ("dropout", float), ("max_length", int), ("batch_size", int),

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import LorasumError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -18,10 +20,43 @@ def _umask() -> int:
     return mask
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first existing component of `path`'s parents that is not a folder (so `path` cannot be created)."""
+    return next((p for p in reversed([path.parent, *path.parent.parents]) if p.exists() and not p.is_dir()), None)
+
+
+def check_out_path(path: str | os.PathLike, flag: str = "--out", folder: bool = True) -> Path:
+    """Refuse, before any work, an output path that cannot be written: no name (`.`, `..`, `/`), a file where a
+    parent folder should be, or (for `folder`) an existing file / (else) an existing folder."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise LorasumError(f"{flag} '{path}' names no {'folder' if folder else 'file'}; "
+                           f"give it a name, e.g. {flag} {path / 'out' if folder else path / 'out.jsonl'}")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise LorasumError(f"{flag} {path}: {blocker} is a file, not a folder; choose another path")
+    if folder and path.exists() and not path.is_dir():
+        raise LorasumError(f"{flag} {path} exists and is not a folder; choose another path")
+    if not folder and path.is_dir():
+        raise LorasumError(f"{flag} {path} is a folder; pass a file path, e.g. {flag} {path / 'out.jsonl'}")
+    return path
+
+
+def _make_parent(path: Path) -> None:
+    """mkdir -p the parent of `path`; a file in the way is a LorasumError naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = _file_in_the_way(path) or path.parent
+        raise LorasumError(f"cannot write {path}: {blocker} is a file, not a folder; choose another path") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, fsync it, then rename over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
+    if path.is_dir():
+        raise LorasumError(f"cannot write {path}: it is a folder; choose a file path")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -48,17 +83,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it replaces `path` in one rename.
 
-    On any exception the temp folder is removed and `path` is left as it was.
+    A non-empty `path` is replaced only with `overwrite` (LorasumError otherwise, raised before the rename). On any
+    exception the temp folder is removed and `path` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name in ("", ".", ".."):
+        raise LorasumError(f"output folder '{path}' has no name; choose a path such as runs/out")
+    _make_parent(path)
+    if path.exists() and not path.is_dir():
+        raise LorasumError(f"{path} exists and is not a folder; choose another path")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():
             if not overwrite and any(path.iterdir()):
-                raise FileExistsError(path)
+                raise LorasumError(f"{path} exists and is not empty; choose a new folder or remove it")
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)

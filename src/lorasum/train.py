@@ -20,7 +20,7 @@ from .data import DataConfig, Example, collate, load_domain, partition_domains, 
     require_nonempty, tokenize_records
 from .errors import LorasumError
 from .evaluate import Perplexity, per_example_nll
-from .files import atomic_dir, atomic_write_json
+from .files import atomic_dir, atomic_write_json, check_out_path
 from .models import LoadedModel, targets_for, weights_fingerprint
 from .progress import progress
 from .provenance import provenance
@@ -94,10 +94,14 @@ def lora_config(cfg: TrainConfig, loaded: LoadedModel):
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if (out / "adapter_config.json").exists() and not overwrite:
+    """Before training: --out must be a nameable folder that is absent, empty, or (with --overwrite) replaceable."""
+    check_out_path(out, "--out")
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / "adapter_config.json").exists():
         raise LorasumError(f"{out} already holds a finished adapter; pass --overwrite or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise LorasumError(f"--out {out} exists and is not a folder")
+    raise LorasumError(f"--out {out} exists and is not empty (and holds no adapter); choose a new folder, or pass "
+                       "--overwrite to replace the whole folder")
 
 
 def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
@@ -146,7 +150,7 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
             "seed": cfg.seed, "epochs": result.epochs, "best_epoch": result.best_epoch,
             "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s, "provenance": provenance(),
         }
-        with atomic_dir(out, overwrite=True) as tmp:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
             peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
             atomic_write_json(tmp / "lorasum.json", meta)
     finally:
