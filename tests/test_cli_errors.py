@@ -255,3 +255,28 @@ def test_out_without_a_name_is_refused_before_training(tmp_path, ddir, run_cli, 
     assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors",
                                   "--out", out), f"--out '{out}'", "names no folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "sub"]
+
+
+def test_no_answer_tokens_left_names_domain_and_split(tmp_path, ddir, run_cli):
+    """Every answer truncated away: the perplexity would be NaN (and JSON writing crash); refused up front."""
+    pe, out = tmp_path / "pe.jsonl", tmp_path / "out"
+    assert_one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors", "shapes",
+                                  "--loss-on", "answer", "--max-length", 16, "--json", "--per-example", pe),
+                          "colors test: no answer tokens left at --max-length 16", "--loss-on all", "data stats")
+    assert not pe.exists()
+    assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors",
+                                  "--out", out, "--loss-on", "answer", "--max-length", 16),
+                          "colors train: no answer tokens left at --max-length 16")
+    # answers survive in the training split but not in the validation split: refused before training, too
+    rows = [{"question": q, "answer": f"a{i}"} for i in range(300) for q in ("q", "q" * 40)
+            if (_split(q, f"a{i}") == "train") == (q == "q")]
+    write_jsonl(ddir / "mixed.jsonl", rows)
+    assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "mixed",
+                                  "--out", out, "--loss-on", "answer", "--max-length", 24),
+                          "mixed validation: no answer tokens left at --max-length 24")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    # the same data with loss on all tokens is fine
+    rc, stdout, err, _ = run_cli("eval", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors",
+                                 "--max-length", 16, "--json")
+    assert rc == 0, err
+    assert json.loads(stdout)["results"]["colors"]["tokens"] > 0

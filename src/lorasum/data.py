@@ -274,6 +274,23 @@ def tokenize_records(tokenizer, records: list[Record], max_length: int) -> list[
     return [tokenize_record(tokenizer, r, max_length) for r in records]
 
 
+def predicted_tokens(e: Example, loss_on: str = "all") -> int:
+    """Tokens the loss is computed on: every position after the first (labels are shifted), or answer tokens only."""
+    return sum(e.answer_mask[1:]) if loss_on == "answer" else len(e.input_ids) - 1
+
+
+def require_predicted_tokens(examples: dict[str, list[Example]], split: str, max_length: int,
+                             loss_on: str = "all") -> None:
+    """Every domain has tokens to predict (else its perplexity is NaN); the error names the domain and split."""
+    for domain, exs in examples.items():
+        if exs and not any(predicted_tokens(e, loss_on) for e in exs):
+            what = "answer tokens" if loss_on == "answer" else "tokens to predict"
+            fix = "raise --max-length or use --loss-on all" if loss_on == "answer" else "raise --max-length"
+            raise LorasumError(f"{domain} {split}: no {what} left at --max-length {max_length} (every "
+                               f"{'answer' if loss_on == 'answer' else 'record'} is truncated away); {fix}; "
+                               "see `lorasum data stats`")
+
+
 def collate(examples: list[Example], pad_id: int, loss_on: str = "all") -> dict:
     """Right-padded batch. Padding is excluded by the attention mask (never by token id: pad may equal EOS).
 

@@ -121,7 +121,7 @@ def evaluate(loaded, domains: list[str], adapter_args: list[str] | None = None, 
     The sum is applied in place to the loaded model's weights and undone from a saved copy afterwards, so the
     model is unchanged when this returns (no round-off accumulates over many calls).
     """
-    from .data import DataConfig, SPLITS, load_domain, require_nonempty, tokenize_records
+    from .data import DataConfig, SPLITS, load_domain, require_nonempty, require_predicted_tokens, tokenize_records
     from .errors import LorasumError
     from .files import atomic_write_text
     from .merge import apply_adapters, restore_weights, snapshot_weights
@@ -136,6 +136,7 @@ def evaluate(loaded, domains: list[str], adapter_args: list[str] | None = None, 
     loaded_domains = [load_domain(d, data) for d in domains]
     require_nonempty(loaded_domains, split)
     examples = {d.spec: tokenize_records(loaded.tokenizer, d.records[split], max_length) for d in loaded_domains}
+    require_predicted_tokens(examples, split, max_length, loss_on)
     adapters = load_adapters_for(loaded, adapter_args or [])
     layer_names = sorted({n for a, _ in adapters for n in a.layers})
     snapshot = snapshot_weights(loaded.model, layer_names)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import DataConfig, Example, collate, load_domain, partition_domains, partition_records, \
-    require_nonempty, tokenize_records
+    require_nonempty, require_predicted_tokens, tokenize_records
 from .errors import LorasumError
 from .evaluate import Perplexity, per_example_nll
 from .files import atomic_dir, atomic_write_json, check_out_path
@@ -130,8 +130,12 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     require_nonempty(domains, "train")
     require_nonempty(domains, "validation")
     tok = loaded.tokenizer
-    train_ex = tokenize_records(tok, partition_records(domains, "train", seed=data.split_seed), cfg.max_length)
-    val_ex = tokenize_records(tok, partition_records(domains, "validation", shuffle=False), cfg.max_length)
+    train_rec = partition_records(domains, "train", seed=data.split_seed)
+    val_rec = partition_records(domains, "validation", shuffle=False)
+    train_ex, val_ex = (tokenize_records(tok, recs, cfg.max_length) for recs in (train_rec, val_rec))
+    for split, recs, exs in (("train", train_rec, train_ex), ("validation", val_rec, val_ex)):  # no NaN losses
+        by_domain = {d.spec: [e for e, r in zip(exs, recs) if r.domain == d.spec] for d in domains}
+        require_predicted_tokens(by_domain, split, cfg.max_length, cfg.loss_on)
     # the base identity is the fp32 weights' hash; a half-precision model cannot reproduce it, so none is recorded
     fp32 = next(loaded.model.parameters()).dtype == torch.float32
     base_sha = weights_fingerprint(loaded.model) if fp32 else None
