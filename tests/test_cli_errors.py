@@ -280,3 +280,72 @@ def test_no_answer_tokens_left_names_domain_and_split(tmp_path, ddir, run_cli):
                                  "--max-length", 16, "--json")
     assert rc == 0, err
     assert json.loads(stdout)["results"]["colors"]["tokens"] > 0
+
+
+# --- bad arguments that used to end in a traceback (exit 1) --------------------------------------------------------
+def _train(*extra):
+    return ["train", "--model", "tiny-gpt2", "--data-dir", "{data}", "--data", "colors", "--out", "{w}/out",
+            "--max-train", 4, "--max-validation", 2, *extra]
+
+
+BAD_ARGS = {
+    "threads-negative": (_train("--threads", -1), ["--threads must be at least 1, got -1"]),
+    "device-bogus": (_train("--device", "bogus"), ["--device 'bogus'", "cpu, cuda"]),
+    "device-cuda-index": (_train("--device", "cuda:99"), ["--device cuda:99"]),
+    "device-cuda": (_train("--device", "cuda"), ["--device cuda", "--device cpu"]),
+    "targets-nope": (_train("--targets", "nope", "c_attn"), ["--targets nope matched no", "c_attn, c_fc, c_proj"]),
+    "model-empty-folder": (["eval", "--model", "{w}/empty", "--data-dir", "{data}", "--data", "colors"],
+                           ["--model {w}/empty", "config.json"]),
+    "model-corrupt-gguf": (["generate", "--model", "{w}/bad.gguf", "hi"], ["{w}/bad.gguf", "GGUF"]),
+    "model-truncated-gguf": (["generate", "--model", "{w}/short.gguf", "hi"], ["{w}/short.gguf", "GGUF"]),
+    "model-hub-id-unreachable": (["generate", "--model", "lorasum-tests/no-such-model-4f2a", "hi"],
+                                 ["cannot load model 'lorasum-tests/no-such-model-4f2a'"]),
+    "per-example-folder": (["eval", "--model", "tiny-gpt2", "--data-dir", "{data}", "--data", "colors",
+                            "--per-example", "{w}/empty"], ["--per-example {w}/empty is a folder"]),
+    "compose-out-under-file": (["compose", "{w}/ad", "{w}/ad:-1", "--out", "{w}/afile/x"],
+                               ["--out {w}/afile/x", "{w}/afile is a file"]),
+    "merge-out-under-file": (["merge", "--model", "tiny-gpt2", "--adapter", "{w}/ad", "--out", "{w}/afile/x/y"],
+                             ["--out {w}/afile/x/y", "{w}/afile is a file"]),
+    "params-wrong-type": (_train("--params", "{w}/params.json"),
+                          ["training parameter 'r' must be a whole number", '"4"', "{w}/params.json"]),
+    "params-targets-not-list": (_train("--params", "{w}/params2.json"), ["'targets' must be a list"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_args_workspace(tmp_path_factory) -> Path:
+    w = tmp_path_factory.mktemp("bad_args")
+    write_jsonl(w / "data" / "colors.jsonl", color_rows(40))
+    (w / "empty").mkdir()
+    (w / "bad.gguf").write_bytes(b"not a gguf file at all, " * 40)
+    (w / "short.gguf").write_bytes(b"GGUF\x03")
+    (w / "afile").write_text("a file, not a folder")
+    (w / "params.json").write_text(json.dumps({"r": "4", "alpha": 8}))
+    (w / "params2.json").write_text(json.dumps({"targets": "c_attn"}))
+    peft_adapter(w / "ad", load_model("tiny-gpt2").model, ["c_attn"])
+    return w
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_bad_arguments_give_one_line_and_leave_nothing(case, bad_args_workspace, run_cli, monkeypatch, caplog):
+    import logging
+    import time
+    import types
+
+    import huggingface_hub.utils._http as hub_http
+
+    if case == "device-cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    # offline, the hub client retries with back-off (about 30 s): the waiting is skipped, its output is not
+    fast = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fast.sleep = lambda s: None
+    monkeypatch.setattr(hub_http, "time", fast)
+    w = bad_args_workspace
+    args, culprits = BAD_ARGS[case]
+    fill = {"w": str(w), "data": str(w / "data")}
+    before = {p: p.read_bytes() if p.is_file() else None for p in w.rglob("*")}
+    assert_one_line_error(run_cli(*[str(a).format(**fill) for a in args]), *[c.format(**fill) for c in culprits])
+    assert {p: p.read_bytes() if p.is_file() else None for p in w.rglob("*")} == before
+    # pytest's log capture swallows what a real process prints (e.g. one warning per HTTP retry): none may be logged
+    noisy = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
+    assert noisy == [], noisy[:3]

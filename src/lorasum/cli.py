@@ -360,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        if getattr(args, "threads", None) is not None:
+            from .models import set_threads
+
+            set_threads(args.threads)
         return int(args.func(args) or 0)
     except LorasumError as e:
         print(f"lorasum: error: {e}", file=sys.stderr)

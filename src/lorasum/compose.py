@@ -157,7 +157,9 @@ def compose(adapter_args: list[str] | list[tuple[str, float]], out: str | os.Pat
     Returns a report: inputs, output path, rank, and (with max_rank) the relative Frobenius errors.
     """
     from .delta import load_adapter, parse_adapter_arg
+    from .files import check_out_path
 
+    check_out_path(out, "--out")
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
         raise LorasumError(f"--max-rank must be a whole number ≥ 1, got {max_rank!r}")
     parsed = [parse_adapter_arg(a) if isinstance(a, str) else (str(a[0]), float(a[1])) for a in adapter_args]

@@ -123,7 +123,7 @@ def evaluate(loaded, domains: list[str], adapter_args: list[str] | None = None, 
     """
     from .data import DataConfig, SPLITS, load_domain, require_nonempty, require_predicted_tokens, tokenize_records
     from .errors import LorasumError
-    from .files import atomic_write_text
+    from .files import atomic_write_text, check_out_path
     from .merge import apply_adapters, restore_weights, snapshot_weights
 
     if split not in SPLITS:
@@ -132,6 +132,8 @@ def evaluate(loaded, domains: list[str], adapter_args: list[str] | None = None, 
         raise LorasumError("eval needs at least one --data domain")
     if len(set(domains)) != len(domains):
         raise LorasumError(f"a --data domain is named twice: {', '.join(domains)}")
+    if per_example:
+        check_out_path(per_example, "--per-example", folder=False)
     data = data or DataConfig()
     loaded_domains = [load_domain(d, data) for d in domains]
     require_nonempty(loaded_domains, split)

@@ -148,11 +148,12 @@ def merge(adapter_args: list[str], out: str | os.PathLike, model: str | None = N
           dtype: str | None = None) -> dict:
     """`lorasum merge`: load the base model, add Σ wᵢ ΔWᵢ into its weights, save a merged model folder."""
     from .delta import check_compatible, load_adapter, parse_adapter_arg
+    from .files import check_out_path
     from .models import load_model, weights_fingerprint
 
     if not adapter_args:
         raise LorasumError("merge needs at least one --adapter DIR[:W]")
-    out = Path(out)
+    out = check_out_path(out, "--out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LorasumError(f"--out {out} exists and is not an empty folder; choose a new folder or remove it")
     parsed = [parse_adapter_arg(a) for a in adapter_args]

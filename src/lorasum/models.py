@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -61,6 +62,28 @@ def targets_for(model_type: str, targets: list[str] | None = None) -> list[str]:
             f"presets exist for: {', '.join(sorted(TARGET_PRESETS))}"
         )
     return list(TARGET_PRESETS[model_type])
+
+
+def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every target name matches a Linear/Conv1D module as PEFT matches them (the full path or its last
+    components); otherwise a LorasumError names the unmatched ones and some module names of the model."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise LorasumError(f"--targets {' '.join(missing)} matched no Linear/Conv1D module of the model; its layers "
+                           f"are named e.g. {', '.join(leaves[:8])}")
+
+
+def set_threads(n: int | None) -> None:
+    """`--threads N`: torch's intra-op threads (None: torch's choice)."""
+    if n is None:
+        return
+    if n < 1:
+        raise LorasumError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
 
 
 def byte_tokenizer():
@@ -131,13 +154,13 @@ def _load_gguf(path: Path) -> LoadedModel:
 
     if not path.is_file():
         raise LorasumError(f"GGUF file not found: {path}")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with quiet_hub_logging():
+        try:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        except Exception as e:  # noqa: BLE001 - a corrupt file raises ValueError, struct.error, KeyError ...
+            raise LorasumError(f"cannot read GGUF file {path}: {_first_line(e)}; the file is corrupt, truncated or "
+                               "not a GGUF model") from None
     # Weights are de-quantized to fp32 on load: drop the GGUF marker so PEFT treats it as a plain model.
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
@@ -153,14 +176,38 @@ def _load_gguf(path: Path) -> LoadedModel:
 def _load_pretrained(spec: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
+        raise LorasumError(f"--model {spec} is a folder without config.json; pass a transformers model folder "
+                           "(config.json, weights, tokenizer), a .gguf file, a hub id or a built-in name")
     try:
-        tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LorasumError(f"cannot load model '{spec}': {first}") from None
+        with quiet_hub_logging():
+            tok = AutoTokenizer.from_pretrained(spec)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+    except (OSError, ValueError) as e:  # missing files / no network; an unusable config or tokenizer
+        raise LorasumError(f"cannot load model '{spec}': {_first_line(e)}") from None
     model_id = Path(spec).name if os.path.isdir(spec) else spec
     return LoadedModel(model.eval(), tok, model_id, model.config.model_type)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def quiet_hub_logging() -> Iterator[None]:
+    """Only errors from transformers and huggingface_hub (not one warning per HTTP retry while offline)."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as hf_logging
+
+    levels = hf_logging.get_verbosity(), hub_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(levels[0])
+        hub_logging.set_verbosity(levels[1])
 
 
 BUILTIN_MODELS: dict[str, Callable[[], LoadedModel]] = {
@@ -196,9 +243,27 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """`--device`: cpu, cuda, cuda:N, mps ... (None/auto: the GPU if present); one that torch lacks is an error."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LorasumError(f"unknown --device '{device}'; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise LorasumError(f"--device {device}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise LorasumError(f"--device {device}: only {n} CUDA device(s) (cuda:0..cuda:{n - 1}) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LorasumError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise LorasumError(f"--device {device}: no XPU is available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise LorasumError(f"--device {device} is not supported; use cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def resolve_dtype(dtype: str | None) -> torch.dtype:

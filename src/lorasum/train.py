@@ -7,6 +7,7 @@ with the config, data fingerprints, seed, per-epoch losses, throughput and prove
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
@@ -21,7 +22,7 @@ from .data import DataConfig, Example, collate, load_domain, partition_domains, 
 from .errors import LorasumError
 from .evaluate import Perplexity, per_example_nll
 from .files import atomic_dir, atomic_write_json, check_out_path
-from .models import LoadedModel, targets_for, weights_fingerprint
+from .models import LoadedModel, check_targets, targets_for, weights_fingerprint
 from .progress import progress
 from .provenance import provenance
 
@@ -47,6 +48,7 @@ class TrainConfig:
     eval_batch_size: int = 16  # records per validation batch
 
     def validate(self) -> None:
+        self.check_types()
         if self.max_length < 8:
             raise LorasumError(f"--max-length {self.max_length} is too short; use at least 8 tokens")
         for name in ("r", "batch_size", "epochs", "eval_batch_size"):
@@ -58,6 +60,25 @@ class TrainConfig:
             raise LorasumError(f"--loss-on must be 'all' or 'answer', got '{self.loss_on}'")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise LorasumError(f"--lr must be a positive number, got {self.lr}")
+
+    def check_types(self) -> None:
+        """Each field holds its annotated type (e.g. from a --params JSON file); the error names field and type."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int":
+                ok, want = isinstance(v, int) and not isinstance(v, bool), "a whole number"
+            elif f.type == "float":
+                ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+            elif f.type == "bool":
+                ok, want = isinstance(v, bool), "true or false"
+            elif f.type == "str":
+                ok, want = isinstance(v, str), "a string"
+            else:  # targets: list[str] | None
+                ok = v is None or (isinstance(v, list) and all(isinstance(t, str) and t for t in v))
+                want = "a list of module names or null"
+            if not ok:
+                raise LorasumError(f"training parameter '{f.name}' must be {want}, got {json.dumps(v, default=repr)} "
+                                   f"({type(v).__name__})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -141,8 +162,14 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     base_sha = weights_fingerprint(loaded.model) if fp32 else None
     grad_flags = {n: p.requires_grad for n, p in loaded.model.named_parameters()}
 
+    lcfg = lora_config(cfg, loaded)
+    check_targets(loaded.model, list(lcfg.target_modules))
     set_seed(cfg.seed)
-    peft_model = get_peft_model(loaded.model, lora_config(cfg, loaded))
+    try:
+        peft_model = get_peft_model(loaded.model, lcfg)
+    except ValueError as e:  # e.g. a target that is a container module, not a layer PEFT can adapt
+        raise LorasumError(f"cannot add LoRA layers for --targets {' '.join(sorted(lcfg.target_modules))}: "
+                           f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     try:
         result = _fit(peft_model, train_ex, val_ex, tok.pad_token_id, cfg, get_linear_schedule_with_warmup,
                       loaded.autocast, on_epoch)
@@ -242,8 +269,6 @@ def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg
 
 def read_params(params_file: str | None) -> dict:
     """`--params FILE`: a JSON object of training parameters, or {"params": {...}} (a tuning best.json)."""
-    import json
-
     params: dict = {}
     if params_file:
         try:
@@ -261,6 +286,10 @@ def train_command(loaded: LoadedModel, partition: str, out: str, overrides: dict
                   data: DataConfig, overwrite: bool) -> TrainResult:
     """`lorasum train`: defaults < `--params FILE` (e.g. a tuning best.json) < explicit flags."""
     cfg = TrainConfig.from_dict({**read_params(params_file), **overrides})
+    try:
+        cfg.check_types()  # flags are typed by argparse: a wrong type comes from the file
+    except LorasumError as e:
+        raise LorasumError(f"{e}; fix --params {params_file}") from None
     return train_adapter(loaded, partition, out, cfg, data, overwrite)
 
 
