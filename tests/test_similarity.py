@@ -160,3 +160,25 @@ def test_cli_table_rms_matrix(gpt2, capsys):
         row = lines[at + 2 + i].split()
         assert row[0] == f"g{i}"
         assert [float(x) for x in row[1:]] == pytest.approx(R[i].tolist(), abs=1e-4)
+
+
+def test_cli_accepts_path_weight(gpt2, capsys):
+    """`PATH[:WEIGHT]` as everywhere: the weight scales the delta, so -1 flips every cosine and 0.5 changes none."""
+    a, b = gpt2[0].path, gpt2[1].path
+    assert main(["similarity", a, b, "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["similarity", a, f"{b}:-1", "--json"]) == 0
+    flipped = json.loads(capsys.readouterr().out)
+    assert flipped["adapters"] == ["g0", "-1*g1"]
+    (p,), (q,) = plain["pairs"], flipped["pairs"]
+    assert (q["a"], q["b"]) == ("g0", "-1*g1")
+    assert set(q["layers"]) == set(p["layers"]) and all(abs(p["layers"][m]) > 1e-6 for m in p["layers"])
+    assert all(q["layers"][m] == pytest.approx(-p["layers"][m], abs=1e-9) for m in p["layers"])
+    assert q["rms"] == pytest.approx(p["rms"], abs=1e-9)
+    assert main(["similarity", f"{a}:0.5", b, "--json"]) == 0
+    half = json.loads(capsys.readouterr().out)
+    assert half["adapters"] == ["0.5*g0", "g1"]
+    assert all(half["pairs"][0]["layers"][m] == pytest.approx(v, abs=1e-9) for m, v in p["layers"].items())
+    assert main(["similarity", a, f"{b}:x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weight 'x' is not a finite number" in err

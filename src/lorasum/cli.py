@@ -186,7 +186,8 @@ def _add_core_commands(sub: argparse._SubParsersAction) -> None:
 def _add_delta_commands(sub: argparse._SubParsersAction) -> None:
     # Imports happen in the handlers, so `lorasum --help` does not pay for torch.
     p = sub.add_parser("similarity", help="per-layer cosines and RMS between adapters, from the LoRA factors")
-    p.add_argument("adapters", nargs="*", metavar="ADAPTER", help="two or more PEFT adapter folders")
+    p.add_argument("adapters", nargs="*", metavar="PATH[:WEIGHT]", help="two or more adapter folders, "
+                   "each delta scaled by its weight (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     def _similarity(args: argparse.Namespace) -> int:

@@ -175,10 +175,20 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def similarity(paths: list[str]) -> dict:
-    """`lorasum similarity`: load the adapter folders and return the report (see similarity_report)."""
-    from .delta import load_adapter
+def scaled(adapter: Adapter, weight: float) -> Adapter:
+    """`weight` · ΔW as an Adapter (scales multiplied; named `w*name`, its path `path:w`, when weight ≠ 1)."""
+    if weight == 1.0:
+        return adapter
+    layers = {n: LoraFactors(f.A, f.B, f.scale * weight, f.fan_in_fan_out) for n, f in adapter.layers.items()}
+    return Adapter(f"{weight:g}*{adapter.name}", f"{adapter.path}:{weight:g}", adapter.config, layers,
+                   adapter.lorasum)
 
-    if len(paths) < 2:
+
+def similarity(args: list[str]) -> dict:
+    """`lorasum similarity`: load `PATH[:WEIGHT]` adapters (each delta scaled by its weight; a negative weight flips
+    the sign of its cosines) and return the report (see similarity_report)."""
+    from .delta import load_adapter, parse_adapter_arg
+
+    if len(args) < 2:
         raise LorasumError("similarity needs at least two adapters: lorasum similarity A B [C ...]")
-    return similarity_report([load_adapter(p) for p in paths])
+    return similarity_report([scaled(load_adapter(p), w) for p, w in map(parse_adapter_arg, args)])
