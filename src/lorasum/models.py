@@ -170,7 +170,10 @@ def _load_gguf(path: Path) -> LoadedModel:
                 setattr(model, attr, None if attr == "hf_quantizer" else False)
             except AttributeError:
                 pass
-    return LoadedModel(model.eval(), tok, path.stem, model.config.model_type)
+    from .delta import canonical_base_id
+
+    # the embedded model's file maps to its built-in name, so adapters trained on `smollm2-135m` match it
+    return LoadedModel(model.eval(), tok, canonical_base_id(str(path)), model.config.model_type)
 
 
 def _load_pretrained(spec: str) -> LoadedModel:
