@@ -182,3 +182,22 @@ def test_cli_accepts_path_weight(gpt2, capsys):
     assert main(["similarity", a, f"{b}:x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "weight 'x' is not a finite number" in err
+
+
+def test_table_rms_matrix_diagonal_is_rms_matrix(gpt2):
+    """The table's diagonal is rms_matrix's: 0 for an all-zero delta (cosine 0 with everything), not a fixed 1."""
+    from lorasum.similarity import format_table
+
+    a = gpt2[0]
+    zero = Adapter("zero", "", {}, {n: LoraFactors(f.A, torch.zeros_like(f.B), f.scale) for n, f in a.layers.items()})
+    ads = [gpt2[0], zero, gpt2[1]]
+    report = similarity_report(ads)
+    R = rms_matrix(ads)
+    assert float(R[1, 1]) == 0.0 and float(R[0, 0]) == pytest.approx(1.0)
+    assert torch.allclose(torch.tensor(report["rms_matrix"], dtype=R.dtype), R, atol=1e-12)
+    lines = format_table(report).splitlines()
+    at = lines.index("RMS matrix")
+    for i, name in enumerate(["g0", "zero", "g1"]):
+        row = lines[at + 2 + i].split()
+        assert row[0] == name and [float(x) for x in row[1:]] == pytest.approx(R[i].tolist(), abs=1e-4)
+    assert lines[at + 3].split()[2] == "0.0000"

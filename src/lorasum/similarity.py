@@ -140,7 +140,8 @@ def _display_names(adapters: list[Adapter]) -> list[str]:
 
 
 def similarity_report(adapters: list[Adapter]) -> dict:
-    """{"adapters": [...], "pairs": [{"a", "b", "layers": {layer: cos}, "rms"}], "kinds": {layer: attn|mlp}}."""
+    """{"adapters": [...], "pairs": [{"a", "b", "layers": {layer: cos}, "rms"}], "kinds": {layer: attn|mlp},
+    "rms_matrix": N × N pairwise RMS as rms_matrix() (its diagonal is 0 for an all-zero delta, else 1)}."""
     if len(adapters) < 2:
         raise LorasumError("similarity needs at least two adapters: lorasum similarity A B [C ...]")
     layers, cos = cosine_matrices(adapters)
@@ -150,7 +151,9 @@ def similarity_report(adapters: list[Adapter]) -> dict:
         for j in range(i + 1, len(adapters)):
             per = {m: float(cos[li, i, j]) for li, m in enumerate(layers)}
             pairs.append({"a": names[i], "b": names[j], "layers": per, "rms": rms(per)})
-    return {"adapters": names, "pairs": pairs, "kinds": {m: module_kind(m) for m in layers}}
+    matrix = (cos**2).mean(dim=0).sqrt()  # as rms_matrix(), from the same cosines
+    return {"adapters": names, "pairs": pairs, "kinds": {m: module_kind(m) for m in layers},
+            "rms_matrix": matrix.tolist()}
 
 
 def format_table(report: dict) -> str:
@@ -166,11 +169,9 @@ def format_table(report: dict) -> str:
     lines.append("  ".join([f"{'RMS':<{lw}}", "     "] + [f"{p['rms']:>{w}.4f}" for p, w in zip(report["pairs"], cw)]))
     names = report["adapters"]
     if len(names) > 2:  # the pairwise RMS matrix
-        rms_of = {(p["a"], p["b"]): p["rms"] for p in report["pairs"]}
         nw = max(9, *(len(n) for n in names))
         lines += ["", "RMS matrix", "  ".join([" " * nw] + [f"{n:>{nw}}" for n in names])]
-        for i, a in enumerate(names):
-            cells = [1.0 if i == j else rms_of.get((a, b), rms_of.get((b, a))) for j, b in enumerate(names)]
+        for a, cells in zip(names, report["rms_matrix"]):
             lines.append("  ".join([f"{a:<{nw}}"] + [f"{c:>{nw}.4f}" for c in cells]))
     return "\n".join(lines)
 
