@@ -192,3 +192,59 @@ def test_bf16_autocast_learns_like_fp32(tiny_data, tmp_path):
     untrained = math.log(len(load_model("tiny-llama").tokenizer))  # ~ a random byte model's loss
     assert losses[None] < untrained - 0.2, losses
     assert losses["bfloat16"] == pytest.approx(losses[None], rel=0.02), losses
+
+
+@pytest.fixture(scope="module")
+def opt_folder(tmp_path_factory) -> Path:
+    """A tiny local model of an architecture without a target preset (OPT), saved as a transformers folder."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from lorasum.models import TARGET_PRESETS, byte_tokenizer
+
+    assert "opt" not in TARGET_PRESETS
+    tok = byte_tokenizer()
+    cfg = OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=tok.pad_token_id,
+                    bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("models") / "tiny-opt"
+    OPTForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_unknown_architecture_needs_targets_then_trains_only_those(opt_folder, tmp_path, run_cli):
+    from lorasum.errors import LorasumError
+    from lorasum.models import targets_for
+
+    with pytest.raises(LorasumError, match="no LoRA target preset for architecture 'opt'; pass --targets"):
+        targets_for("opt")
+    write_jsonl(tmp_path / "data" / "colors.jsonl", color_rows(60))
+    out = tmp_path / "out"
+    common = ["train", "--model", opt_folder, "--data-dir", tmp_path / "data", "--data", "colors", "--out", out,
+              "--max-train", 8, "--max-validation", 4, "--max-length", 32]
+    rc, stdout, err, _ = run_cli(*common)
+    assert (rc, stdout) == (2, "") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("lorasum: error: no LoRA target preset for architecture 'opt'; pass --targets"), err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    rc, stdout, err, _ = run_cli(*common, "--targets", "q_proj", "v_proj")
+    assert rc == 0, err
+    assert sorted(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == ["q_proj", "v_proj"]
+    assert sorted(load_adapter(out).layers) == [f"model.decoder.layers.{i}.self_attn.{m}_proj"
+                                                for i in (0, 1) for m in ("q", "v")]
+    assert json.loads((out / "lorasum.json").read_text())["base_model"]["id"] == "tiny-opt"
+
+
+def test_targets_override_the_preset(tmp_path, run_cli):
+    write_jsonl(tmp_path / "data" / "colors.jsonl", color_rows(60))
+    out = tmp_path / "out"
+    rc, stdout, err, _ = run_cli("train", "--model", "tiny-gpt2", "--data-dir", tmp_path / "data", "--data", "colors",
+                                 "--out", out, "--max-train", 8, "--max-validation", 4, "--max-length", 32,
+                                 "--targets", "c_attn")
+    assert rc == 0, err
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["c_attn"]  # not the preset's c_attn + c_proj
+    assert json.loads((out / "lorasum.json").read_text())["train"]["targets"] == ["c_attn"]
+    adapter = load_adapter(out)
+    assert sorted(adapter.layers) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert all(float(f.B.abs().max()) > 0 for f in adapter.layers.values())  # trained, not left at PEFT's zero init

@@ -183,7 +183,7 @@ def _load_pretrained(spec: str) -> LoadedModel:
         raise LorasumError(f"--model {spec} is a folder without config.json; pass a transformers model folder "
                            "(config.json, weights, tokenizer), a .gguf file, a hub id or a built-in name")
     try:
-        with quiet_hub_logging():
+        with quiet_hub_logging(bars=not os.path.isdir(spec)):  # a hub id may download: show its progress
             tok = AutoTokenizer.from_pretrained(spec)
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
     except (OSError, ValueError) as e:  # missing files / no network; an unusable config or tokenizer
@@ -198,19 +198,23 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def quiet_hub_logging() -> Iterator[None]:
-    """Only errors from transformers and huggingface_hub (not one warning per HTTP retry while offline)."""
+def quiet_hub_logging(bars: bool = False) -> Iterator[None]:
+    """While loading: only errors from transformers and huggingface_hub (not one warning per HTTP retry while
+    offline); progress bars (weight loading, hub downloads) only with `bars` and LORASUM_PROGRESS not 0."""
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
-    levels = hf_logging.get_verbosity(), hub_logging.get_verbosity()
+    levels, was_on = (hf_logging.get_verbosity(), hub_logging.get_verbosity()), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hub_logging.set_verbosity_error()
+    if not bars or os.environ.get("LORASUM_PROGRESS", "1") == "0":
+        hf_logging.disable_progress_bar()  # transformers' and huggingface_hub's
     try:
         yield
     finally:
         hf_logging.set_verbosity(levels[0])
         hub_logging.set_verbosity(levels[1])
+        hf_logging.enable_progress_bar() if was_on else hf_logging.disable_progress_bar()
 
 
 BUILTIN_MODELS: dict[str, Callable[[], LoadedModel]] = {
