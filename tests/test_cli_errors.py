@@ -349,3 +349,14 @@ def test_bad_arguments_give_one_line_and_leave_nothing(case, bad_args_workspace,
     # pytest's log capture swallows what a real process prints (e.g. one warning per HTTP retry): none may be logged
     noisy = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
     assert noisy == [], noisy[:3]
+
+
+def test_non_utf8_line_in_csv_names_file_and_line(tmp_path, ddir, run_cli):
+    bad = ddir / "latin.csv"
+    # a quoted field spanning two lines comes first: the line named is the physical line of the bad byte
+    bad.write_bytes(b'question,answer\nq1,a1\n"two\nlines",a2\nq3,caf\xe9\nq4,a4\n')
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "latin",
+                                  "--out", out), f"{bad}:5", "not valid UTF-8", "re-encode")
+    assert not out.exists()
+    assert_one_line_error(run_cli("data", "stats", "--model", "tiny-gpt2", "--data-dir", ddir, "latin"), f"{bad}:5")
