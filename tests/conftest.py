@@ -50,6 +50,25 @@ def shape_rows(n: int, start: int = 0) -> list[dict]:
              "category": SHAPES[sides[i % 5]]} for i in range(start, start + n)]
 
 
+# Three domains for the `smoke` experiment. The tiny models use a byte tokenizer and smoke's max length is 32, so
+# a record ("Question: a12?\nAnswer: fig yam" + EOS = 31 bytes) must stay that short for its answer to survive.
+SMOKE_WORDS = {"alpha": "fig yam pea nut", "beta": "dog cat cow pig", "gamma": "red tan sky ink"}
+
+
+def write_smoke_domains(folder: Path, n: int = 90) -> Path:
+    """alpha/beta/gamma.jsonl: question `<initial><i>?`, answer two words drawn from the domain's own four."""
+    import random
+
+    rng = random.Random(0)
+    folder = Path(folder)
+    for name, words in SMOKE_WORDS.items():
+        ws = words.split()
+        write_jsonl(folder / f"{name}.jsonl", [{"question": f"{name[0]}{i}?",
+                                                "answer": " ".join(rng.choice(ws) for _ in range(2))}
+                                               for i in range(n)])
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A read-only data directory: colors.jsonl and shapes.jsonl (200 records each, with a `category` field)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_smoke_domains
 from lorasum.cli import main
 from lorasum.config import load_config
 from lorasum.stats import linear_fit
@@ -18,21 +19,9 @@ from lorasum.stats import linear_fit
 # Subprocesses use the parent's thread count: float reductions (and so the bytes of results.json) depend on it.
 ENV = {**os.environ, "LORASUM_PROGRESS": "0", "OMP_NUM_THREADS": str(__import__("torch").get_num_threads())}
 
-WORDS = {"alpha": "apple banana cherry grape", "beta": "dog cat mouse horse", "gamma": "red green blue pink"}
-
 
 def _write_domains(folder: Path) -> None:
-    import random
-
-    rng = random.Random(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, words in WORDS.items():
-        ws = words.split()
-        with open(folder / f"{name}.jsonl", "w") as f:
-            for i in range(90):
-                q = f"{name} {rng.choice(ws)} {i}?"
-                a = " ".join(rng.choice(ws) for _ in range(4))
-                f.write(json.dumps({"question": q, "answer": a}) + "\n")
+    write_smoke_domains(folder)  # short records: answers survive smoke's max length of 32 bytes
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +68,8 @@ def test_files_exist_and_every_table_cell_is_finite(smoke_run):
 
 def test_fit_equals_a_fit_recomputed_from_its_points(smoke_run):
     r = json.loads((smoke_run[0] / "run" / "results.json").read_text())
-    pts = r["fit"]["points"]
-    assert len(pts) == 3
+    pts = r["fit"]["points"]  # one point per pair (its mean over seeds): n is the number of pairs
+    assert len(pts) == 3 and r["fit"]["n"] == 3 and len(r["fit"]["points_per_seed"]) == 3 * len(r["config"]["seeds"])
     ref = linear_fit([p[0] for p in pts], [p[1] for p in pts], r["fit"]["level"])
     for k in ("slope", "intercept", "r2"):
         assert r["fit"][k] == pytest.approx(ref[k], rel=1e-9)
@@ -138,7 +127,11 @@ def test_changing_an_eval_cap_retrains_nothing(smoke_run, tmp_path):
     cfg.max_test = cfg.max_test + 3
     p2 = plan(cfg, tmp_path)
     assert {k: s["key"] for k, s in p1["train"].items()} == {k: s["key"] for k, s in p2["train"].items()}
-    assert {s["key"] for s in p1["evals"].values()}.isdisjoint({s["key"] for s in p2["evals"].values()})
+    test1 = {k: s["key"] for k, s in p1["evals"].items() if len(k) == 3}  # (model, domain, seed): test split
+    test2 = {k: s["key"] for k, s in p2["evals"].items() if len(k) == 3}
+    assert test1 and set(test1.values()).isdisjoint(test2.values())
+    val1 = {k: s["key"] for k, s in p1["evals"].items() if k[3:] == ("validation",)}  # choose the best single
+    assert val1 and val1 == {k: s["key"] for k, s in p2["evals"].items() if k[3:] == ("validation",)}
     assert {k: s["key"] for k, s in p1["sims"].items()} == {k: s["key"] for k, s in p2["sims"].items()}
 
 

@@ -132,3 +132,24 @@ def test_recipe_check_verdict_flips():
     assert findings(ok)[0]["verdict"] == "passed"
     assert findings(bad)[0]["verdict"].startswith("FAILED")
     assert not any(f["claim"].startswith("recipe") for f in findings({"recipe_check": {"passed": None}}))
+
+
+def test_rms_fit_has_one_point_per_pair_not_per_seed():
+    """Seeds of a pair are not independent draws: the fit uses per-pair means (n = pairs), the slope CI follows
+    from those means, and the per-seed points are kept apart for the scatter."""
+    from lorasum.results import _fit
+
+    rms = {"a|b": [0.050, 0.052, 0.054], "a|c": [0.060, 0.061, 0.059], "b|c": [0.070, 0.072, 0.071],
+           "b|d": [0.080, 0.079, 0.083]}
+    pct = {"a|b": [-9.0, -7.0, -8.0], "a|c": [5.0, 3.0, 4.0], "b|c": [27.0, 30.0, 24.0], "b|d": [30.0, 35.0, 28.0]}
+    comps = [{"level": 2, "subset": k.split("|"), "rms_per_seed": v,
+              "pct_change": {"mean": float(np.mean(pct[k])), "per_seed": pct[k]}} for k, v in rms.items()]
+    comps.append({"level": 3, "subset": ["a", "b", "c"], "rms_per_seed": [0.1] * 3,
+                  "pct_change": {"mean": 50.0, "per_seed": [50.0] * 3}})  # triples are not fit points
+    fit = _fit(comps, 0.95)
+    means_x, means_y = [np.mean(v) for v in rms.values()], [np.mean(v) for v in pct.values()]
+    ref = linear_fit(means_x, means_y, 0.95)
+    assert fit["n"] == 4 and fit["pairs"] == list(rms) and len(fit["points_per_seed"]) == 12
+    assert fit["slope"] == pytest.approx(ref["slope"]) and fit["slope_ci"] == pytest.approx(ref["slope_ci"])
+    naive = linear_fit([x for v in rms.values() for x in v], [y for v in pct.values() for y in v], 0.95)
+    assert naive["slope_ci"][1] - naive["slope_ci"][0] < fit["slope_ci"][1] - fit["slope_ci"][0]

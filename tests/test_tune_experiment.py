@@ -90,3 +90,8 @@ def test_per_partition_tuning_is_marked_confounded(tmp_path, run_cli):
         assert r["tuning"]["studies"][part]["tuned"] == pytest.approx(best.params, rel=1e-11)
     md = (run / "report.md").read_text()
     assert "CONFOUNDED" in md and "confounded by tuning" in md and "per_partition, 2 trials (confounded)" in md
+    # results.json has sorted keys ("colors+shapes" < "shapes"): the re-render keeps the grid's order of studies
+    html = (run / "report.html").read_bytes()
+    assert run_cli("report", run)[0] == 0
+    assert (run / "report.md").read_text() == md and (run / "report.html").read_bytes() == html
+    assert md.index("| colors |") < md.index("| shapes |") < md.index("| colors+shapes |")

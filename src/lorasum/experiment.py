@@ -69,6 +69,9 @@ def _sources(cfg: ExperimentConfig) -> dict[str, str | None]:
 def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = None) -> dict:
     """All job specs (with keys) of the run: train, similarity and eval, plus the model catalog.
 
+    `evals` maps (model, domain, seed) to test-split evals and (model, domain, seed, "validation") to the
+    fundamentals' validation-split evals that choose the best-single baseline.
+
     `train_for` maps partitions to tuned TrainConfigs (from the `tune` section); others use cfg.train.
     """
     run_dir = str(run_dir)
@@ -102,6 +105,15 @@ def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = No
                                  "data": data_part([d], {"test": cfg.max_test}), "max_length": cfg.train.max_length,
                                  "batch_size": cfg.eval_batch_size, "loss_on": cfg.eval_loss_on})
                 evals[(name, d, seed)] = spec
+    if "best_single" in cfg.compositions:  # the best single block is chosen on validation, never on test
+        for seed in cfg.seeds:
+            for f in cfg.domains:
+                for d in cfg.domains:
+                    spec = with_key({**base, "kind": "eval", "adapters": terms([[f, 1.0]], seed), "domain": d,
+                                     "split": "validation", "data": data_part([d], {"validation": cfg.max_validation}),
+                                     "max_length": cfg.train.max_length, "batch_size": cfg.eval_batch_size,
+                                     "loss_on": cfg.eval_loss_on})
+                    evals[(f"adapter[{f}]", d, seed, "validation")] = spec
 
     sims: dict[tuple[str, int], dict] = {}
     for seed in cfg.seeds:

@@ -1,7 +1,8 @@
 """Verdicts on the paper's claims by fixed rules, so the report never says more than the intervals allow.
 
 - "summed ≈ merged" only where the whole CI of %Δ perplexity lies within ±10%;
-- "positive RMS relation" only where the CI of the RMS → %Δ slope excludes 0 (and the slope is positive);
+- "positive RMS relation" only where the CI of the RMS → %Δ slope excludes 0 (and the slope is positive); the fit
+  has one point per pair (its mean over seeds), so n is the number of pairs, not pairs × seeds;
 - unlearning "restores" a domain only where its perplexity after removal lies within the CI of the model trained
   without that domain.
 Anything else is stated as what it is, most often "inconclusive".
@@ -59,12 +60,12 @@ def findings(results: dict) -> list[dict]:
                     "evidence": f"%Δ perplexity {pc['mean']:+.1f}% (CI {pc['ci'][0]:+.1f}% to {pc['ci'][1]:+.1f}%)"})
     fit = results.get("fit", {})
     if fit.get("slope") is None:
-        ev = f"{fit.get('n', 0)} points: too few for a fit"
+        ev = f"{fit.get('n', 0)} pairs: too few for a fit"
     elif fit.get("slope_ci") is None:
-        ev = f"slope {fit['slope']:.1f} from {fit['n']} points: too few for an interval"
+        ev = f"slope {fit['slope']:.1f} from {fit['n']} pairs: too few for an interval"
     else:
         ev = (f"slope {fit['slope']:.1f} (CI {fit['slope_ci'][0]:.1f} to {fit['slope_ci'][1]:.1f}), "
-              f"r² {fit['r2']:.2f}, {fit['n']} points")
+              f"r² {fit['r2']:.2f}, n = {fit['n']} pairs")
     out.append({"claim": "RMS similarity predicts %Δ perplexity", "subject": "pairs", "verdict": rms_verdict(fit),
                 "evidence": ev})
     for row in results.get("unlearning", []):

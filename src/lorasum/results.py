@@ -31,18 +31,25 @@ class _Scores:
         self.cfg, self.plan = cfg, plan
         self._cache: dict = {}
 
-    def raw(self, model: str, domain: str, seed: int) -> dict:
-        key = (model, domain, seed)
+    def raw(self, model: str, domain: str, seed: int, split: str = "test") -> dict:
+        key = (model, domain, seed) if split == "test" else (model, domain, seed, split)
         if key not in self._cache:
             self._cache[key] = _load(self.plan["evals"][key])
         return self._cache[key]
 
-    def scores(self, model: str, domains: list[str]) -> Scores:
-        nll = np.array([np.concatenate([self.raw(model, d, s)["nll"] for d in domains]) for s in self.cfg.seeds])
+    def scores(self, model: str, domains: list[str], split: str = "test") -> Scores:
+        nll = np.array([np.concatenate([self.raw(model, d, s, split)["nll"] for d in domains])
+                        for s in self.cfg.seeds])
         first = self.cfg.seeds[0]
-        tokens = np.concatenate([self.raw(model, d, first)["tokens"] for d in domains]).astype(float)
-        strata = np.concatenate([np.full(len(self.raw(model, d, first)["nll"]), i) for i, d in enumerate(domains)])
+        tokens = np.concatenate([self.raw(model, d, first, split)["tokens"] for d in domains]).astype(float)
+        strata = np.concatenate([np.full(len(self.raw(model, d, first, split)["nll"]), i)
+                                 for i, d in enumerate(domains)])
         return Scores(nll, tokens, strata)
+
+    def point_ppl(self, model: str, domains: list[str], split: str = "test") -> float:
+        """Pooled perplexity, mean over seeds, without an interval (for choosing, not for reporting)."""
+        s = self.scores(model, domains, split)
+        return float(np.exp(s.nll.sum(1) / s.tokens.sum()).mean())
 
 
 def _mean_layers(per_seed: list[dict]) -> dict:
@@ -78,34 +85,44 @@ def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
     matrix = {m: {**{d: ppl(m, [d]) for d in domains}, "pooled": ppl(m, domains)} for m in models}
 
     pairs = {f"{x}|{y}": sim(f"pair[{x}|{y}]") for x, y in itertools.combinations(domains, 2)}
-    compositions, points = [], []
+    def macro(model: str, doms: list[str]) -> float:
+        """Macro mean over the subset's domains of the per-domain perplexities (beside the pooled figure)."""
+        return float(np.mean([matrix[model][d]["mean"] for d in doms]))
+
+    compositions = []
     for k in range(2, cfg.level + 1):
         for s in itertools.combinations(domains, k):
             part, doms = "+".join(s), list(s)
             merged = f"adapter[{part}]"
             pair_sims = [pairs[f"{x}|{y}"] for x, y in itertools.combinations(s, 2)]
             row = {"subset": doms, "level": k, "merged": ppl(merged, doms),
-                   "merged_macro": float(np.mean([matrix[merged][d]["mean"] for d in doms])),
+                   "merged_macro": macro(merged, doms),
                    "rms": _rms(c for p in pair_sims for c in p["layers"].values()),
                    "rms_per_seed": [_rms(c for x, y in itertools.combinations(s, 2)
                                          for c in _load(plan["sims"][(f"pair[{x}|{y}]", seed)])["layers"].values())
                                     for seed in seeds]}
             if f"sum[{part}]" in models:
                 row["summed"] = ppl(f"sum[{part}]", doms)
-                row["summed_macro"] = float(np.mean([matrix[f"sum[{part}]"][d]["mean"] for d in doms]))
+                row["summed_macro"] = macro(f"sum[{part}]", doms)
                 row["pct_change"] = pct(f"sum[{part}]", merged, doms)
-                if k == 2:
-                    points += list(zip(row["rms_per_seed"], row["pct_change"]["per_seed"]))
             baselines = {}
             if f"mean[{part}]" in models:
-                baselines["mean"] = {"perplexity": ppl(f"mean[{part}]", doms), "pct_change": pct(f"mean[{part}]", merged, doms)}
+                baselines["mean"] = {"perplexity": ppl(f"mean[{part}]", doms), "macro": macro(f"mean[{part}]", doms),
+                                     "pct_change": pct(f"mean[{part}]", merged, doms)}
             if "best_single" in cfg.compositions:
-                best = min(s, key=lambda d: ppl(f"adapter[{d}]", doms)["mean"])  # lowest pooled perplexity on s
-                baselines["best_single"] = {"block": best, "perplexity": ppl(f"adapter[{best}]", doms),
+                # chosen on the pooled *validation* perplexity of the subset, then reported on test
+                val = {d: S.point_ppl(f"adapter[{d}]", doms, "validation") for d in s}
+                best = min(s, key=lambda d: val[d])
+                baselines["best_single"] = {"block": best, "chosen_on": "validation", "validation_perplexity": val,
+                                            "perplexity": ppl(f"adapter[{best}]", doms),
+                                            "macro": macro(f"adapter[{best}]", doms),
                                             "pct_change": pct(f"adapter[{best}]", merged, doms)}
             row["baselines"] = baselines
             if k >= 3:
-                row["block_vs_rest"] = {d: sim(f"block_vs_rest[{part}|{d}]")["rms"] for d in s}
+                row["block_vs_rest"] = {}
+                for d in s:
+                    bvr = sim(f"block_vs_rest[{part}|{d}]")
+                    row["block_vs_rest"][d] = {"rms": bvr["rms"], "layers": bvr["layers"]}
             ws = sim(f"weight[{part}]")
             row["weight_space"] = {
                 "layers": {n: {"cos": c, "norm_ratio": ws["norm_a"][n] / ws["norm_b"][n] if ws["norm_b"][n] else None}
@@ -121,6 +138,7 @@ def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
                     name = f"level2+1[{pair}|{d}]"
                     t5 = sim(name)
                     row["level2_plus_one"][d] = {"level2": pair, "perplexity": ppl(name, doms),
+                                                 "macro": macro(name, doms),
                                                  "pct_change": pct(name, merged, doms), "rms": t5["rms"],
                                                  "layers": t5["layers"]}
             compositions.append(row)
@@ -149,8 +167,7 @@ def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
                     "passed": None if cfg.max_ppl_ratio is None
                     else all(v["ratio"] <= cfg.max_ppl_ratio for v in recipe.values())}
 
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    fit = {**linear_fit(xs, ys, level), "points": [[x, y] for x, y in points], "level": level}
+    fit = _fit(compositions, level)
     out = {
         "schema": "lorasum.results/1",
         "config": cfg.to_dict(),
@@ -170,6 +187,19 @@ def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
     out["findings"] = findings(out)
     atomic_write_json(Path(run_dir) / "results.json", _clean(out))
     return _clean(out)
+
+
+def _fit(compositions: list[dict], level: float) -> dict:
+    """RMS -> %Δ least squares over pairs: one point per pair, (mean RMS, mean %Δ) over seeds, so n = pairs.
+
+    Seeds of one pair share its data and are not independent draws of the relation; fitting them as separate
+    points would narrow the slope's interval. The per-seed points are kept for the scatter.
+    """
+    rows = [c for c in compositions if c["level"] == 2 and "pct_change" in c]
+    points = [[float(np.mean(c["rms_per_seed"])), c["pct_change"]["mean"]] for c in rows]
+    per_seed = [[x, y] for c in rows for x, y in zip(c["rms_per_seed"], c["pct_change"]["per_seed"])]
+    return {**linear_fit([p[0] for p in points], [p[1] for p in points], level), "points": points,
+            "pairs": ["|".join(c["subset"]) for c in rows], "points_per_seed": per_seed, "level": level}
 
 
 def _data_section(cfg: ExperimentConfig, plan: dict) -> dict:

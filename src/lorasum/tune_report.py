@@ -153,19 +153,27 @@ def report_blocks(r: dict) -> list:
                "merged and summed models mix the effect of composition with that of tuning.")
     blocks: list = [f"Optuna TPE, {t['trials']} trials per study minimising validation loss (best epoch), median "
                     f"pruning on per-epoch validation loss; {how}"]
-    names = list(t["space"])
+    names = sorted(t["space"])  # results.json is written with sorted keys: order explicitly, so re-renders match
     rows = [[part, f"{s['value']:.4f}" if s.get("value") is not None else "", str(s.get("trial", "")),
-             *(_fmt((s.get("tuned") or {}).get(n)) for n in names)] for part, s in t["studies"].items()]
-    space = "; ".join(f"{n} {_range(v)}" for n, v in t["space"].items())
+             *(_fmt((s.get("tuned") or {}).get(n)) for n in names)] for part, s in _studies(r)]
+    space = "; ".join(f"{n} {_range(t['space'][n])}" for n in names)
     blocks.append((["partition", "best val loss", "trial", *names], rows, f"Search space: {space}."))
     blocks.append("FIGURES:" + ",".join(report_pngs(r, names_only=True)))
     return blocks
 
 
+def _studies(r: dict) -> list[tuple[str, dict]]:
+    """(partition, study) in the grid's order of partitions (figure names number them in this order)."""
+    from .ordering import partition_order
+
+    studies = (r.get("tuning") or {}).get("studies", {})
+    return [(p, studies[p]) for p in partition_order(r, studies)]
+
+
 def report_pngs(r: dict, names_only: bool = False) -> dict:
     """{figure name: PNG bytes} for every tuning study of the run (history and importances)."""
     out: dict = {}
-    for i, (part, s) in enumerate((r.get("tuning") or {}).get("studies", {}).items()):
+    for i, (part, s) in enumerate(_studies(r)):
         for kind in ("history", "importance"):
             name = f"tuning_{kind}_{i}"
             if names_only:
