@@ -20,7 +20,7 @@ import yaml
 from conftest import color_rows, write_jsonl
 
 from lorasum.errors import LorasumError
-from lorasum.tune import DEFAULT_SPACE, default_space, load_space, parse_space, space_yaml
+from lorasum.tune_space import DEFAULT_SPACE, default_space, load_space, parse_space, space_yaml
 
 CAPS = ["--max-train", "24", "--max-validation", "8"]
 
