@@ -58,7 +58,8 @@ def rms_scatter(results: dict) -> bytes:
     ax.set_xlabel("RMS of per-layer cosine similarity")
     ax.set_ylabel("% change in perplexity (summed vs merged)")
     ax.set_title("RMS similarity vs perplexity change (pairs)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no fit and one seed (e.g. two domains): nothing to label
+        ax.legend(fontsize=8)
     return _png(fig)
 
 
