@@ -20,7 +20,7 @@ from .data import DataConfig, Example, collate, load_domain, partition_domains, 
     require_nonempty, tokenize_records
 from .errors import LorasumError
 from .evaluate import Perplexity, per_example_nll
-from .files import atomic_dir, atomic_write_json
+from .files import atomic_dir, atomic_write_json, pause_for_test
 from .models import LoadedModel, targets_for, weights_fingerprint
 from .progress import progress
 from .provenance import provenance
@@ -174,6 +174,7 @@ def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoc
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
+        pause_for_test("train")  # test-only hook (LORASUM_TEST_PAUSE=train): no-op unless set
         sched.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(batch["attention_mask"].sum())
