@@ -42,13 +42,14 @@ def in_process(tmp_path_factory):
     return root, specs
 
 
-def run_fresh(spec: dict, run_dir: Path, tmp_path: Path) -> Path:
+def run_fresh(spec: dict, run_dir: Path, tmp_path: Path, hash_seed: str | None = None) -> Path:
     """Run `spec` relocated to `run_dir` with `python -m lorasum.cli job` in a new process; its artifact path."""
     spec = {**spec, "run_dir": str(run_dir)}
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
+    env = ENV if hash_seed is None else {**ENV, "PYTHONHASHSEED": hash_seed}
     res = subprocess.run([sys.executable, "-m", "lorasum.cli", "job", str(spec_file)], capture_output=True,
-                         text=True, env=ENV)
+                         text=True, env=env)
     assert res.returncode == 0, res.stderr
     out = artifact_path(spec)
     assert res.stdout.strip() == str(out)
@@ -61,10 +62,11 @@ def copy_adapters(root: Path, specs: dict, run_dir: Path) -> None:
         shutil.copytree(src, run_dir / "adapters" / src.name)
 
 
-def test_train_job_in_a_fresh_process(in_process, tmp_path):
+@pytest.mark.parametrize("hash_seed", ["0", "1"])  # set iteration order differs between these two
+def test_train_job_in_a_fresh_process(hash_seed, in_process, tmp_path):
     root, specs = in_process
     want = artifact_path(specs["train"])
-    got = run_fresh(specs["train"], tmp_path / "run", tmp_path)
+    got = run_fresh(specs["train"], tmp_path / "run", tmp_path, hash_seed)
     assert got.name == want.name
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         assert (got / f).read_bytes() == (want / f).read_bytes(), f
