@@ -153,19 +153,23 @@ def test_job_in_a_fresh_process_gives_the_same_artifact(smoke_run, tmp_path):
     assert art.read_bytes() == want
 
 
-def _run_until(args, cond, timeout=300):
-    """Start the experiment in a subprocess and SIGKILL it as soon as cond() holds; returns whether it was killed."""
+def _kill_at(args, pause: str, marker: Path, timeout=300) -> str:
+    """Run the experiment in a subprocess paused by the test-only hook (LORASUM_TEST_PAUSE) at `pause`; once its
+    marker file says it is there, SIGKILL it. Returns the marker's text (the temp file held, for a write)."""
+    env = {**ENV, "LORASUM_TEST_PAUSE": pause, "LORASUM_TEST_PAUSE_MARKER": str(marker)}
     proc = subprocess.Popen([sys.executable, "-m", "lorasum.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)
+                            stderr=subprocess.DEVNULL, env=env)
     t0 = time.time()
-    while proc.poll() is None and time.time() - t0 < timeout:
-        if cond():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.002)
-    proc.wait()
-    return False
+    try:
+        while not marker.is_file():
+            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before reaching {pause}"
+            assert time.time() - t0 < timeout, f"the run did not reach {pause} in {timeout} s"
+            time.sleep(0.01)
+        assert proc.poll() is None
+        return marker.read_text()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 def test_sigkill_during_training_and_during_a_write_then_resume_is_byte_identical(smoke_run, tmp_path):
@@ -173,18 +177,19 @@ def test_sigkill_during_training_and_during_a_write_then_resume_is_byte_identica
     run = tmp_path / "run"
     args = [a if a != str(root / "run") else str(run) for a in args]
 
-    def training_started():  # the second adapter is being written or trained
-        d = run / "adapters"
-        return d.is_dir() and len(list(d.iterdir())) >= 2
-
-    def writing_an_eval():  # a temp file of an eval artifact exists: the process is mid-write
-        d = run / "evals"
-        return d.is_dir() and (any(p.name.endswith(".tmp") for p in d.iterdir()) or len(list(d.iterdir())) >= 20)
-
-    assert _run_until(args, training_started), "the run finished before it could be killed in training"
+    # killed after the first optimizer step of the first adapter: nothing of it is saved
+    _kill_at(args, "train", tmp_path / "train.marker")
+    assert (run / "checks").is_dir()  # the data-stats job ran before training
+    assert not list(run.glob("adapters/*/adapter_model.safetensors"))
     assert not (run / "results.json").exists()
-    assert _run_until(args, writing_an_eval), "the run finished before it could be killed in evaluation"
+
+    # resumed, then killed inside the first eval artifact's atomic write: temp file complete, not yet renamed
+    held = Path(_kill_at(args, "write:/evals/", tmp_path / "write.marker"))
+    assert held.parent == run / "evals" and held.name.endswith(".tmp") and held.is_file()
+    assert not [p for p in (run / "evals").iterdir() if not p.name.startswith(".")]  # no eval artifact yet
+    assert len(list(run.glob("adapters/*/adapter_model.safetensors"))) == 7  # every adapter trained
     assert not (run / "results.json").exists()
+
     subprocess.run([sys.executable, "-m", "lorasum.cli", *args], check=True, capture_output=True,
                    env=ENV)
     assert (run / "results.json").read_bytes() == (root / "run" / "results.json").read_bytes()

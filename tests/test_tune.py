@@ -20,7 +20,7 @@ import yaml
 from conftest import color_rows, write_jsonl
 
 from lorasum.errors import LorasumError
-from lorasum.tune import DEFAULT_SPACE, default_space, load_space, parse_space, space_yaml
+from lorasum.tune_space import DEFAULT_SPACE, default_space, load_space, parse_space, space_yaml
 
 CAPS = ["--max-train", "24", "--max-validation", "8"]
 
@@ -165,6 +165,48 @@ def test_killed_worker_trial_is_failed_and_retried_with_its_parameters(ddir, tmp
 
 
 # --- the search space ---------------------------------------------------------------------------------------------
+def test_a_trial_clearly_worse_after_its_first_epoch_is_pruned(ddir, tmp_path, run_cli, monkeypatch):
+    """Two trials with a useful learning rate complete; a third whose lr cannot move the weights (1e-7) reports a
+    worse first-epoch validation loss than their median, so the median pruner stops it before epoch 2.
+
+    Only the sampler is scripted (which lr each trial gets), so the outcome does not hang on TPE's random draws;
+    training, the per-epoch reports, the pruner and the bookkeeping are lorasum's and Optuna's own.
+    """
+    import optuna
+
+    script = {0: 5e-2, 1: 4e-2, 2: 1e-7}
+
+    class Scripted(optuna.samplers.BaseSampler):
+        def infer_relative_search_space(self, study, trial):
+            return {}
+
+        def sample_relative(self, study, trial, search_space):
+            return {}
+
+        def sample_independent(self, study, trial, name, distribution):
+            return script[trial.number]
+
+    monkeypatch.setattr("lorasum.tune._seeded_tpe", lambda seed, n_startup: Scripted())
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {low: 1.0e-7, high: 0.1, log: true}\n")
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"epochs": 2, "dropout": 0.0}))
+    out = tmp_path / "tune"
+    rc, stdout, err, _ = run_cli(*tune_args(ddir, out, 3, "--space", space, "--params", params))
+    assert rc == 0, err
+    trials = load_study(out).trials
+    assert [t.params["lr"] for t in trials] == [5e-2, 4e-2, 1e-7]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    pruned = trials[2]
+    assert list(pruned.intermediate_values) == [1]  # stopped after epoch 1 of 2
+    median = sorted(t.intermediate_values[1] for t in trials[:2])
+    assert pruned.intermediate_values[1] > sum(median) / 2
+    best = json.loads((out / "best.json").read_text())
+    assert best["trials"] == {"requested": 3, "complete": 2, "pruned": 1} and best["trial"] in (0, 1)
+    assert "1 pruned" in stdout
+    assert (out / "trials.csv").read_text().splitlines()[3].startswith("2,PRUNED,")
+
+
 def test_default_space_round_trips_through_yaml(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(space_yaml(default_space()))

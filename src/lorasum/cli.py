@@ -320,7 +320,8 @@ def _add_tune_commands(sub: argparse._SubParsersAction) -> None:
 
     def _tune(args: argparse.Namespace) -> int:
         from .train import TrainConfig, read_params
-        from .tune import HEARTBEAT_S, default_space, load_space, tune
+        from .tune import HEARTBEAT_S, tune
+        from .tune_space import default_space, load_space
 
         if args.trials < 1:
             raise LorasumError(f"--trials must be at least 1 (the total number of finished trials), got {args.trials}")

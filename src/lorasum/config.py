@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import LorasumError
+from .fieldtypes import check_fields
 from .train import TrainConfig
 
 COMPOSITIONS = ("sum", "mean", "best_single", "level2_plus_one", "unlearning")
@@ -55,19 +56,22 @@ class ExperimentConfig:
         known = [f.name for f in fields(cls)]
         for key in d:
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
+                close = difflib.get_close_matches(str(key), known, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
                 raise LorasumError(f"{where}: unknown config key '{key}'{hint}")
-        d = dict(d)
+        d = check_fields(cls, d, where, skip=("tune",))  # `tune` has its own validation (normalize_tune)
         if "train" in d:
-            train = d["train"] or {}
+            train = {} if d["train"] is None else d["train"]
+            if not isinstance(train, dict):
+                raise LorasumError(f"{where}: 'train' must be a mapping of training parameters "
+                                   f"(e.g. {{epochs: 1, lr: 1e-3}}), got {train!r}")
             tknown = [f.name for f in fields(TrainConfig)]
             for key in train:
                 if key not in tknown:
-                    close = difflib.get_close_matches(key, tknown, n=1)
+                    close = difflib.get_close_matches(str(key), tknown, n=1)
                     hint = f"; did you mean 'train.{close[0]}'?" if close else ""
                     raise LorasumError(f"{where}: unknown config key 'train.{key}'{hint}")
-            d["train"] = TrainConfig(**train)
+            d["train"] = TrainConfig(**check_fields(TrainConfig, train, where, prefix="train."))
         cfg = cls(**d)
         cfg.validate(where)
         return cfg
@@ -80,8 +84,9 @@ class ExperimentConfig:
             raise LorasumError(f"{where}: 'domains' names {', '.join(dup)} more than once")
         if any("+" in d for d in self.domains):
             raise LorasumError(f"{where}: 'domains' lists single domains; partitions (a+b) are built by the grid")
-        if self.max_level is not None and not 1 <= self.max_level <= len(self.domains):
-            raise LorasumError(f"{where}: 'max_level' must be between 1 and {len(self.domains)}, got {self.max_level}")
+        if self.max_level is not None and not 2 <= self.max_level <= len(self.domains):
+            raise LorasumError(f"{where}: 'max_level' must be between 2 (singletons and pairs) and "
+                               f"{len(self.domains)} (the number of domains), or null for all; got {self.max_level}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise LorasumError(f"{where}: 'seeds' must be a non-empty list of distinct integers")
         for c in self.compositions:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -147,16 +148,49 @@ def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = No
 
 
 def _check_run_dir(cfg: ExperimentConfig, run_dir: Path, overwrite: bool) -> None:
+    """Refuse a run folder made with another config (naming the keys), a corrupt one, or a non-folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LorasumError(f"--out {run_dir} exists and is not a folder; choose another --out")
     cfg_path = run_dir / "config.json"
     if cfg_path.is_file():
-        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            if overwrite:
+                return
+            raise LorasumError(f"{cfg_path} is corrupt (not a JSON object of config keys); pass --overwrite to "
+                               "replace it with this config (finished jobs are reused) or choose another --out")
         diff = config_diff(old, json.loads(json.dumps(cfg.to_dict())))
         if diff and not overwrite:
-            raise LorasumError(f"{run_dir} holds a run made with a different config (differs in: {', '.join(diff)}); "
-                               "pass --overwrite to switch it to this config (unchanged jobs are reused) or choose "
-                               "another --out")
+            moved = (f" (data_dir was {old.get('data_dir')}, now {cfg.data_dir}; if only the folder moved, "
+                     "--overwrite reuses every job whose data files are unchanged)") if "data_dir" in diff else ""
+            raise LorasumError(f"{run_dir} holds a run made with a different config (differs in: {', '.join(diff)})"
+                               f"{moved}; pass --overwrite to switch it to this config (unchanged jobs are reused) "
+                               "or choose another --out")
     elif run_dir.exists() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
         raise LorasumError(f"{run_dir} exists and is not a lorasum run folder; choose another --out")
+
+
+def _check_domains(cfg: ExperimentConfig) -> None:
+    """Every domain must have records in each split after caps (checked before anything is written)."""
+    from .data import SPLITS, DataConfig, load_domain, require_nonempty
+
+    caps = {"train": cfg.max_train, "validation": cfg.max_validation, "test": cfg.max_test}
+    data = DataConfig(cfg.data_dir, cfg.question_field, cfg.answer_field, cfg.split_seed,
+                      {k: v for k, v in caps.items() if v is not None})
+    domains = [load_domain(d, data) for d in cfg.domains]
+    for split in SPLITS:
+        require_nonempty(domains, split)
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove a run folder this call created when the run stopped before any job or tuning study left a result."""
+    leftovers = [p for p in run_dir.iterdir() if p.name not in ("config.json", "timings.json")
+                 and not (p.name == "tune" and p.is_dir() and not any(p.iterdir()))]
+    if not leftovers:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _cost(spec: dict, cfg: ExperimentConfig) -> float:
@@ -171,15 +205,32 @@ def _cost(spec: dict, cfg: ExperimentConfig) -> float:
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool = False, loaded=None) -> dict:
     """Run (or resume) the grid, then write results.json, timings.json and the report."""
+    run_dir = Path(run_dir).resolve()
+    # absolute before the comparison with the saved config: a rerun from the same folder with the same relative
+    # --data-dir (or LORASUM_DATA_DIR) must resume
+    cfg.data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else cfg.data_dir
+    _check_run_dir(cfg, run_dir, overwrite)
+    p = plan(cfg, run_dir)
+    _check_domains(cfg)
+    made = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LorasumError(f"cannot create --out {run_dir}: {e.strerror}; choose another --out") from None
+    try:
+        return _run(cfg, run_dir, p, loaded)
+    except BaseException:
+        if made:  # a refused or interrupted first run leaves no folder behind (unless a job finished)
+            _remove_if_unused(run_dir)
+        raise
+
+
+def _run(cfg: ExperimentConfig, run_dir: Path, p: dict, loaded) -> dict:
+    """The planned run in an existing folder: config.json, tuning, the missing jobs, results and report."""
     from .models import load_model
     from .results import assemble
     from .report import write_report
 
-    run_dir = Path(run_dir).resolve()
-    _check_run_dir(cfg, run_dir, overwrite)
-    cfg.data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else cfg.data_dir
-    p = plan(cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     if cfg.tune:  # issue 5: tuned parameters replace cfg.train in the train jobs (and so in their keys)
         from .tune_experiment import run_tuning
@@ -189,7 +240,11 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
     jobs = [p["data_stats"], *p["train"].values(), *p["sims"].values(), *p["checks"].values(), *p["evals"].values()]
     pending = [j for j in jobs if not is_done(j)]
     timings_path = run_dir / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    try:  # wall times only (not results): a damaged file is started afresh
+        timings = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        timings = {}
+    timings = timings if isinstance(timings, dict) else {}
     if pending and loaded is None and any(j["kind"] != "similarity" for j in pending):
         if cfg.threads:
             import torch

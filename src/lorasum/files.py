@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -64,6 +65,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        pause_for_test("write", str(path), tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -116,3 +118,27 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# --- test-only hook -------------------------------------------------------------------------------------------------
+PAUSE_ENV = "LORASUM_TEST_PAUSE"  # "train" (after the first optimizer step) or "write[:PART]" (temp file written,
+PAUSE_MARKER_ENV = "LORASUM_TEST_PAUSE_MARKER"  # not yet renamed; PART: a substring of the target path)
+
+
+def pause_for_test(point: str, target: str = "", holding: str = "") -> None:
+    """Test-only: with LORASUM_TEST_PAUSE naming this point, write the marker file (its text: `holding` or
+    `target`) and sleep, so a test can SIGKILL the process exactly here. Unset (outside tests) it does nothing."""
+    want = os.environ.get(PAUSE_ENV)
+    if not want:
+        return
+    name, _, part = want.partition(":")
+    if name != point or part not in target:
+        return
+    marker = os.environ.get(PAUSE_MARKER_ENV)
+    if marker:
+        with open(marker + ".tmp", "w", encoding="utf-8") as f:
+            f.write(holding or target)
+        os.replace(marker + ".tmp", marker)
+    deadline = time.monotonic() + 600  # a test that never kills still ends
+    while time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -161,12 +161,42 @@ def _run_inplace(spec: dict, out: Path, loaded) -> None:
                             "max_abs_diff": max(float((after_removal[n] - direct[n]).abs().max()) for n in names)})
 
 
+# What each kind of spec must hold (besides kind and run_dir); `data` must hold DATA_KEYS.
+REQUIRED = {"train": ("model", "partition", "data", "train"),
+            "eval": ("model", "adapters", "domain", "data", "max_length", "batch_size", "loss_on"),
+            "similarity": ("a", "b"),
+            "inplace": ("model", "all", "removed"),
+            "data_stats": ("model", "domains", "data", "max_length")}
+DATA_KEYS = ("question_field", "answer_field", "split_seed", "max_records", "sources")
+
+
+def check_spec(spec, where: str) -> None:
+    """A job spec must be an object with a known kind, run_dir, its kind's keys and a key matching its content."""
+    fix = "write it again from the plan (experiment.plan) or rerun the experiment"
+    if not isinstance(spec, dict):
+        raise LorasumError(f"{where}: expected a JSON object (a job spec), got {type(spec).__name__}; {fix}")
+    if spec.get("kind") not in KINDS:
+        raise LorasumError(f"{where}: 'kind' must be one of {', '.join(KINDS)}, got {spec.get('kind')!r}")
+    missing = [k for k in ("run_dir", *REQUIRED[spec["kind"]]) if k not in spec]
+    data = spec.get("data")
+    if "data" in REQUIRED[spec["kind"]] and isinstance(data, dict):
+        missing += [f"data.{k}" for k in DATA_KEYS if k not in data]
+    elif "data" in REQUIRED[spec["kind"]] and "data" in spec:
+        missing.append("data (an object)")
+    if missing:
+        raise LorasumError(f"{where}: {'an' if spec['kind'][0] in 'aei' else 'a'} {spec['kind']} job spec needs {', '.join(missing)}; {fix}")
+    if "key" in spec and spec["key"] != job_key(spec):
+        raise LorasumError(f"{where}: 'key' {spec['key']} does not match the spec's content ({job_key(spec)}); "
+                           f"the spec was edited: {fix}")
+
+
 def run_job_file(path: str) -> Path:
     """`lorasum job SPEC.json`: run one job in this (fresh) process."""
     try:
         spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LorasumError(f"cannot read job spec {path}: {e}") from None
-    if not isinstance(spec, dict) or "run_dir" not in spec:
-        raise LorasumError(f"job spec {path}: expected a JSON object with 'kind' and 'run_dir'")
+    except OSError as e:
+        raise LorasumError(f"cannot read job spec {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LorasumError(f"job spec {path} is not valid JSON ({e}); write the spec as one JSON object") from None
+    check_spec(spec, f"job spec {path}")
     return run_job(spec)

@@ -306,21 +306,61 @@ def render_html(r: dict, pngs: dict[str, bytes]) -> str:
             f"</head><body><h1>lorasum experiment report</h1>{''.join(body)}</body></html>\n")
 
 
-def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
-    """Write figures/*.png, report.md and report.html from results.json (atomic writes)."""
-    run_dir = Path(run_dir)
-    if results is None:
-        path = run_dir / "results.json"
-        if not path.is_file():
-            raise LorasumError(f"{path} not found; run `lorasum experiment --out {run_dir}` first")
-        results = json.loads(path.read_text(encoding="utf-8"))
-    pngs = {name: fn(results) for name, fn in FIGURES.items()}
-    if results.get("tuning"):
-        from .tune_report import report_pngs
+RESULTS_KEYS = ("schema", "config", "models", "perplexity", "pairs", "compositions", "unlearning", "recipe_check",
+                "fit", "data", "provenance", "findings")
 
-        pngs.update(report_pngs(results))
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0]
+
+
+def read_results(run_dir: Path) -> dict:
+    """RUN_DIR/results.json, refused in one line when it is missing, unreadable or not a lorasum results file."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise LorasumError(f"{path} not found; run `lorasum experiment --out {run_dir}` first")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LorasumError(f"{path} is not a lorasum results file ({type(e).__name__}); regenerate it with "
+                           f"`lorasum experiment --config {run_dir / 'config.json'} --out {run_dir}`") from None
+    if not isinstance(results, dict):
+        what = f"a JSON {type(results).__name__}, not an object"
+    else:
+        missing = [k for k in RESULTS_KEYS if k not in results]
+        ok_schema = str(results.get("schema")).startswith("lorasum.results/")
+        what = f"missing {', '.join(missing)}" if missing else "" if ok_schema else f"schema {results['schema']!r}"
+    if what:
+        raise LorasumError(f"{path} is not a lorasum results file ({what}); "
+                           f"regenerate it with `lorasum experiment --config {run_dir / 'config.json'} "
+                           f"--out {run_dir}`")
+    return results
+
+
+def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
+    """Write figures/*.png, report.md and report.html from results.json (atomic writes).
+
+    Everything is rendered before the first file is written, so a damaged results.json changes nothing.
+    """
+    run_dir = Path(run_dir)
+    from_file = results is None
+    if from_file:
+        results = read_results(run_dir)
+    try:
+        pngs = {name: fn(results) for name, fn in FIGURES.items()}
+        if results.get("tuning"):
+            from .tune_report import report_pngs
+
+            pngs.update(report_pngs(results))
+        md, html = render_md(results), render_html(results, pngs)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        if not from_file:
+            raise
+        raise LorasumError(f"{run_dir / 'results.json'} is not a lorasum results file ({type(e).__name__}: {_first_line(e)}); "
+                           f"regenerate it with `lorasum experiment --config {run_dir / 'config.json'} "
+                           f"--out {run_dir}`") from None
     for name, png in pngs.items():
         atomic_write_bytes(run_dir / "figures" / f"{name}.png", png)
-    atomic_write_text(run_dir / "report.md", render_md(results))
-    atomic_write_text(run_dir / "report.html", render_html(results, pngs))
+    atomic_write_text(run_dir / "report.md", md)
+    atomic_write_text(run_dir / "report.html", html)
     return run_dir / "report.html"

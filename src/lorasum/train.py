@@ -21,7 +21,7 @@ from .data import DataConfig, Example, collate, load_domain, partition_domains, 
     require_nonempty, require_predicted_tokens, tokenize_records
 from .errors import LorasumError
 from .evaluate import Perplexity, per_example_nll
-from .files import atomic_dir, atomic_write_json, check_out_path
+from .files import atomic_dir, atomic_write_json, check_out_path, pause_for_test
 from .models import LoadedModel, check_targets, targets_for, weights_fingerprint
 from .progress import progress
 from .provenance import provenance
@@ -183,6 +183,7 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
         }
         with atomic_dir(out, overwrite=overwrite) as tmp:
             peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+            _sort_target_modules(tmp / "adapter_config.json")
             atomic_write_json(tmp / "lorasum.json", meta)
     finally:
         peft_model.unload()  # removes LoRA layers, restoring the base modules in place
@@ -190,6 +191,18 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
             p.requires_grad_(grad_flags.get(n, p.requires_grad))
     result.out = out
     return result
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """PEFT stores target_modules as a set, so its order in adapter_config.json follows the process's string hash
+    seed; sorted, the file is the same bytes in every process (`lorasum job` reproduces it)."""
+    import json
+
+    text = config_file.read_text(encoding="utf-8")
+    cfg = json.loads(text)
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoch: int = 1,
@@ -209,6 +222,7 @@ def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoc
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
+        pause_for_test("train")  # test-only hook (LORASUM_TEST_PAUSE=train): no-op unless set
         sched.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(batch["attention_mask"].sum())

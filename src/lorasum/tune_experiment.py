@@ -19,7 +19,8 @@ from .data import DataConfig
 from .errors import LorasumError
 from .files import atomic_write_text
 from .train import TrainConfig
-from .tune import DEFAULT_SPACE, HEARTBEAT_S, parse_space, space_dict, tune
+from .tune import HEARTBEAT_S, tune
+from .tune_space import DEFAULT_SPACE, parse_space, space_dict
 
 TUNE_MODES = ("shared", "per_partition")
 TUNE_KEYS = ("mode", "trials", "space", "seed", "storage", "heartbeat")

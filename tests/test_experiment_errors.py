@@ -1,0 +1,280 @@
+"""`lorasum experiment`, `report` and `job` on bad input, through the CLI: exit 2, exactly one `lorasum: error:`
+line naming the culprit, and nothing written (no run folder when there was none; an existing one unchanged).
+Also: a rerun with a relative --data-dir (or LORASUM_DATA_DIR) from the same folder resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import color_rows, shape_rows, write_jsonl
+
+from lorasum.config import load_config
+
+
+def one_line_error(result, *culprits: str) -> str:
+    rc, out, err, caught = result
+    assert rc == 2, (rc, out, err)
+    assert err.startswith("lorasum: error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for c in culprits:
+        assert str(c) in err, f"{c!r} not named in {err!r}"
+    assert caught == [], caught
+    return err
+
+
+def listing(folder: Path) -> dict[str, str]:
+    """Every path under `folder` with a hash of its bytes (folders: empty)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+            for p in sorted(folder.rglob("*"))}
+
+
+def _split(q: str, a: str) -> str:
+    u = int.from_bytes(hashlib.sha256(f"0\x00{q}\x00{a}".encode()).digest()[:8], "big") / 2**64
+    return "train" if u < 0.8 else "validation" if u < 0.9 else "test"
+
+
+@pytest.fixture
+def ddir(tmp_path) -> Path:
+    d = tmp_path / "data"
+    write_jsonl(d / "colors.jsonl", color_rows(60))
+    write_jsonl(d / "shapes.jsonl", shape_rows(60))
+    write_jsonl(d / "empty.jsonl", [])
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(100) if _split(f"q{i}", f"a{i}") == "train"]
+    write_jsonl(d / "trainonly.jsonl", rows[:10])
+    return d
+
+
+def experiment(run_cli, ddir: Path, out: Path, *extra, config: dict | None = None, domains=("colors", "shapes")):
+    args = ["experiment", "--preset", "smoke", "--data-dir", ddir, "--out", out]
+    if domains:
+        args += ["--domains", *domains]
+    if config is not None:
+        cfg = out.parent / "cfg.yaml"
+        cfg.write_text(yaml.safe_dump(config) if isinstance(config, dict) else config)
+        args += ["--config", cfg]
+    return run_cli(*args, *extra)
+
+
+# --- refused before anything is written -----------------------------------------------------------------------
+@pytest.mark.parametrize("domains, culprits", [
+    (["colors"], ["'domains' needs at least 2 domains"]),
+    (["colors", "colors"], ["'domains' names colors more than once"]),
+    (["colors", "nosuch"], ["unknown domain 'nosuch'", "found: colors, empty, shapes, trainonly"]),
+    (["colors", "empty"], ["domain 'empty'", "empty train split"]),
+    (["colors", "trainonly"], ["domain 'trainonly'", "empty validation split"]),
+    (["colors", "shapes[category=circle]"], ["shapes[category=circle]", "selects no records"]),
+])
+def test_bad_domains(domains, culprits, ddir, tmp_path, run_cli, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the domains were checked")
+
+    monkeypatch.setattr("lorasum.models.load_model", no_model)
+    before = listing(tmp_path)
+    one_line_error(experiment(run_cli, ddir, tmp_path / "run", domains=domains), *culprits)
+    assert listing(tmp_path) == before  # no run folder, no config.json, no timings.json
+
+
+def test_unknown_preset_suggests_the_closest(ddir, tmp_path, run_cli):
+    one_line_error(run_cli("experiment", "--preset", "smok", "--data-dir", ddir, "--out", tmp_path / "run"),
+                   "unknown preset 'smok'", "did you mean 'smoke'?")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("config, culprits", [
+    ({"max_trian": 3}, ["unknown config key 'max_trian'", "did you mean 'max_train'?"]),
+    ({"train": {"lrr": 0.1}}, ["unknown config key 'train.lrr'", "did you mean 'train.lr'?"]),
+    ({"tune": {"trails": 3}}, ["unknown config key 'tune.trails'", "did you mean 'tune.trials'?"]),
+    ("max_train: abc\n", ["'max_train' must be an integer or null, got 'abc'"]),
+    ("seeds: 3\n", ["'seeds' must be a list of integers, got 3"]),
+    ("seeds: [0, x]\n", ["'seeds' must be a list of integers"]),
+    ("train: [1]\n", ["'train' must be a mapping of training parameters", "got [1]"]),
+    ("train: {epochs: x}\n", ["'train.epochs' must be an integer, got 'x'"]),
+    ("train: {lr: fast}\n", ["'train.lr' must be a number, got 'fast'"]),
+    ("train: {targets: c_attn}\n", ["'train.targets' must be a list of strings or null, got 'c_attn'"]),
+    ("train: {use_rslora: 1}\n", ["'train.use_rslora' must be true or false, got 1"]),
+    ("bootstrap_samples: 1e2.5\n", ["'bootstrap_samples' must be an integer, got '1e2.5'"]),
+    ("max_test: 2.5\n", ["'max_test' must be an integer or null, got 2.5"]),
+    ("ci_level: .nan\n", ["'ci_level' must be a number, got nan"]),
+    ("model: [tiny-gpt2]\n", ["'model' must be a string"]),
+    ("max_level: 1\n", ["'max_level' must be between 2", "got 1"]),
+    ("max_level: 3\n", ["'max_level' must be between 2", "and 2 (the number of domains)", "got 3"]),
+])
+def test_bad_config_values_name_the_key(config, culprits, ddir, tmp_path, run_cli):
+    before = listing(tmp_path)
+    err = one_line_error(experiment(run_cli, ddir, tmp_path / "run", config=config), *culprits)
+    assert "cfg.yaml" in err  # the file is named
+    assert {k: v for k, v in listing(tmp_path).items() if k != "cfg.yaml"} == before  # no run folder
+
+
+def test_yaml_numeric_strings_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 and 1e3 as strings; the config accepts them as the numbers they spell."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("domains: [a, b]\nbootstrap_samples: 1e3\nci_level: 9e-1\ntrain: {lr: 1e-3, alpha: 64}\n")
+    assert yaml.safe_load(cfg.read_text())["train"]["lr"] == "1e-3"  # the premise
+    c = load_config(str(cfg), "smoke")
+    assert c.train.lr == 0.001 and c.bootstrap_samples == 1000 and c.ci_level == 0.9
+    assert c.train.alpha == 64 and isinstance(c.train.alpha, int)  # non-strings are kept as written (job keys)
+
+
+def test_out_that_is_a_file(ddir, tmp_path, run_cli):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    one_line_error(experiment(run_cli, ddir, f), str(f), "exists and is not a folder")
+    assert f.read_text() == "x"
+    one_line_error(experiment(run_cli, ddir, f / "run"), str(f / "run"), "cannot create --out")
+
+
+# --- an existing run folder -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished smoke run on two domains, made from its own folder with a relative --data-dir."""
+    from lorasum.cli import main
+
+    root = tmp_path_factory.mktemp("finished")
+    write_jsonl(root / "data" / "colors.jsonl", color_rows(60))
+    write_jsonl(root / "data" / "shapes.jsonl", shape_rows(60))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["experiment", "--preset", "smoke", "--domains", "colors", "shapes", "--data-dir", "data",
+                     "--out", "run"]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path) -> Path:
+    """A private copy of the finished run (same data folder), so a test may change it."""
+    shutil.copytree(finished / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+def no_jobs(monkeypatch) -> list[str]:
+    ran: list[str] = []
+    monkeypatch.setattr("lorasum.experiment.run_job", lambda spec, loaded=None: ran.append(spec["kind"]))
+    return ran
+
+
+def test_rerun_with_a_relative_data_dir_resumes(finished, run_cli, monkeypatch):
+    before = listing(finished / "run")
+    ran = no_jobs(monkeypatch)
+    monkeypatch.chdir(finished)
+    rc, _, err, _ = run_cli("experiment", "--preset", "smoke", "--domains", "colors", "shapes", "--data-dir",
+                            "data", "--out", "run")
+    assert rc == 0, err
+    monkeypatch.setenv("LORASUM_DATA_DIR", "data")  # the same through the environment
+    rc, _, err, _ = run_cli("experiment", "--preset", "smoke", "--domains", "colors", "shapes", "--out", "run")
+    assert rc == 0, err
+    assert ran == []
+    after = listing(finished / "run")
+    assert after["results.json"] == before["results.json"]
+    assert json.loads((finished / "run" / "config.json").read_text())["data_dir"] == str(finished / "data")
+
+
+def test_different_config_is_refused_then_accepted_with_overwrite(finished, run_copy, run_cli, monkeypatch):
+    data = str(finished / "data")
+    before = listing(run_copy)
+    one_line_error(experiment(run_cli, data, run_copy, config={"max_test": 5}), "differs in: max_test",
+                   "--overwrite")
+    assert listing(run_copy) == before
+    ran = []
+    real = __import__("lorasum.experiment", fromlist=["run_job"]).run_job
+    monkeypatch.setattr("lorasum.experiment.run_job", lambda spec, loaded=None: (ran.append(spec["kind"]),
+                                                                                    real(spec, loaded))[1])
+    rc, _, err, _ = experiment(run_cli, data, run_copy, "--overwrite", config={"max_test": 5})
+    assert rc == 0, err
+    assert ran and set(ran) == {"eval", "data_stats"}  # an eval cap retrains nothing
+    assert json.loads((run_copy / "config.json").read_text())["max_test"] == 5
+
+
+def test_moved_data_dir_is_refused_naming_both_folders(finished, run_copy, tmp_path, run_cli, monkeypatch):
+    moved = tmp_path / "moved"
+    shutil.copytree(finished / "data", moved)
+    before = listing(run_copy)
+    one_line_error(experiment(run_cli, moved, run_copy), "differs in: data_dir", str(finished / "data"),
+                   str(moved), "--overwrite")
+    assert listing(run_copy) == before
+    ran = no_jobs(monkeypatch)  # the same files elsewhere: every job is reused
+    rc, _, err, _ = experiment(run_cli, moved, run_copy, "--overwrite")
+    assert rc == 0, err
+    assert ran == []
+
+
+def test_corrupt_config_json_is_refused_then_replaced_with_overwrite(finished, run_copy, run_cli, monkeypatch):
+    (run_copy / "config.json").write_text('{"model": ')
+    before = listing(run_copy)
+    one_line_error(experiment(run_cli, finished / "data", run_copy), str(run_copy / "config.json"), "corrupt",
+                   "--overwrite")
+    assert listing(run_copy) == before
+    ran = no_jobs(monkeypatch)
+    rc, _, err, _ = experiment(run_cli, finished / "data", run_copy, "--overwrite")
+    assert rc == 0, err
+    assert ran == [] and json.loads((run_copy / "config.json").read_text())["domains"] == ["colors", "shapes"]
+
+
+def test_folder_that_is_not_a_run_is_refused(ddir, tmp_path, run_cli):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    before = listing(tmp_path)
+    one_line_error(experiment(run_cli, ddir, tmp_path / "other"), "is not a lorasum run folder")
+    assert listing(tmp_path) == before
+
+
+# --- lorasum report / lorasum job ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage, culprit", [
+    (None, "not found"),
+    ("{", "JSONDecodeError"),
+    ("[]", "a JSON list, not an object"),
+    ("drop:fit", "missing fit"),
+    ("set:fit", "TypeError"),
+])
+def test_report_on_a_damaged_results_json(damage, culprit, run_copy, run_cli):
+    path = run_copy / "results.json"
+    if damage is None:
+        path.unlink()
+    elif damage.startswith(("drop:", "set:")):
+        r = json.loads(path.read_text())
+        op, key = damage.split(":")
+        r.pop(key) if op == "drop" else r.__setitem__(key, "garbage")
+        path.write_text(json.dumps(r))
+    else:
+        path.write_text(damage)
+    before = listing(run_copy)
+    err = one_line_error(run_cli("report", run_copy), str(path), culprit)
+    if damage is not None:
+        assert "not a lorasum results file" in err and "regenerate it with `lorasum experiment" in err
+    assert listing(run_copy) == before  # no figure or report rewritten
+
+
+@pytest.mark.parametrize("text, culprits", [
+    ("not json", ["is not valid JSON"]),
+    ("[1, 2]", ["expected a JSON object", "got list"]),
+    ('{"kind": "bake", "run_dir": "r"}', ["'kind' must be one of", "'bake'"]),
+    ('{"kind": "eval", "run_dir": "r", "domain": "colors"}', ["an eval job spec needs model, adapters, data"]),
+    ('{"kind": "train", "model": "tiny-gpt2", "partition": "colors", "data": {}, "train": {}}',
+     ["a train job spec needs run_dir, data.question_field"]),
+])
+def test_job_with_a_bad_spec(text, culprits, tmp_path, run_cli):
+    spec = tmp_path / "spec.json"
+    spec.write_text(text)
+    before = listing(tmp_path)
+    one_line_error(run_cli("job", spec), str(spec), *culprits)
+    assert listing(tmp_path) == before
+
+
+def test_job_whose_key_does_not_match_its_content(finished, tmp_path, run_cli):
+    from lorasum.experiment import plan
+
+    cfg = load_config(str(finished / "run" / "config.json"))
+    spec = next(iter(plan(cfg, tmp_path / "run")["sims"].values()))
+    spec["b"][0]["weight"] = 2.0  # edited after planning: the artifact would land under the wrong key
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    one_line_error(run_cli("job", tmp_path / "spec.json"), "does not match the spec's content")
+    assert not (tmp_path / "run").exists()
