@@ -24,7 +24,7 @@ def concat_factors(terms: list[tuple[LoraFactors, float]], _cache: dict | None =
     """One layer: Σ w·s·B A as a single LoRA with scale 1 (weights and scales folded into B's columns)."""
     dtype = torch.promote_types(torch.float32, terms[0][0].A.dtype)
     A = torch.cat([f.A for f, _ in terms], dim=0)  # (Σr, in)
-    B = torch.cat([f.B for f, _ in terms], dim=1)  # (out, Σr)
+    B = torch.cat([f.B.T for f, _ in terms], dim=0).T  # (out, Σr), column-major like loaded factors
     A, B = (A, B) if A.dtype == dtype and B.dtype == dtype else (A.to(dtype), B.to(dtype))
     key = (dtype, tuple((w * f.scale, f.rank) for f, w in terms))
     col_scale = None if _cache is None else _cache.get(key)

@@ -51,7 +51,7 @@ class LoraFactors:
     """One layer's delta s · B A. `fan_in_fan_out`: the base weight is stored (in, out) (GPT-2 Conv1D)."""
 
     A: torch.Tensor  # (r, in)
-    B: torch.Tensor  # (out, r)
+    B: torch.Tensor  # (out, r); loaded adapters hold it column-major (B.T contiguous), see load_adapter
     scale: float
     fan_in_fan_out: bool = False
 
@@ -248,7 +248,8 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
                                f"but the config says rank {want_r}; re-save the adapter")
         alpha = _pattern_value(config.get("alpha_pattern"), layer, config["lora_alpha"])
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        layers[layer] = LoraFactors(A, B, float(scale), fan)
+        # B column-major: Bᵀ rows are what the Gram products and rank concatenation read (similarity, compose)
+        layers[layer] = LoraFactors(A, B.T.contiguous().T, float(scale), fan)
     return Adapter(folder.name, str(folder), config, layers, meta)
 
 
