@@ -218,3 +218,15 @@ def test_skipped_rows_are_announced_under_their_headings(tmp_path):
     assert not md_tables(section(secs, "Unlearning"))
     html = (run / "report.html").read_text(encoding="utf-8")
     assert "<p class=note>skipped: max_level 2 &lt; 3 domains" in html
+
+
+def test_module_columns_in_block_order():
+    """Table 2 / heatmap columns: attention before MLP, each in the order the block runs its modules."""
+    from lorasum.figures import kind_key
+
+    llama = ["mlp.down_proj", "self_attn.v_proj", "mlp.up_proj", "self_attn.o_proj", "self_attn.k_proj",
+             "mlp.gate_proj", "self_attn.q_proj"]
+    assert sorted(llama, key=kind_key) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    gpt2 = ["mlp.c_proj", "attn.c_proj", "mlp.c_fc", "attn.c_attn"]
+    assert sorted(gpt2, key=kind_key) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]

@@ -30,9 +30,15 @@ def split_layer(name: str) -> tuple[int, str]:
     return (int(m.group(1)), m.group(2)) if m else (0, name)
 
 
+# modules in the order a transformer block runs them (GPT-2, Llama family); others sort by name after these
+_BLOCK_ORDER = ("c_attn", "q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "gate_proj", "up_proj", "c_proj", "down_proj")
+
+
 def kind_key(kind: str) -> tuple:
-    """Attention modules before MLP ones (the paper's Table 2 column order), then by name."""
-    return ("mlp" in kind or "down" in kind, kind)
+    """Attention modules before MLP ones (the paper's Table 2 column order), each in the order the block runs them."""
+    leaf = kind.rsplit(".", 1)[-1]
+    return ("mlp" in kind or leaf in ("c_fc", "gate_proj", "up_proj", "down_proj"),
+            _BLOCK_ORDER.index(leaf) if leaf in _BLOCK_ORDER else len(_BLOCK_ORDER), kind)
 
 
 def rms_scatter(results: dict) -> bytes:
