@@ -104,6 +104,8 @@ def test_unknown_preset_suggests_the_closest(ddir, tmp_path, run_cli):
     ("model: [tiny-gpt2]\n", ["'model' must be a string"]),
     ("max_level: 1\n", ["'max_level' must be between 2", "got 1"]),
     ("max_level: 3\n", ["'max_level' must be between 2", "and 2 (the number of domains)", "got 3"]),
+    ("threads: -2\n", ["'threads' must be at least 1", "got -2"]),
+    ("threads: 0\n", ["'threads' must be at least 1", "got 0"]),
 ])
 def test_bad_config_values_name_the_key(config, culprits, ddir, tmp_path, run_cli):
     before = listing(tmp_path)
@@ -260,6 +262,9 @@ def test_report_on_a_damaged_results_json(damage, culprit, run_copy, run_cli):
     ('{"kind": "eval", "run_dir": "r", "domain": "colors"}', ["an eval job spec needs model, adapters, data"]),
     ('{"kind": "train", "model": "tiny-gpt2", "partition": "colors", "data": {}, "train": {}}',
      ["a train job spec needs run_dir, data.question_field"]),
+    ('{"kind": "similarity", "run_dir": "r", "a": 1, "b": 2}', ["'a' must be a list of", "got 1"]),
+    ('{"kind": "similarity", "run_dir": "r", "a": [{"train_key": "k", "weight": "1"}], "b": []}',
+     ["'a' must be a list of"]),
 ])
 def test_job_with_a_bad_spec(text, culprits, tmp_path, run_cli):
     spec = tmp_path / "spec.json"
@@ -278,3 +283,10 @@ def test_job_whose_key_does_not_match_its_content(finished, tmp_path, run_cli):
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     one_line_error(run_cli("job", tmp_path / "spec.json"), "does not match the spec's content")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_test_split_with_nothing_to_predict_is_refused(ddir, tmp_path, run_cli):
+    """eval_loss_on: answer with answers truncated away would give NaN perplexities: one line naming the split."""
+    cfg = {"eval_loss_on": "answer", "train": {"max_length": 8}}
+    one_line_error(experiment(run_cli, ddir, tmp_path / "run", config=cfg), "test: no answer tokens left",
+                   "--max-length 8")

@@ -230,3 +230,23 @@ def test_module_columns_in_block_order():
                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     gpt2 = ["mlp.c_proj", "attn.c_proj", "mlp.c_fc", "attn.c_attn"]
     assert sorted(gpt2, key=kind_key) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+
+
+def test_scatter_of_an_older_results_file_still_draws_its_points(run, monkeypatch):
+    """A results.json from before the fit over pair means has per-seed `fit.points` and no `fit.pairs`."""
+    import copy
+
+    from lorasum import figures
+
+    results = json.loads((run / "results.json").read_text())
+    old = copy.deepcopy(results)
+    old["fit"].pop("pairs", None)
+    old["fit"].pop("points_per_seed", None)
+    drawn = []
+    import matplotlib.axes
+
+    orig = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter",
+                        lambda self, x, y, *a, **k: drawn.append(len(x)) or orig(self, x, y, *a, **k))
+    figures.rms_scatter(old)
+    assert drawn and drawn[0] == len(old["fit"]["points"]) > 0

@@ -97,6 +97,8 @@ class ExperimentConfig:
             v = getattr(self, k)
             if v is not None and v < 1:
                 raise LorasumError(f"{where}: '{k}' must be at least 1 (or null for all), got {v}")
+        if self.threads is not None and self.threads < 1:
+            raise LorasumError(f"{where}: 'threads' must be at least 1 (or null for torch's choice), got {self.threads}")
         if not 0 < self.ci_level < 1:
             raise LorasumError(f"{where}: 'ci_level' must be in (0, 1), got {self.ci_level}")
         if self.bootstrap_samples < 100:

@@ -246,10 +246,9 @@ def _run(cfg: ExperimentConfig, run_dir: Path, p: dict, loaded) -> dict:
         timings = {}
     timings = timings if isinstance(timings, dict) else {}
     if pending and loaded is None and any(j["kind"] != "similarity" for j in pending):
-        if cfg.threads:
-            import torch
+        from .models import set_threads
 
-            torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)
         loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
     total = sum(_cost(j, cfg) for j in pending)
     with progress(total=round(total), desc="grid", unit="u") as bar:

@@ -50,8 +50,10 @@ def rms_scatter(results: dict) -> bytes:
     fit = results["fit"]
     pts = np.array(fit["points"], float).reshape(-1, 2)
     per_seed = np.array(fit.get("points_per_seed") or [], float).reshape(-1, 2)
+    if not fit.get("pairs") and len(pts):  # results.json from before the fit over pair means: its points are per seed
+        per_seed = pts
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    if len(per_seed) > len(pts):
+    if len(per_seed) > len(pts) or (len(per_seed) and not fit.get("pairs")):
         ax.scatter(per_seed[:, 0], per_seed[:, 1], s=14, color="grey", alpha=0.6, label="per seed (shown, not fitted)",
                    zorder=2)
     rows = {"|".join(r["subset"]): r for r in results["compositions"] if r["level"] == 2 and "pct_change" in r}

@@ -96,7 +96,7 @@ def run_job(spec: dict, loaded=None) -> Path:
 
 
 def _run_eval(spec: dict, out: Path, loaded) -> None:
-    from .data import load_domain, require_nonempty, tokenize_records
+    from .data import load_domain, require_nonempty, require_predicted_tokens, tokenize_records
     from .delta import load_adapter
     from .evaluate import per_example_nll
     from .merge import apply_adapters, restore_weights, snapshot_weights
@@ -107,6 +107,8 @@ def _run_eval(spec: dict, out: Path, loaded) -> None:
     _check_sources(spec, [dom])
     require_nonempty([dom], split)
     examples = tokenize_records(loaded.tokenizer, dom.records[split], spec["max_length"])
+    # a split with nothing to predict would give a NaN perplexity: refuse it, naming domain, split and the fix
+    require_predicted_tokens({dom.spec: examples}, split, spec["max_length"], spec["loss_on"])
     adapters = [(load_adapter(adapter_dir(spec["run_dir"], a["train_key"])), float(a["weight"]))
                 for a in spec["adapters"]]
     snapshot = snapshot_weights(loaded.model, sorted({n for a, _ in adapters for n in a.layers}))
@@ -185,6 +187,16 @@ def check_spec(spec, where: str) -> None:
         missing.append("data (an object)")
     if missing:
         raise LorasumError(f"{where}: {'an' if spec['kind'][0] in 'aei' else 'a'} {spec['kind']} job spec needs {', '.join(missing)}; {fix}")
+    for field in ("a", "b", "adapters"):
+        terms = spec.get(field)
+        if field in REQUIRED[spec["kind"]] and not (isinstance(terms, list) and all(
+                isinstance(t, dict) and isinstance(t.get("train_key"), str)
+                and isinstance(t.get("weight"), (int, float)) and not isinstance(t.get("weight"), bool)
+                for t in terms)):
+            raise LorasumError(f"{where}: '{field}' must be a list of {{\"train_key\": str, \"weight\": number}}, "
+                               f"got {terms!r:.60}; {fix}")
+    if isinstance(data, dict) and not isinstance(data.get("max_records", {}), dict):
+        raise LorasumError(f"{where}: 'data.max_records' must be an object of split caps; {fix}")
     if "key" in spec and spec["key"] != job_key(spec):
         raise LorasumError(f"{where}: 'key' {spec['key']} does not match the spec's content ({job_key(spec)}); "
                            f"the spec was edited: {fix}")

@@ -124,10 +124,7 @@ def _cached(folder: Path, key: str) -> dict | None:
 
 
 def _load(cfg):
-    from .models import load_model
+    from .models import load_model, set_threads
 
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     return load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
