@@ -88,12 +88,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     A non-empty `path` is replaced only with `overwrite` (LorasumError otherwise, raised before the rename). On any
     exception the temp folder is removed and `path` is left as it was.
     """
-    path = Path(path)
-    if path.name in ("", ".", ".."):
-        raise LorasumError(f"output folder '{path}' has no name; choose a path such as runs/out")
+    path = check_out_path(path, "output folder")  # a name, no file in the way, not an existing file
     _make_parent(path)
-    if path.exists() and not path.is_dir():
-        raise LorasumError(f"{path} exists and is not a folder; choose another path")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
