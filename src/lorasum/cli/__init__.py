@@ -1,0 +1,1 @@
+"""The `lorasum` command line: parsing, the command functions, and what they print."""

@@ -1,0 +1,54 @@
+"""The `lorasum` command: parse, call the command's function, and turn a LorasumError into one line and exit 2.
+
+Command names map to functions in core (one base model), algebra (adapter files and merging) and study
+(experiment, report, job, tune); each module adds its own parsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from ..errors import LorasumError
+from . import algebra, core, study
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorasum", description="Modular learning by naive LoRA summation: train, "
+                                     "compare, compose and evaluate LoRA deltas exactly.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (core, algebra, study):
+        module.add_parsers(sub)
+    return parser
+
+
+def _message(e: LorasumError, parser: argparse.ArgumentParser | None) -> str:
+    """The error's text, its key written as the command's flag when the value came from one."""
+    flags = {a.dest for a in parser._actions if a.option_strings} if parser is not None else set()
+    return e.as_flag() if e.key in flags else str(e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*Unable to fetch remote file.*")
+    try:
+        from transformers.utils import logging as hf_logging  # after parsing: `lorasum --help` stays torch-free
+
+        hf_logging.set_verbosity_error()
+        if getattr(args, "threads", None) is not None:
+            from ..lm.models import set_threads
+
+            set_threads(args.threads)
+        return int(args.func(args) or 0)
+    except LorasumError as e:
+        print(f"lorasum: error: {_message(e, getattr(args, 'parser', None))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorasum: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Apply and remove weighted LoRA deltas in a loaded model's weights, in place; `applied` for "apply, run, restore".
+
+For a Linear weight W (out, in): W += sign·Σ wᵢ sᵢ Bᵢ Aᵢ. For GPT-2's Conv1D, W is (in, out) and the delta is
+(α/r · B A)ᵀ (the paper's eq. 1), added as W += Aᵀ Bᵀ. Several adapters are concatenated along the rank first,
+so each weight is touched by one `addmm_`. Every layer is validated before any weight changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import LorasumError
+from .compose import weighted_sum
+from .factors import Adapter, LoraFactors
+
+
+def _base_weight(model: torch.nn.Module, layer: str, modules: dict | None = None) -> tuple[torch.Tensor, bool]:
+    """The layer's weight parameter and whether it is stored (in, out) (Conv1D)."""
+    module = (modules if modules is not None else dict(model.named_modules())).get(layer)
+    if module is None:
+        raise LorasumError(f"layer '{layer}' is not in the model ({type(model).__name__}); "
+                           "use the base model the adapter was trained on")
+    module = getattr(module, "base_layer", module)  # a PEFT-wrapped layer: edit its base weight
+    if isinstance(module, Conv1D):
+        return module.weight, True
+    if isinstance(module, torch.nn.Linear):
+        return module.weight, False
+    raise LorasumError(f"layer '{layer}' is a {type(module).__name__}, not Linear/Conv1D; "
+                       "use the base model the adapter was trained on")
+
+
+def _resolve(model: torch.nn.Module, layers: dict[str, LoraFactors]) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Validate every layer against the model (existence, type, shape) before anything is changed."""
+    out, modules = {}, dict(model.named_modules())
+    for layer, f in layers.items():
+        w, transposed = _base_weight(model, layer, modules)
+        want = f.shape[::-1] if transposed else f.shape
+        if tuple(w.shape) != want:
+            raise LorasumError(f"layer '{layer}': the model's weight is {tuple(w.shape)} but the adapter's delta is "
+                               f"{want}; use the base model the adapter was trained on")
+        out[layer] = (w, transposed)
+    return out
+
+
+def apply_factors(model: torch.nn.Module, layers: dict[str, LoraFactors], sign: float = 1.0) -> None:
+    """In place W += sign · s · B A per layer (transposed for Conv1D)."""
+    resolved = _resolve(model, layers)
+    with torch.no_grad():
+        for layer, f in layers.items():
+            w, transposed = resolved[layer]
+            cd = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+            A, B = f.A, f.B  # (r, in), (out, r)
+            if A.dtype != cd or A.device != w.device or B.dtype != cd or B.device != w.device:
+                A, B = A.to(device=w.device, dtype=cd), B.to(device=w.device, dtype=cd)
+            alpha = sign * f.scale
+            if cd == w.dtype:
+                if transposed:
+                    w.addmm_(A.T, B.T, alpha=alpha)  # (in, r) @ (r, out)
+                else:
+                    w.addmm_(B, A, alpha=alpha)  # (out, r) @ (r, in)
+            else:  # half precision: add in fp32, round once
+                d = alpha * (A.T @ B.T if transposed else B @ A)
+                w.copy_((w.to(cd) + d).to(w.dtype))
+
+
+def apply_adapters(model: torch.nn.Module, adapters: list[tuple[Adapter, float]], sign: float = 1.0) -> None:
+    """In place W += sign · Σ wᵢ · sᵢ · Bᵢ Aᵢ over all layers of the adapters (which must share their layers).
+
+    A layer missing in the model, of another type, or of another shape raises LorasumError naming it; no weight is
+    changed in that case.
+    """
+    if not adapters:
+        return
+    if len(adapters) == 1:
+        a, w = adapters[0]
+        layers = {n: LoraFactors(f.A, f.B, f.scale * float(w), f.fan_in_fan_out) for n, f in a.layers.items()}
+    else:
+        layers = weighted_sum(adapters).layers
+    apply_factors(model, layers, sign)
+
+
+def remove_adapters(model: torch.nn.Module, adapters: list[tuple[Adapter, float]]) -> None:
+    """Subtract what `apply_adapters(model, adapters)` added (exact up to round-off; prefer restore_weights)."""
+    apply_adapters(model, adapters, sign=-1.0)
+
+
+def snapshot_weights(model: torch.nn.Module, layer_names) -> dict[str, torch.Tensor]:
+    """Copies of the named layers' base weights, for restore_weights (no round-off accumulates)."""
+    modules = dict(model.named_modules())
+    return {name: _base_weight(model, name, modules)[0].detach().clone() for name in layer_names}
+
+
+def restore_weights(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Copy the snapshot back into the model's weights in place."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, saved in snapshot.items():
+            _base_weight(model, name, modules)[0].copy_(saved)
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, adapters: list[tuple[Adapter, float]]) -> Iterator[torch.nn.Module]:
+    """`with applied(model, [(a, 1.0), (b, -0.5)]):` the model holds base + Σ wᵢ ΔWᵢ inside the block; on exit
+    (also on error) the touched weights are restored bit-for-bit from a snapshot, never by subtraction."""
+    layers = sorted({n for a, _ in adapters for n in a.layers})
+    snap = snapshot_weights(model, layers)
+    try:
+        apply_adapters(model, adapters)
+        yield model
+    finally:
+        restore_weights(model, snap)
+
+
+def check_model_matches(adapter: Adapter, model_id: str | None, fingerprint: str | None = None) -> None:
+    """The adapter's recorded base (id, and weight hash when both are known) is the loaded model."""
+    if adapter.base_id and model_id and adapter.base_id.lower() != model_id.lower():
+        raise LorasumError(f"adapter '{adapter.name}' was trained on '{adapter.base_id}' but the model is "
+                           f"'{model_id}'; pass --model {adapter.base_id}")
+    if fingerprint and adapter.base_sha256 and fingerprint != adapter.base_sha256:
+        raise LorasumError(f"adapter '{adapter.name}' was trained on other weights of '{adapter.base_id}' "
+                           "(weights_sha256 differs from the loaded model); use the same base model file")

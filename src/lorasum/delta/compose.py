@@ -1,0 +1,91 @@
+"""Weighted sums of LoRA deltas, kept exact as one LoRA by concatenating along the rank.
+
+Σᵢ wᵢ sᵢ Bᵢ Aᵢ = [w₁s₁B₁ … wₙsₙBₙ] · [A₁; …; Aₙ]: the scales and weights are folded into B, the new scale is 1
+and the new rank is Σ rᵢ (PEFT's `cat` combination, which, unlike its `linear`, is a true sum of deltas).
+`--max-rank K` compresses each layer by a truncated SVD computed from the small factored core, never a dense ΔW.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..errors import LorasumError
+from .factors import Adapter, LoraFactors, check_compatible
+
+
+def concat_factors(terms: list[tuple[LoraFactors, float]], _cache: dict | None = None) -> LoraFactors:
+    """One layer: Σ w·s·B A as a single LoRA with scale 1 (weights and scales folded into B's columns)."""
+    dtype = torch.promote_types(torch.float32, terms[0][0].A.dtype)
+    A = torch.cat([f.A for f, _ in terms], dim=0)  # (Σr, in)
+    B = torch.cat([f.B.T for f, _ in terms], dim=0).T  # (out, Σr), column-major like loaded factors
+    A, B = (A, B) if A.dtype == dtype and B.dtype == dtype else (A.to(dtype), B.to(dtype))
+    key = (dtype, tuple((w * f.scale, f.rank) for f, w in terms))
+    col_scale = None if _cache is None else _cache.get(key)
+    if col_scale is None:  # (Σr,): each adapter's w·s repeated over its rank
+        col_scale = torch.tensor([c for c, r in key[1] for _ in range(r)], dtype=dtype)
+        if _cache is not None:
+            _cache[key] = col_scale
+    return LoraFactors(A, B.mul_(col_scale), 1.0, terms[0][0].fan_in_fan_out)
+
+
+def weighted_sum(adapters: list[tuple[Adapter, float]], name: str = "sum") -> Adapter:
+    """The exact weighted sum of adapters (weights may be negative) as one concatenated-rank Adapter (scale 1)."""
+    if not adapters:
+        raise LorasumError("no adapters to sum; pass at least one PATH[:WEIGHT]")
+    for a, w in adapters:
+        if not math.isfinite(w):
+            raise LorasumError(f"weight {w} for adapter '{a.name}' is not a finite number")
+    layers = check_compatible([a for a, _ in adapters])
+    first = adapters[0][0]
+    cache: dict = {}
+    out = {layer: concat_factors([(a.layers[layer], float(w)) for a, w in adapters], cache) for layer in layers}
+    return Adapter(name, "", copy.deepcopy(first.config), out, first.base_record())
+
+
+def truncate_factors(f: LoraFactors, k: int) -> tuple[LoraFactors, float, float]:
+    """Best rank-k approximation of s·B A from its factored SVD; returns (factors, error², norm²) in Frobenius.
+
+    B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), so s·B A = Q_B (s R_B R_Aᵀ) Q_Aᵀ and only the (r, r) core is decomposed.
+    """
+    dtype = f.A.dtype
+    B, A = f.B.double(), f.A.double()  # (out, r), (r, in)
+    qb, rb = torch.linalg.qr(B)  # (out, r), (r, r)
+    qa, ra = torch.linalg.qr(A.T)  # (in, r), (r, r)
+    u, s, vh = torch.linalg.svd(f.scale * (rb @ ra.T))  # core (r, r)
+    norm2 = float((s**2).sum())
+    err2 = float((s[k:] ** 2).sum())
+    root = s[:k].sqrt()
+    new_B = (qb @ u[:, :k]) * root  # (out, k)
+    new_A = root[:, None] * (vh[:k] @ qa.T)  # (k, in)
+    return LoraFactors(new_A.to(dtype), new_B.to(dtype), 1.0, f.fan_in_fan_out), err2, norm2
+
+
+def compress(adapter: Adapter, max_rank: int) -> tuple[Adapter, dict]:
+    """SVD-compress every layer to rank ≤ max_rank; report relative Frobenius errors per layer and overall.
+
+    Layers whose rank is already ≤ max_rank are kept exactly (error 0).
+    """
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise LorasumError(f"must be a whole number ≥ 1, got {max_rank!r}", key="max_rank")
+    layers, per_layer = {}, {}
+    tot_err2 = tot_norm2 = 0.0
+    for name, f in adapter.layers.items():
+        if f.rank <= max_rank:
+            layers[name], err2, norm2 = f, 0.0, _factored_norm2(f)
+        else:
+            layers[name], err2, norm2 = truncate_factors(f, max_rank)
+        per_layer[name] = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+        tot_err2 += err2
+        tot_norm2 += norm2
+    overall = math.sqrt(tot_err2 / tot_norm2) if tot_norm2 > 0 else 0.0
+    out = Adapter(adapter.name, adapter.path, copy.deepcopy(adapter.config), layers, adapter.base_record())
+    return out, {"max_rank": max_rank, "overall": overall, "layers": per_layer}
+
+
+def _factored_norm2(f: LoraFactors) -> float:
+    """‖s·B A‖²_F = s² Σ((BᵀB) ∘ (A Aᵀ)), without forming B A."""
+    B, A = f.B.double(), f.A.double()
+    return float(f.scale**2 * ((B.T @ B) * (A @ A.T)).sum())

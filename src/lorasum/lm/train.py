@@ -1,0 +1,243 @@
+"""Train one LoRA adapter on a partition with the paper's recipe (r=4, alpha=64, max length 64) via PEFT.
+
+The result is a stock PEFT adapter folder (adapter_config.json + adapter_model.safetensors) plus `lorasum.json`
+with the config, data fingerprints, seed, per-epoch losses, throughput and provenance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from peft import LoraConfig, get_peft_model
+from transformers import get_linear_schedule_with_warmup
+
+from .. import schema
+from ..errors import LorasumError
+from ..files import atomic_dir, atomic_write_json, pause_for_test
+from ..progress import progress
+from ..provenance import provenance
+from .data import DataConfig, Example, check_max_length, collate, load_domain, partition_domains, partition_records, \
+    require_nonempty, require_predicted_tokens, tokenize_records
+from .evaluate import Perplexity, per_example_nll
+from .models import LoadedModel, check_targets, targets_for, weights_fingerprint
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one adapter. r, alpha, targets and max_length are fixed across partitions (paper §3)."""
+
+    r: int = 4  # LoRA rank (paper: 4)
+    alpha: float = 64.0  # LoRA alpha; the delta is scaled by alpha/r (paper: 64)
+    dropout: float = 0.05  # LoRA dropout (tuned in the paper)
+    targets: list[str] | None = None  # module names; None = the architecture's preset
+    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    max_length: int = 64  # tokens per record after formatting (paper: 64)
+    batch_size: int = 8  # records per optimizer step (tuned in the paper)
+    epochs: int = 1  # passes over the training split (tuned in the paper); the best epoch by validation is kept
+    lr: float = 1e-3  # AdamW peak learning rate, decayed linearly to 0
+    warmup_ratio: float = 0.0  # share of steps with linear warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    loss_on: str = "all"  # "all" tokens of the formatted record (paper) or "answer" tokens only
+    seed: int = 0  # initialisation, dropout and batch order; never moves records between splits
+    eval_batch_size: int = 16  # records per validation batch
+
+    def check(self) -> None:
+        """Value rules (types are the schema's: see from_dict); errors are keyed by the field."""
+        check_max_length(self.max_length)
+        for name in ("r", "batch_size", "epochs", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise LorasumError(f"must be at least 1, got {getattr(self, name)}", key=name)
+        if not 0 <= self.dropout < 1:
+            raise LorasumError(f"must be in [0, 1), got {self.dropout}", key="dropout")
+        if self.loss_on not in ("all", "answer"):
+            raise LorasumError(f"must be 'all' or 'answer', got '{self.loss_on}'", key="loss_on")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LorasumError(f"must be a positive number, got {self.lr}", key="lr")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "training parameters") -> "TrainConfig":
+        """A checked TrainConfig from a mapping (a config section, a job spec, a tuning best.json's params)."""
+        return schema.parse(cls, d, where)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    epochs: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lora_config(cfg: TrainConfig, loaded: LoadedModel) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+        target_modules=targets_for(loaded.model_type, cfg.targets), bias="none", task_type="CAUSAL_LM",
+        fan_in_fan_out=loaded.model_type == "gpt2",  # GPT-2's Conv1D stores weights as (in, out)
+    )
+
+
+def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    return [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+
+
+def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: TrainConfig | None = None,
+                  data: DataConfig | None = None, overwrite: bool = False,
+                  on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train a LoRA adapter on `partition` (e.g. "math" or "math+medicine") and save it to `out` (a non-empty `out`
+    is replaced only with `overwrite`).
+
+    The base model is left as it was (LoRA layers are unloaded afterwards), so one loaded model serves many runs.
+    `on_epoch(epoch, val_loss)` is called after each epoch's validation; an exception it raises (e.g. a tuning
+    trial pruned) aborts training and nothing is saved.
+    """
+    cfg = TrainConfig.from_dict(asdict(cfg)) if cfg is not None else TrainConfig()
+    data = data or DataConfig()
+    out = Path(out)
+    domains = [load_domain(d, data) for d in partition_domains(partition)]
+    require_nonempty(domains, "train")
+    require_nonempty(domains, "validation")
+    tok = loaded.tokenizer
+    train_rec = partition_records(domains, "train", seed=data.split_seed)
+    val_rec = partition_records(domains, "validation", shuffle=False)
+    train_ex, val_ex = (tokenize_records(tok, recs, cfg.max_length) for recs in (train_rec, val_rec))
+    for split, recs, exs in (("train", train_rec, train_ex), ("validation", val_rec, val_ex)):  # no NaN losses
+        by_domain = {d.spec: [e for e, r in zip(exs, recs) if r.domain == d.spec] for d in domains}
+        require_predicted_tokens(by_domain, split, cfg.max_length, cfg.loss_on)
+    # the base identity is the fp32 weights' hash; a half-precision model cannot reproduce it, so none is recorded
+    fp32 = next(loaded.model.parameters()).dtype == torch.float32
+    base_sha = weights_fingerprint(loaded.model) if fp32 else None
+    grad_flags = {n: p.requires_grad for n, p in loaded.model.named_parameters()}
+
+    lcfg = lora_config(cfg, loaded)
+    check_targets(loaded.model, list(lcfg.target_modules))
+    set_seed(cfg.seed)
+    try:
+        peft_model = get_peft_model(loaded.model, lcfg)
+    except ValueError as e:  # e.g. a target that is a container module, not a layer PEFT can adapt
+        raise LorasumError(f"cannot add LoRA layers for {' '.join(sorted(lcfg.target_modules))}: "
+                           f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}", key="targets") from None
+    try:
+        result = _fit(peft_model, train_ex, val_ex, tok.pad_token_id, cfg, get_linear_schedule_with_warmup,
+                      loaded.autocast, on_epoch)
+        peft_model.peft_config["default"].base_model_name_or_path = loaded.model_id
+        meta = {
+            "lorasum_version": provenance()["lorasum"], "partition": partition, "domains": [d.spec for d in domains],
+            "base_model": {"id": loaded.model_id, "model_type": loaded.model_type, "weights_sha256": base_sha},
+            "train": asdict(cfg), "data": {**asdict(data), "domains": [d.fingerprint() for d in domains]},
+            "seed": cfg.seed, "epochs": result.epochs, "best_epoch": result.best_epoch,
+            "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s, "provenance": provenance(),
+        }
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+            _sort_target_modules(tmp / "adapter_config.json")
+            atomic_write_json(tmp / "lorasum.json", meta)
+    finally:
+        peft_model.unload()  # removes LoRA layers, restoring the base modules in place
+        for n, p in loaded.model.named_parameters():  # PEFT froze the base: give back its requires_grad flags
+            p.requires_grad_(grad_flags.get(n, p.requires_grad))
+    result.out = out
+    return result
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """PEFT stores target_modules as a set, so its order in adapter_config.json follows the process's string hash
+    seed; sorted, the file is the same bytes in every process (`lorasum job` reproduces it)."""
+    text = config_file.read_text(encoding="utf-8")
+    cfg = json.loads(text)
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoch: int = 1,
+                autocast=contextlib.nullcontext) -> dict:
+    """One pass of AdamW steps over collated batches; returns summed loss, steps and tokens seen.
+
+    `autocast` wraps the forward pass only (backward, clipping and the optimizer step run in fp32).
+    """
+    model.train()
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_sum, steps, tokens = 0.0, 0, 0
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast():
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        pause_for_test("train")  # test-only hook (LORASUM_TEST_PAUSE=train): no-op unless set
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        loss_sum, steps = loss_sum + loss.item(), steps + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss_sum / steps:.3f}")
+    return {"loss_sum": loss_sum, "steps": steps, "tokens": tokens}
+
+
+def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg: TrainConfig,
+         schedule_fn, autocast=contextlib.nullcontext,
+         on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sched = schedule_fn(opt, int(cfg.warmup_ratio * total), total)
+    rng = random.Random(cfg.seed)
+    result = TrainResult(out=Path())
+    best_loss, best_state = float("inf"), None
+    tokens, train_s, wall0 = 0, 0.0, time.perf_counter()
+    bar = progress(total=total, desc="train", unit="step")
+    for epoch in range(1, cfg.epochs + 1):
+        t_epoch = time.perf_counter()
+        batches = (collate(b, pad_id, cfg.loss_on) for b in _batches(train_ex, cfg.batch_size, rng))
+        stats = train_epoch(model, batches, opt, sched, cfg.max_grad_norm, bar, epoch, autocast)
+        train_s += time.perf_counter() - t_epoch  # validation time is excluded from throughput
+        tokens += stats["tokens"]
+        running, seen = stats["loss_sum"], stats["steps"]
+        with autocast():
+            rows = per_example_nll(model, {"validation": val_ex}, pad_id, cfg.eval_batch_size, cfg.loss_on,
+                                   desc="val")
+        val = Perplexity(sum(r.nll for r in rows), sum(r.tokens for r in rows))
+        result.epochs.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val.loss,
+                              "val_perplexity": val.perplexity})
+        bar.set_postfix(epoch=epoch, val_loss=f"{val.loss:.3f}")
+        if val.loss < best_loss:
+            best_loss, result.best_epoch = val.loss, epoch
+            best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if on_epoch is not None:
+            try:
+                on_epoch(epoch, val.loss)
+            except BaseException:
+                bar.close()
+                raise
+    bar.close()
+    result.wall_s = time.perf_counter() - wall0
+    result.tokens_per_s = tokens / train_s if train_s > 0 else 0.0
+    if best_state is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best_state:
+                    p.copy_(best_state[n])
+    model.eval()
+    return result

@@ -1,0 +1,161 @@
+"""The report's figures as PNG bytes: RMS vs %Δ perplexity (paper Fig. 1), per-layer cosine heatmap, perplexity bars."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from matplotlib.ticker import LogFormatter, ScalarFormatter
+
+from ..charts import png, pyplot
+from ..stats import fit_band
+from .ordering import find_model, pair_order
+
+
+def split_layer(name: str) -> tuple[int, str]:
+    """`transformer.h.3.attn.c_attn` -> (3, 'attn.c_attn'); `model.layers.0.self_attn.q_proj` -> (0, 'self_attn.q_proj')."""
+    m = re.search(r"\.(\d+)\.(.+)$", name)
+    return (int(m.group(1)), m.group(2)) if m else (0, name)
+
+
+# modules in the order a transformer block runs them (GPT-2, Llama family); others sort by name after these
+_BLOCK_ORDER = ("c_attn", "q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "gate_proj", "up_proj", "c_proj", "down_proj")
+
+
+def kind_key(kind: str) -> tuple:
+    """Attention modules before MLP ones (the paper's Table 2 column order), each in the order the block runs them."""
+    leaf = kind.rsplit(".", 1)[-1]
+    return ("mlp" in kind or leaf in ("c_fc", "gate_proj", "up_proj", "down_proj"),
+            _BLOCK_ORDER.index(leaf) if leaf in _BLOCK_ORDER else len(_BLOCK_ORDER), kind)
+
+
+def rms_scatter(results: dict) -> bytes:
+    """Each pair as a point (mean over seeds, %Δ CI as error bar), the per-seed points in grey, and the
+    least-squares line over the pair means with its pointwise confidence band."""
+    plt = pyplot()
+    fit = results["fit"]
+    pts = np.array(fit["points"], float).reshape(-1, 2)
+    per_seed = np.array(fit.get("points_per_seed") or [], float).reshape(-1, 2)
+    if not fit.get("pairs") and len(pts):  # results.json from before the fit over pair means: its points are per seed
+        per_seed = pts
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    if len(per_seed) > len(pts) or (len(per_seed) and not fit.get("pairs")):
+        ax.scatter(per_seed[:, 0], per_seed[:, 1], s=14, color="grey", alpha=0.6, label="per seed (shown, not fitted)",
+                   zorder=2)
+    rows = {"|".join(r["subset"]): r for r in results["compositions"] if r["level"] == 2 and "pct_change" in r}
+    mid = float(np.mean(pts[:, 0])) if len(pts) else 0.0
+    level = int(100 * fit.get("level", 0.95))
+    for i, ((x, y), name) in enumerate(zip(pts, fit.get("pairs") or [])):
+        ci = rows[name]["pct_change"]["ci"] if name in rows else [y, y]
+        ax.errorbar(x, y, yerr=[[y - ci[0]], [ci[1] - y]], fmt="o", color="C0", ecolor="C0", capsize=4, zorder=3,
+                    label=f"pair (mean over seeds), {level}% CI of %Δ" if i == 0 else None)
+        right = x > mid  # labels point inwards, so none runs off the axes
+        ax.annotate(name.replace("|", " + "), (x, y), textcoords="offset points", xytext=(-7 if right else 7, 6),
+                    ha="right" if right else "left", fontsize=8)
+    if len(pts):
+        allx = np.concatenate([pts[:, 0], per_seed[:, 0]]) if len(per_seed) else pts[:, 0]
+        pad = 0.12 * max(float(np.ptp(allx)), 1e-3)
+        ax.set_xlim(allx.min() - pad, allx.max() + pad)
+    if fit.get("slope") is not None:
+        xs = np.linspace(*ax.get_xlim(), 60)
+        sign = "+" if fit["intercept"] >= 0 else "−"
+        ax.plot(xs, fit["slope"] * xs + fit["intercept"], color="C3", zorder=1,
+                label=f"least squares over {fit['n']} pairs: y = {fit['slope']:.1f}x {sign} {abs(fit['intercept']):.1f}"
+                      f" (r² {fit['r2']:.2f})")
+        if fit.get("slope_ci"):
+            lo, hi = fit_band(fit, xs, pts[:, 0].tolist(), fit.get("level", 0.95))
+            # the band of a fit on very few points can dwarf the data: clip the view to the data (+ margin)
+            ax.fill_between(xs, lo, hi, color="C3", alpha=0.15, zorder=0,
+                            label=f"{level}% confidence band of the line (clipped to the view)")
+    ys = np.concatenate([pts[:, 1], per_seed[:, 1] if len(per_seed) else pts[:, 1],
+                         [c for r in rows.values() for c in r["pct_change"]["ci"]], [0.0]])
+    span = max(float(np.ptp(ys)), 1.0)
+    ax.set_ylim(ys.min() - 0.35 * span, ys.max() + 0.35 * span)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("RMS of per-layer cosine similarity (fundamental blocks)")
+    ax.set_ylabel("% change in perplexity (summed vs merged)")
+    ax.set_title("RMS similarity vs perplexity change (pairs)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
+    return png(fig)
+
+
+def cosine_heatmap(results: dict) -> bytes:
+    """Rows: pairs of fundamental blocks; columns: layers (grouped by module, then depth); colour: cosine."""
+    plt = pyplot()
+    pairs = results["pairs"]
+    labels = pair_order(results)
+    layers = sorted(pairs[labels[0]]["layers"], key=lambda n: (kind_key(split_layer(n)[1]), split_layer(n)[0]))
+    data = np.array([[pairs[p]["layers"][n] for n in layers] for p in labels])
+    kinds = [split_layer(n)[1] for n in layers]
+    starts = [i for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+    ends = starts[1:] + [len(kinds)]
+    fig, ax = plt.subplots(figsize=(min(14, max(6.5, 2.5 + 0.22 * len(layers))), 1.6 + 0.45 * len(labels)))
+    lim = max(float(np.abs(data).max()), 1e-6)  # symmetric around 0 (white); real cosines are often ~0.05
+    im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    ax.set_yticks(range(len(labels)), [p.replace("|", " / ") for p in labels], fontsize=8)
+    short = [k.split(".")[-1] for k in kinds]  # self_attn.q_proj -> q_proj, unless that is ambiguous
+    if len({short[i] for i in starts}) < len(starts):
+        short = kinds
+    ax.set_xticks([(a + b - 1) / 2 for a, b in zip(starts, ends)], [short[i] for i in starts], fontsize=8,
+                  rotation=30 if len(starts) > 4 else 0, ha="right" if len(starts) > 4 else "center")
+    for st in starts[1:]:
+        ax.axvline(st - 0.5, color="black", lw=0.8)
+    if len(layers) <= 40 and len(labels) <= 12:  # small grids: print the value in each cell
+        for i in range(len(labels)):
+            for j in range(len(layers)):
+                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(data[i, j]) > 0.6 * lim else "black")
+    if len(layers) <= 60:  # the depth of every column on the top axis
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(range(len(layers)), [str(split_layer(n)[0]) for n in layers], fontsize=6)
+        top.set_xlabel("layer index", fontsize=8)
+    ax.set_xlabel("module (columns grouped by module, depth increasing to the right)")
+    fig.colorbar(im, ax=ax, label="cosine", fraction=0.04, pad=0.02)
+    ax.set_title("Per-layer cosine similarity between fundamental blocks")
+    return png(fig)
+
+
+def perplexity_bars(results: dict) -> bytes:
+    """Perplexity of base, fundamentals, merged and summed models on each domain, with CIs.
+
+    A linear axis when all values lie within a factor of 10 (a log axis would label no tick); otherwise a log
+    axis with its minor ticks labelled. The legend sits above the plot, never over a bar.
+    """
+    plt = pyplot()
+    doms = results["config"]["domains"]
+    mat = results["perplexity"]
+    wanted = [("base", []), *(("adapter", [d]) for d in doms), ("adapter", doms), ("sum", doms), ("mean", doms)]
+    order = [m for m in (find_model(results, kind, subset) for kind, subset in wanted) if m in mat]
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.28 * len(doms) * len(order) + 1.5), 4.2))
+    width = 0.8 / len(order)
+    colors = plt.get_cmap("tab10" if len(order) <= 10 else "tab20").colors
+    lows, highs = [], []
+    for i, m in enumerate(order):
+        means = [mat[m][d]["mean"] for d in doms]
+        lo = [mat[m][d]["ci"][0] for d in doms]
+        hi = [mat[m][d]["ci"][1] for d in doms]
+        lows += lo
+        highs += hi
+        err = np.array([[a - b for a, b in zip(means, lo)], [b - a for a, b in zip(means, hi)]])
+        ax.bar(np.arange(len(doms)) + i * width, means, width, yerr=err, capsize=2, label=m,
+               color=colors[i % len(colors)], edgecolor="white", linewidth=0.5)
+    ax.set_xticks(np.arange(len(doms)) + 0.4 - width / 2, doms)
+    ax.set_ylabel("test perplexity")
+    top, bottom = max(highs), min(lows)
+    if top / max(bottom, 1e-12) >= 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.tick_params(axis="y", which="both", labelsize=8)
+    else:  # bars start at 0, so their lengths compare honestly
+        ax.set_ylim(0, top * 1.05)
+    ax.grid(axis="y", color="#ddd", lw=0.6)
+    ax.set_axisbelow(True)
+    level = int(100 * results["config"].get("ci_level", 0.95))
+    ax.set_title(f"Per-domain test perplexity (error bars: {level}% CI)", pad=8)
+    ax.legend(fontsize=7, ncol=min(4, len(order)), loc="lower center", bbox_to_anchor=(0.5, 1.08), frameon=False)
+    return png(fig)
+
+
+FIGURES = {"rms_vs_pct_change": rms_scatter, "cosine_heatmap": cosine_heatmap, "perplexity_bars": perplexity_bars}

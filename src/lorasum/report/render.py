@@ -1,0 +1,98 @@
+"""report.md and a self-contained report.html (figures embedded) from results.json alone, through the jinja2
+templates beside this module (autoescaping on for the HTML only).
+
+`lorasum report RUN_DIR` re-renders without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import jinja2
+
+from ..errors import LorasumError
+from ..files import atomic_write_bytes, atomic_write_text
+from .figures import FIGURES
+from .sections import sections
+from .tuning import tuning_pngs
+
+_TEMPLATES = Path(__file__).with_name("templates")
+
+
+def _env(autoescape: bool) -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=autoescape, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env.filters["md_cell"] = lambda c: c.replace("|", "\\|")
+    env.filters["b64"] = lambda data: base64.b64encode(data).decode()
+    return env
+
+
+def render_md(r: dict) -> str:
+    return _env(autoescape=False).get_template("report.md.j2").render(sections=sections(r))
+
+
+def render_html(r: dict, pngs: dict[str, bytes]) -> str:
+    return _env(autoescape=True).get_template("report.html.j2").render(sections=sections(r), pngs=pngs)
+
+
+def figure_pngs(r: dict) -> dict[str, bytes]:
+    """{name: PNG bytes} of every figure the report shows."""
+    return {**{name: draw(r) for name, draw in FIGURES.items()}, **(tuning_pngs(r) if r.get("tuning") else {})}
+
+
+RESULTS_KEYS = ("schema", "config", "models", "perplexity", "pairs", "compositions", "unlearning", "recipe_check",
+                "fit", "data", "provenance", "findings")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0]
+
+
+def read_results(run_dir: Path) -> dict:
+    """RUN_DIR/results.json, refused in one line when it is missing, unreadable or not a lorasum results file."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise LorasumError(f"{path} not found; run `lorasum experiment --out {run_dir}` first")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LorasumError(f"{path} is not a lorasum results file ({type(e).__name__}); regenerate it with "
+                           f"`lorasum experiment --config {run_dir / 'config.json'} --out {run_dir}`") from None
+    if not isinstance(results, dict):
+        what = f"a JSON {type(results).__name__}, not an object"
+    else:
+        missing = [k for k in RESULTS_KEYS if k not in results]
+        ok_schema = str(results.get("schema")).startswith("lorasum.results/")
+        what = f"missing {', '.join(missing)}" if missing else "" if ok_schema else f"schema {results['schema']!r}"
+    if what:
+        raise LorasumError(f"{path} is not a lorasum results file ({what}); "
+                           f"regenerate it with `lorasum experiment --config {run_dir / 'config.json'} "
+                           f"--out {run_dir}`")
+    return results
+
+
+def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
+    """Write figures/*.png, report.md and report.html from results.json (atomic writes).
+
+    Everything is rendered before the first file is written, so a damaged results.json changes nothing.
+    """
+    run_dir = Path(run_dir)
+    from_file = results is None
+    if from_file:
+        results = read_results(run_dir)
+    try:
+        pngs = figure_pngs(results)
+        md, html = render_md(results), render_html(results, pngs)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, jinja2.TemplateError) as e:
+        if not from_file:
+            raise
+        raise LorasumError(f"{run_dir / 'results.json'} is not a lorasum results file ({type(e).__name__}: {_first_line(e)}); "
+                           f"regenerate it with `lorasum experiment --config {run_dir / 'config.json'} "
+                           f"--out {run_dir}`") from None
+    for name, png in pngs.items():
+        atomic_write_bytes(run_dir / "figures" / f"{name}.png", png)
+    atomic_write_text(run_dir / "report.md", md)
+    atomic_write_text(run_dir / "report.html", html)
+    return run_dir / "report.html"

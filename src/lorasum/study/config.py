@@ -1,0 +1,194 @@
+"""Experiment configuration: one YAML/JSON file that fully describes a run, its presets and its validation."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .. import schema
+from ..errors import LorasumError
+from ..lm.data import SPLITS, DataConfig
+from ..lm.train import TrainConfig
+from ..tune.search import HEARTBEAT_S
+from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
+from .grid import COMPOSITIONS
+
+TUNE_MODES = ("shared", "per_partition")
+
+
+@dataclass
+class TuneSettings:
+    """The experiment's `tune` section: a search run before the grid, whose best parameters train the adapters."""
+
+    mode: str = "shared"  # shared: one set for every partition; per_partition: each its own (confounds the comparison)
+    trials: int = 20  # finished trials per study
+    space: dict | None = None  # search space {param: {low, high[, log]} | {choices}} (default: tune.space's)
+    seed: int = 0  # seed of the TPE sampler
+    storage: str | None = None  # SQLAlchemy URL shared by workers (default: an SQLite file in RUN_DIR/tune)
+    heartbeat: int = HEARTBEAT_S  # seconds between a running trial's heartbeats
+
+    def check(self) -> None:
+        if self.mode not in TUNE_MODES:
+            raise LorasumError(f"must be one of {', '.join(TUNE_MODES)}, got {self.mode!r}", key="mode")
+        if self.trials < 1:
+            raise LorasumError(f"must be an integer of at least 1, got {self.trials!r}", key="trials")
+        if self.storage is not None and "://" not in self.storage:
+            raise LorasumError(f"must be an SQLAlchemy URL (e.g. postgresql://host/db) or null, got {self.storage!r}",
+                               key="storage")
+        if self.heartbeat < 1:
+            raise LorasumError(f"must be a whole number of seconds >= 1, got {self.heartbeat!r}", key="heartbeat")
+        self.space = space_dict(parse_space(self.space or DEFAULT_SPACE, "tune.space"))
+
+
+def tune_section(value) -> dict | None:
+    """`tune: null | shared | per_partition | {mode, trials, space, seed, storage, heartbeat}` -> a full dict."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if isinstance(value, str):
+        value = {"mode": value}
+    if not isinstance(value, dict):
+        raise LorasumError(f"'tune' must be null, 'shared', 'per_partition' or a mapping, got {value!r}")
+    return asdict(schema.parse(TuneSettings, value, None, prefix="tune."))
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole study of the paper (sections 4-5) on any domains and base model."""
+
+    model: str = "smollm2-135m"  # built-in name, .gguf path, folder or hub id
+    data_dir: str | None = None  # folder with <domain>.jsonl (default: $LORASUM_DATA_DIR)
+    domains: list[str] = field(default_factory=lambda: ["math", "medicine", "finance"])  # >= 2; sub-domains allowed
+    question_field: str = "question"  # record field holding the question
+    answer_field: str = "answer"  # record field holding the answer
+    split_seed: int = 0  # salt of the content hash that assigns records to splits
+    max_train: int | None = None  # training records per domain (None: all)
+    max_validation: int | None = None  # validation records per domain
+    max_test: int | None = None  # test records per domain
+    max_level: int | None = None  # largest merged partition trained (None: all domains)
+    seeds: list[int] = field(default_factory=lambda: [0])  # one adapter per partition and seed
+    train: TrainConfig = field(default_factory=TrainConfig)  # hyperparameters, shared by every partition
+    eval_batch_size: int = 16  # records per eval batch
+    eval_loss_on: str = "all"  # tokens counted in perplexity: "all" (paper) or "answer"
+    compositions: list[str] = field(default_factory=lambda: list(COMPOSITIONS))  # which composed models to evaluate
+    max_ppl_ratio: float | None = None  # recipe check: each fundamental's ppl on its own domain <= ratio x base
+    bootstrap_samples: int = 1000  # paired bootstrap resamples for confidence intervals
+    ci_level: float = 0.95  # confidence level of every interval
+    bootstrap_seed: int = 0  # RNG seed of the bootstrap
+    device: str | None = None  # cpu / cuda (default: GPU if present)
+    dtype: str | None = None  # weights: float32 (default) / bfloat16
+    autocast: str | None = None  # mixed-precision forward passes over fp32 weights: null (off) / bfloat16
+    threads: int | None = None  # torch CPU threads
+    tune: dict | str | bool | None = None  # hyperparameter search before the grid: null (off) or TuneSettings
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "ExperimentConfig":
+        return schema.parse(cls, d, where)
+
+    def check(self) -> None:
+        if len(self.domains) < 2:
+            raise LorasumError(f"needs at least 2 domains, got {self.domains!r}", key="domains")
+        if len(set(self.domains)) != len(self.domains):
+            dup = sorted({d for d in self.domains if self.domains.count(d) > 1})
+            raise LorasumError(f"names {', '.join(dup)} more than once", key="domains")
+        if any("+" in d for d in self.domains):
+            raise LorasumError("lists single domains; partitions (a+b) are built by the grid", key="domains")
+        if self.max_level is not None and not 2 <= self.max_level <= len(self.domains):
+            raise LorasumError(f"must be between 2 (singletons and pairs) and {len(self.domains)} (the number of "
+                               f"domains), or null for all; got {self.max_level}", key="max_level")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise LorasumError("must be a non-empty list of distinct integers", key="seeds")
+        for c in self.compositions:
+            if c not in COMPOSITIONS:
+                raise LorasumError(f"names unknown composition '{c}'; known: {', '.join(COMPOSITIONS)}",
+                                   key="compositions")
+        for k in ("max_train", "max_validation", "max_test"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise LorasumError(f"must be at least 1 (or null for all), got {v}", key=k)
+        if self.threads is not None and self.threads < 1:
+            raise LorasumError(f"must be at least 1 (or null for torch's choice), got {self.threads}", key="threads")
+        if not 0 < self.ci_level < 1:
+            raise LorasumError(f"must be in (0, 1), got {self.ci_level}", key="ci_level")
+        if self.bootstrap_samples < 100:
+            raise LorasumError(f"must be at least 100, got {self.bootstrap_samples}", key="bootstrap_samples")
+        if self.eval_loss_on not in ("all", "answer"):
+            raise LorasumError(f"must be 'all' or 'answer', got '{self.eval_loss_on}'", key="eval_loss_on")
+        self.tune = tune_section(self.tune)
+
+    @property
+    def level(self) -> int:
+        return self.max_level or len(self.domains)
+
+    def caps(self, splits=SPLITS, keep_none: bool = False) -> dict[str, int | None]:
+        """Record caps of `splits`; the uncapped ones as None with `keep_none` (as job specs hold them), else left
+        out (as DataConfig takes them)."""
+        caps = {"train": self.max_train, "validation": self.max_validation, "test": self.max_test}
+        return {s: caps[s] for s in splits if keep_none or caps[s] is not None}
+
+    def data_config(self, splits=SPLITS) -> DataConfig:
+        """The DataConfig of this run, capped on `splits` (the others uncapped)."""
+        return DataConfig(self.data_dir, self.question_field, self.answer_field, self.split_seed, self.caps(splits))
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+PRESETS: dict[str, dict] = {
+    # tiny model, seconds: for tests and smoke runs (the caller supplies domains and data_dir)
+    "smoke": {"model": "tiny-gpt2", "max_train": 24, "max_validation": 8, "max_test": 8, "bootstrap_samples": 200,
+              "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "max_length": 32}},
+    # embedded SmolLM2, the three real domains, one seed, ~200 training records per domain, one epoch
+    "quick": {"model": "smollm2-135m", "domains": ["math", "medicine", "finance"], "max_train": 200,
+              "max_validation": 30, "max_test": 50, "seeds": [0], "autocast": "bfloat16", "max_ppl_ratio": 0.8, "train": {"epochs": 1}},
+    # the same domains, 3 seeds, larger budgets (hours on CPU)
+    "full": {"model": "smollm2-135m", "domains": ["math", "medicine", "finance"], "max_train": 2000,
+             "max_validation": 200, "max_test": 400, "seeds": [0, 1, 2], "train": {"epochs": 2}},
+    # the paper's setup: GPT-2 small from the hub, all data, r=4, alpha=64, c_attn/c_proj, max length 64 (a GPU)
+    "paper": {"model": "gpt2", "domains": ["math", "medicine", "finance"], "seeds": [0],
+              "train": {"r": 4, "alpha": 64, "targets": ["c_attn", "c_proj"], "max_length": 64, "epochs": 3,
+                        "lr": 2e-4}},
+}
+
+
+def load_config(path: str | None = None, preset: str | None = None, overrides: dict | None = None) -> ExperimentConfig:
+    """A preset, then a YAML/JSON file, then explicit overrides (each layer replaces keys of the one before)."""
+    merged: dict = {}
+    if preset:
+        if preset not in PRESETS:
+            close = difflib.get_close_matches(preset, PRESETS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise LorasumError(f"unknown preset '{preset}'{hint}; presets: {', '.join(PRESETS)}")
+        merged = json.loads(json.dumps(PRESETS[preset]))
+    where = "config"
+    if path:
+        where = path
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise LorasumError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            raise LorasumError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise LorasumError(f"{path}: expected a mapping of config keys")
+        merged = _merge(merged, data)
+    merged = _merge(merged, overrides or {})
+    return ExperimentConfig.from_dict(merged, where)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,225 @@
+"""`lorasum experiment`: plan the paper's grid for N domains as jobs, run what is missing, assemble and report.
+
+Grid (paper §4): an adapter per non-empty subset of domains up to `max_level` (singletons = fundamental blocks,
+k-subsets = level-k blocks trained on merged data), per seed. Composed models evaluated beside them: the naive sum
+of a subset's fundamentals, the mean (weights 1/k), level-2 block + remaining fundamental (3-subsets), and
+unlearning (all-domain block minus one fundamental). Every model is evaluated on every single domain's test set;
+pooled figures for a subset are exp(ΣNLL/Σtokens) over the union of its domains' test sets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import LorasumError
+from ..files import atomic_write_json, sha256_file
+from ..lm.data import SPLITS, load_domain, parse_spec, require_nonempty, resolve_source
+from ..lm.models import load_model, set_threads
+from ..progress import progress
+from ..report.render import write_report
+from ..schema import config_diff
+from .config import ExperimentConfig
+from .grid import adapter, model_catalog, partition_name, subsets
+from .jobs import JOB_KINDS, is_done, run_job, with_key
+from .results import assemble
+from .tuning import run_tuning
+
+
+def _sources(cfg: ExperimentConfig) -> dict[str, str | None]:
+    out = {}
+    for d in cfg.domains:
+        name = parse_spec(d)[0]
+        path = resolve_source(name, cfg.data_dir)
+        out[name] = None if path.startswith("hf:") else sha256_file(path)
+    return out
+
+
+def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = None) -> dict:
+    """All job specs (with keys) of the run: train, similarity and eval, plus the model catalog.
+
+    `evals` maps (model name, domain, seed) to test-split evals and (model name, domain, seed, "validation") to the
+    fundamentals' validation-split evals that choose the best-single baseline; `models` is the grid's Catalog.
+
+    `train_for` maps partitions to tuned TrainConfigs (from the `tune` section); others use cfg.train.
+    """
+    run_dir = str(run_dir)
+    sources = _sources(cfg)
+    base = {"model": cfg.model, "dtype": cfg.dtype, "autocast": cfg.autocast, "run_dir": run_dir, "device": cfg.device,
+            "data_dir": cfg.data_dir}
+    fields_ = {"question_field": cfg.question_field, "answer_field": cfg.answer_field, "split_seed": cfg.split_seed}
+
+    def data_part(domains: list[str], caps: dict) -> dict:
+        names = sorted({parse_spec(d)[0] for d in domains})
+        return {**fields_, "max_records": caps, "sources": {n: sources[n] for n in names}}
+
+    train: dict[tuple[str, int], dict] = {}
+    for seed in cfg.seeds:
+        for s in subsets(cfg.domains, cfg.level):
+            part = partition_name(s)
+            spec = with_key({**base, "kind": "train", "partition": part,
+                             "data": data_part(list(s), cfg.caps(("train", "validation"), keep_none=True)),
+                             "train": {**asdict((train_for or {}).get(part, cfg.train)), "seed": seed}})
+            train[(part, seed)] = spec
+
+    def terms(items, seed):
+        return [{"train_key": train[(p, seed)]["key"], "weight": w} for p, w in items]
+
+    catalog = model_catalog(cfg.domains, cfg.level, cfg.compositions)
+    evals: dict[tuple, dict] = {}
+    for seed in cfg.seeds:
+        for name, m in catalog.models.items():
+            for d in cfg.domains:
+                spec = with_key({**base, "kind": "eval", "adapters": terms(m.terms, seed), "domain": d,
+                                 "data": data_part([d], cfg.caps(("test",), keep_none=True)),
+                                 "max_length": cfg.train.max_length,
+                                 "batch_size": cfg.eval_batch_size, "loss_on": cfg.eval_loss_on})
+                evals[(name, d, seed)] = spec
+    if "best_single" in cfg.compositions:  # the best single block is chosen on validation, never on test
+        for seed in cfg.seeds:
+            for f in cfg.domains:
+                for d in cfg.domains:
+                    spec = with_key({**base, "kind": "eval", "adapters": terms(adapter([f]).terms, seed), "domain": d,
+                                     "split": "validation",
+                                     "data": data_part([d], cfg.caps(("validation",), keep_none=True)),
+                                     "max_length": cfg.train.max_length, "batch_size": cfg.eval_batch_size,
+                                     "loss_on": cfg.eval_loss_on})
+                    evals[(adapter([f]).name, d, seed, "validation")] = spec
+
+    sims: dict[tuple, dict] = {}  # (what, subset[, domain], seed) -> similarity job
+    for seed in cfg.seeds:
+        def sim(what: tuple, a, b):
+            sims[(*what, seed)] = with_key({"kind": "similarity", "run_dir": run_dir,
+                                            "a": terms(a, seed), "b": terms(b, seed)})
+
+        for x, y in itertools.combinations(cfg.domains, 2):
+            sim(("pair", (x, y)), [[x, 1.0]], [[y, 1.0]])
+        for s in subsets(cfg.domains, cfg.level, 2):
+            sim(("weight", s), [[d, 1.0] for d in s], [[partition_name(s), 1.0]])
+            if len(s) >= 3:
+                for d in s:
+                    sim(("block_vs_rest", s, d), [[d, 1.0]], [[x, 1.0] for x in s if x != d])
+            if len(s) == 3:
+                for d in s:
+                    sim(("level2_plus_one", s, d), [[partition_name([x for x in s if x != d]), 1.0]], [[d, 1.0]])
+    checks: dict[tuple[str, int], dict] = {}
+    if "unlearning" in cfg.compositions and cfg.level == len(cfg.domains):
+        for seed in cfg.seeds:
+            keys = [train[(d, seed)]["key"] for d in cfg.domains]
+            for d, k in zip(cfg.domains, keys):
+                checks[(d, seed)] = with_key({"kind": "inplace", "model": cfg.model, "dtype": cfg.dtype,
+                                              "autocast": cfg.autocast,
+                                              "run_dir": run_dir, "device": cfg.device, "all": keys, "removed": k})
+    stats = with_key({**base, "kind": "data_stats", "domains": list(cfg.domains),
+                      "data": data_part(cfg.domains, cfg.caps(keep_none=True)), "max_length": cfg.train.max_length})
+    return {"train": train, "evals": evals, "sims": sims, "checks": checks, "data_stats": stats, "models": catalog}
+
+
+def _check_run_dir(cfg: ExperimentConfig, run_dir: Path, overwrite: bool) -> None:
+    """Refuse a run folder made with another config (naming the keys), a corrupt one, or a non-folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LorasumError(f"--out {run_dir} exists and is not a folder; choose another --out")
+    cfg_path = run_dir / "config.json"
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            if overwrite:
+                return
+            raise LorasumError(f"{cfg_path} is corrupt (not a JSON object of config keys); pass --overwrite to "
+                               "replace it with this config (finished jobs are reused) or choose another --out")
+        diff = config_diff(old, json.loads(json.dumps(cfg.to_dict())))
+        if diff and not overwrite:
+            moved = (f" (data_dir was {old.get('data_dir')}, now {cfg.data_dir}; if only the folder moved, "
+                     "--overwrite reuses every job whose data files are unchanged)") if "data_dir" in diff else ""
+            raise LorasumError(f"{run_dir} holds a run made with a different config (differs in: {', '.join(diff)})"
+                               f"{moved}; pass --overwrite to switch it to this config (unchanged jobs are reused) "
+                               "or choose another --out")
+    elif run_dir.exists() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
+        raise LorasumError(f"{run_dir} exists and is not a lorasum run folder; choose another --out")
+
+
+def _check_domains(cfg: ExperimentConfig) -> None:
+    """Every domain must have records in each split after caps (checked before anything is written)."""
+    data = cfg.data_config()
+    domains = [load_domain(d, data) for d in cfg.domains]
+    for split in SPLITS:
+        require_nonempty(domains, split)
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove a run folder this call created when the run stopped before any job or tuning study left a result."""
+    leftovers = [p for p in run_dir.iterdir() if p.name not in ("config.json", "timings.json")
+                 and not (p.name == "tune" and p.is_dir() and not any(p.iterdir()))]
+    if not leftovers:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _cost(spec: dict, cfg: ExperimentConfig) -> float:
+    """Rough work units for the ETA: training costs ~3 forward passes per token."""
+    k = len(spec.get("partition", "").split("+"))
+    if spec["kind"] == "train":
+        return 3.0 * k * (cfg.max_train or 500) * cfg.train.epochs + k * (cfg.max_validation or 60) * cfg.train.epochs
+    if spec["kind"] == "eval":
+        return float(cfg.max_test or 60)
+    return 0.5
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool = False, loaded=None) -> dict:
+    """Run (or resume) the grid, then write results.json, timings.json and the report."""
+    run_dir = Path(run_dir).resolve()
+    # absolute before the comparison with the saved config: a rerun from the same folder with the same relative
+    # --data-dir (or LORASUM_DATA_DIR) must resume
+    cfg.data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else cfg.data_dir
+    _check_run_dir(cfg, run_dir, overwrite)
+    p = plan(cfg, run_dir)
+    _check_domains(cfg)
+    made = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LorasumError(f"cannot create --out {run_dir}: {e.strerror}; choose another --out") from None
+    try:
+        return _run(cfg, run_dir, p, loaded)
+    except BaseException:
+        if made:  # a refused or interrupted first run leaves no folder behind (unless a job finished)
+            _remove_if_unused(run_dir)
+        raise
+
+
+def _run(cfg: ExperimentConfig, run_dir: Path, p: dict, loaded) -> dict:
+    """The planned run in an existing folder: config.json, tuning, the missing jobs, results and report."""
+    atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    if cfg.tune:  # tuned parameters replace cfg.train in the train jobs (and so in their keys)
+        loaded, train_for, tuning = run_tuning(cfg, run_dir, loaded, p["data_stats"]["data"]["sources"])
+        p = {**plan(cfg, run_dir, train_for), "tuning": tuning}
+    jobs = [p["data_stats"], *p["train"].values(), *p["sims"].values(), *p["checks"].values(), *p["evals"].values()]
+    pending = [j for j in jobs if not is_done(j)]
+    timings_path = run_dir / "timings.json"
+    try:  # wall times only (not results): a damaged file is started afresh
+        timings = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        timings = {}
+    timings = timings if isinstance(timings, dict) else {}
+    if pending and loaded is None and any(JOB_KINDS[j["kind"]].needs_model for j in pending):
+        set_threads(cfg.threads)
+        loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
+    total = sum(_cost(j, cfg) for j in pending)
+    with progress(total=round(total), desc="grid", unit="u") as bar:
+        for i, job in enumerate(pending, 1):
+            label = job.get("partition") or job.get("domain") or job["key"]
+            bar.set_postfix_str(f"job {i}/{len(pending)} {job['kind']} {label}")
+            t0 = time.perf_counter()
+            run_job(job, loaded)
+            timings[job["key"]] = {"kind": job["kind"], "wall_s": round(time.perf_counter() - t0, 3)}
+            atomic_write_json(timings_path, timings)
+            bar.update(round(_cost(job, cfg)))
+    results = assemble(cfg, p, run_dir)
+    write_report(run_dir, results)
+    return results

@@ -1,0 +1,142 @@
+"""The grid of the paper (§4) as small typed values: partitions, the models evaluated, and the compositions.
+
+A partition is a subset of the domains, named `a+b`; one adapter is trained per partition (up to `max_level`
+domains) and seed. A `Model` is base + Σ wᵢ·adapter(partitionᵢ), judged on the test sets of its `subset`. Model
+names (`sum[math+medicine]`) are made here, once, from the typed value; everything else looks models up by kind
+and subset, never by parsing a name.
+
+A composition is one registry line: a function from a subset of ≥ 2 domains (or, for `whole`, the full list) to the
+models it adds. A `baseline` composition needs nothing else: results give each of its models a perplexity, macro
+mean and paired %Δ against the merged-data adapter, and the report shows them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+def partition_name(domains) -> str:
+    return "+".join(domains)
+
+
+def subsets(domains: list[str], level: int, min_size: int = 1) -> list[tuple[str, ...]]:
+    """Non-empty subsets of the domains up to `level` domains, in config order (singletons first)."""
+    return [c for k in range(min_size, level + 1) for c in itertools.combinations(domains, k)]
+
+
+@dataclass(frozen=True)
+class Model:
+    """base + Σ weight · adapter(partition) over `terms`, judged on the test sets of `subset`."""
+
+    kind: str  # "base", "adapter", or a composition's kind ("sum", "mean", "level2_plus_one", "unlearn", ...)
+    subset: tuple[str, ...]
+    terms: tuple[tuple[str, float], ...]
+    removed: str | None = None  # unlearning: the domain subtracted
+    added: str | None = None  # level-2 block + fundamental: the fundamental added
+
+    @property
+    def name(self) -> str:
+        part = partition_name(self.subset)
+        if self.kind == "base":
+            return "base"
+        if self.kind == "level2_plus_one":
+            return f"level2+1[{self.terms[0][0]}|{self.added}]"
+        if self.kind == "unlearn":
+            return f"unlearn[{self.terms[0][0]}-{self.removed}]"
+        return f"{self.kind}[{part}]"
+
+    def as_dict(self) -> dict:
+        """The results.json form: {"kind", "subset", "terms": [[partition, weight], ...]} (+ "removed")."""
+        d = {"kind": self.kind, "subset": list(self.subset), "terms": [[p, w] for p, w in self.terms]}
+        return {**d, "removed": self.removed} if self.removed is not None else d
+
+
+BASE = Model("base", (), ())
+
+
+def adapter(subset) -> Model:
+    """The adapter trained on the merged data of `subset` (a fundamental block for one domain)."""
+    return Model("adapter", tuple(subset), ((partition_name(subset), 1.0),))
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A way of combining trained adapters that the grid evaluates beside the merged-data adapter."""
+
+    name: str  # the key in the config's `compositions`
+    per_subset: Callable[[tuple[str, ...]], list[Model]] = lambda s: []  # models for a subset of >= 2 domains
+    whole: Callable[[list[str]], list[Model]] = lambda domains: []  # models that need every domain trained
+    baseline: bool = False  # results give each model ppl, macro and %Δ vs merged under `baselines[name]`
+
+
+def _sum(s: tuple[str, ...]) -> list[Model]:
+    """The paper's naive summation: Σ ΔW of the subset's fundamental blocks."""
+    return [Model("sum", s, tuple((d, 1.0) for d in s))]
+
+
+def _mean(s: tuple[str, ...]) -> list[Model]:
+    """The mean of the blocks (weights 1/k): does summation harm only by scale?"""
+    return [Model("mean", s, tuple((d, 1.0 / len(s)) for d in s))]
+
+
+def _level2_plus_one(s: tuple[str, ...]) -> list[Model]:
+    """Paper Table 4: a level-2 block (trained on two domains' merged data) plus the remaining fundamental."""
+    if len(s) != 3:
+        return []
+    return [Model("level2_plus_one", s, ((partition_name([x for x in s if x != d]), 1.0), (d, 1.0)), added=d)
+            for d in s]
+
+
+def _unlearning(domains: list[str]) -> list[Model]:
+    """Unlearning by subtraction: the all-domain block minus one fundamental."""
+    full = partition_name(domains)
+    return [Model("unlearn", tuple(x for x in domains if x != d), ((full, 1.0), (d, -1.0)), removed=d)
+            for d in domains]
+
+
+COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
+    Composition("sum", per_subset=_sum),
+    Composition("mean", per_subset=_mean, baseline=True),
+    Composition("best_single"),  # no models of its own: chosen among the fundamentals on validation
+    Composition("level2_plus_one", per_subset=_level2_plus_one),
+    Composition("unlearning", whole=_unlearning),
+)}
+
+
+@dataclass
+class Catalog:
+    """Every model a run evaluates, by name, in the grid's order; looked up by kind and subset."""
+
+    models: dict[str, Model] = field(default_factory=dict)
+
+    def add(self, m: Model) -> None:
+        self.models[m.name] = m
+
+    def find(self, kind: str, subset, added: str | None = None, removed: str | None = None) -> Model | None:
+        want = (kind, tuple(subset), added, removed)
+        return next((m for m in self.models.values() if (m.kind, m.subset, m.added, m.removed) == want), None)
+
+    def of(self, kind: str) -> list[Model]:
+        return [m for m in self.models.values() if m.kind == kind]
+
+
+def model_catalog(domains: list[str], level: int, compositions: list[str]) -> Catalog:
+    """Base, an adapter per partition, then per subset of >= 2 domains each asked-for composition's models, then
+    those that need every domain (only when the grid trains the all-domain block)."""
+    cat = Catalog()
+    cat.add(BASE)
+    for s in subsets(domains, level):
+        cat.add(adapter(s))
+    for s in subsets(domains, level, 2):
+        for name, comp in COMPOSITIONS.items():
+            if name in compositions:
+                for m in comp.per_subset(s):
+                    cat.add(m)
+    if level == len(domains):
+        for name, comp in COMPOSITIONS.items():
+            if name in compositions:
+                for m in comp.whole(list(domains)):
+                    cat.add(m)
+    return cat

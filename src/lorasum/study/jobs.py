@@ -1,0 +1,227 @@
+"""Units of work as JSON job specs with content-derived keys; `lorasum job SPEC.json` runs one anywhere.
+
+A spec declares everything its result depends on (model, data fingerprints, hyperparameters, the keys of the
+adapters it reads), and its key is a hash of exactly that: changing an eval cap changes eval keys only, so nothing
+is retrained. Paths (`run_dir`) are not part of the key. Artifacts land under the run folder by key:
+`adapters/<key>/` (stock PEFT + lorasum.json), `evals/<key>.json`, `sims/<key>.json`, `checks/<key>.json`, each
+written atomically. Each kind is one entry of JOB_KINDS: its folder, the keys its spec needs, and its runner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import schema
+from ..delta.apply import apply_adapters, applied, snapshot_weights
+from ..delta.compose import weighted_sum
+from ..delta.peft_format import load_adapter
+from ..delta.similarity import layer_cosines, layer_norms, rms
+from ..errors import LorasumError
+from ..files import atomic_write_json
+from ..lm.data import DataConfig, load_domain, partition_domains, require_nonempty, require_predicted_tokens, \
+    tokenize_records
+from ..lm.datastats import data_stats
+from ..lm.evaluate import per_example_nll
+from ..lm.models import LoadedModel, load_model
+from ..lm.train import TrainConfig, train_adapter
+
+_NOT_IN_KEY = ("run_dir", "key", "device", "data_dir")
+
+
+@dataclass(frozen=True)
+class AdapterTerm:
+    """One adapter of a job's weighted sum, named by the key of the train job that made it."""
+
+    train_key: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a job reads of the data: fields, split salt, caps, and the sha256 of each source file."""
+
+    question_field: str
+    answer_field: str
+    split_seed: int
+    max_records: dict  # split -> cap (None: all records)
+    sources: dict  # source name -> sha256 (None for hub datasets)
+
+    def config(self, data_dir: str | None) -> DataConfig:
+        return DataConfig(data_dir, self.question_field, self.answer_field, self.split_seed,
+                          {k: v for k, v in self.max_records.items() if v is not None})
+
+
+def job_key(spec: dict) -> str:
+    """sha256 of the spec's canonical JSON without its location; stable across machines and runs."""
+    body = {k: v for k, v in spec.items() if k not in _NOT_IN_KEY}
+    return spec["kind"] + "-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def with_key(spec: dict) -> dict:
+    return {**spec, "key": job_key(spec)}
+
+
+def adapter_dir(run_dir: str | Path, train_key: str) -> Path:
+    return Path(run_dir) / "adapters" / train_key
+
+
+def _data(spec: dict) -> DataConfig:
+    return schema.parse(DataSpec, spec["data"], "job spec", "data.").config(spec.get("data_dir"))
+
+
+def _terms(spec: dict, field: str) -> list[tuple]:
+    """The spec's adapter terms, loaded: [(Adapter, weight)]."""
+    return [(load_adapter(adapter_dir(spec["run_dir"], t["train_key"])), float(t["weight"])) for t in spec[field]]
+
+
+def _check_sources(spec: dict, domains) -> None:
+    """The data files must still be the ones the key was derived from."""
+    for dom in domains:
+        want = spec["data"]["sources"].get(dom.spec.split("[")[0])
+        if want and dom.source_sha256 and want != dom.source_sha256:
+            raise LorasumError(f"{dom.source} changed since the job was planned (sha256 differs); rerun the "
+                               "experiment to re-plan")
+
+
+# --- the runners: (spec, artifact path, loaded model or None) -----------------------------------------------------
+def _run_train(spec: dict, out: Path, loaded: LoadedModel) -> None:
+    data = _data(spec)
+    _check_sources(spec, [load_domain(d, data) for d in partition_domains(spec["partition"])])
+    train_adapter(loaded, spec["partition"], out, TrainConfig.from_dict(spec["train"]), data, overwrite=True)
+
+
+def _run_eval(spec: dict, out: Path, loaded: LoadedModel) -> None:
+    data = _data(spec)
+    split = spec.get("split", "test")  # absent in test-split specs, so their keys predate the field
+    dom = load_domain(spec["domain"], data)
+    _check_sources(spec, [dom])
+    require_nonempty([dom], split)
+    examples = tokenize_records(loaded.tokenizer, dom.records[split], spec["max_length"])
+    # a split with nothing to predict would give a NaN perplexity: refuse it, naming domain, split and the fix
+    require_predicted_tokens({dom.spec: examples}, split, spec["max_length"], spec["loss_on"])
+    with applied(loaded.model, _terms(spec, "adapters")), loaded.autocast():
+        rows = per_example_nll(loaded.model, {dom.spec: examples}, loaded.tokenizer.pad_token_id,
+                               spec["batch_size"], spec["loss_on"], desc=f"eval {dom.spec}")
+    atomic_write_json(out, {"domain": dom.spec, "nll": [r.nll for r in rows], "tokens": [r.tokens for r in rows]})
+
+
+def _run_similarity(spec: dict, out: Path, loaded: LoadedModel | None) -> None:
+    """cos per layer between two (weighted sums of) adapters, the RMS, and the per-layer norms of both sides."""
+    a, b = weighted_sum(_terms(spec, "a")), weighted_sum(_terms(spec, "b"))
+    cos = layer_cosines(a, b)
+    atomic_write_json(out, {"layers": cos, "rms": rms(cos), "norm_a": layer_norms(a), "norm_b": layer_norms(b)})
+
+
+def _run_inplace(spec: dict, out: Path, loaded: LoadedModel) -> None:
+    """Unlearning in place: apply all fundamentals, then subtract one; compare with adding only the others."""
+    blocks = {k: load_adapter(adapter_dir(spec["run_dir"], k)) for k in spec["all"]}
+    removed = blocks[spec["removed"]]
+    names = sorted({n for a in blocks.values() for n in a.layers})
+    model = loaded.model
+    base = snapshot_weights(model, names)
+    with applied(model, [(a, 1.0) for a in blocks.values()]):
+        apply_adapters(model, [(removed, 1.0)], sign=-1.0)
+        after_removal = snapshot_weights(model, names)
+    with applied(model, [(a, 1.0) for k, a in blocks.items() if k != spec["removed"]]):
+        direct = snapshot_weights(model, names)
+    diff2 = sum(float((after_removal[n].double() - direct[n].double()).pow(2).sum()) for n in names)
+    w2 = sum(float(direct[n].double().pow(2).sum()) for n in names)
+    d2 = sum(float((direct[n].double() - base[n].double()).pow(2).sum()) for n in names)
+    atomic_write_json(out, {"rel_error_weights": (diff2 / w2) ** 0.5 if w2 else 0.0,
+                            "rel_error_delta": (diff2 / d2) ** 0.5 if d2 else 0.0,
+                            "max_abs_diff": max(float((after_removal[n] - direct[n]).abs().max()) for n in names)})
+
+
+def _run_data_stats(spec: dict, out: Path, loaded: LoadedModel) -> None:
+    atomic_write_json(out, {"rows": data_stats(spec["domains"], loaded.tokenizer, _data(spec), spec["max_length"])})
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of job: where its artifact lives, what its spec must hold, and how it runs."""
+
+    name: str
+    folder: str  # under the run folder
+    required: tuple[str, ...]  # spec keys besides kind and run_dir
+    run: Callable[[dict, Path, LoadedModel | None], None]
+    needs_model: bool = True  # runs on a loaded base model (else on adapter files alone)
+    folder_artifact: bool = False  # the artifact is a folder (an adapter), not a JSON file
+    terms: tuple[str, ...] = ()  # keys holding lists of AdapterTerm
+
+
+JOB_KINDS: dict[str, JobKind] = {k.name: k for k in (
+    JobKind("train", "adapters", ("model", "partition", "data", "train"), _run_train, folder_artifact=True),
+    JobKind("eval", "evals", ("model", "adapters", "domain", "data", "max_length", "batch_size", "loss_on"), _run_eval,
+            terms=("adapters",)),
+    JobKind("similarity", "sims", ("a", "b"), _run_similarity, needs_model=False, terms=("a", "b")),
+    JobKind("inplace", "checks", ("model", "all", "removed"), _run_inplace),
+    JobKind("data_stats", "checks", ("model", "domains", "data", "max_length"), _run_data_stats),
+)}
+
+
+def artifact_path(spec: dict) -> Path:
+    kind = JOB_KINDS[spec["kind"]]
+    key = spec.get("key") or job_key(spec)
+    return Path(spec["run_dir"]) / kind.folder / (key if kind.folder_artifact else f"{key}.json")
+
+
+def is_done(spec: dict) -> bool:
+    p = artifact_path(spec)
+    return (p / "adapter_model.safetensors").is_file() if JOB_KINDS[spec["kind"]].folder_artifact else p.is_file()
+
+
+def run_job(spec: dict, loaded: LoadedModel | None = None) -> Path:
+    """Run one job and return its artifact path; `loaded` reuses an in-process model (else it is loaded)."""
+    kind = JOB_KINDS.get(spec.get("kind"))
+    if kind is None:
+        raise LorasumError(f"job spec: 'kind' must be one of {', '.join(JOB_KINDS)}, got {spec.get('kind')!r}")
+    out = artifact_path(spec)
+    if is_done(spec):
+        return out
+    if kind.needs_model and loaded is None:
+        loaded = load_model(spec["model"], spec.get("device"), spec.get("dtype"), spec.get("autocast"))
+    kind.run(spec, out, loaded)
+    return out
+
+
+def check_spec(spec, where: str) -> None:
+    """A job spec must be an object with a known kind, run_dir, its kind's keys and a key matching its content."""
+    fix = "write it again from the plan (experiment.plan) or rerun the experiment"
+    if not isinstance(spec, dict):
+        raise LorasumError(f"{where}: expected a JSON object (a job spec), got {type(spec).__name__}; {fix}")
+    kind = JOB_KINDS.get(spec.get("kind"))
+    if kind is None:
+        raise LorasumError(f"{where}: 'kind' must be one of {', '.join(JOB_KINDS)}, got {spec.get('kind')!r}")
+    missing = [k for k in ("run_dir", *kind.required) if k not in spec]
+    if missing:
+        raise LorasumError(f"{where}: {'an' if kind.name[0] in 'aei' else 'a'} {kind.name} job spec needs "
+                           f"{', '.join(missing)}; {fix}")
+    try:
+        if "data" in kind.required:
+            schema.parse(DataSpec, spec["data"], None, "data.")
+        for field in kind.terms:
+            schema.convert(list[AdapterTerm], spec[field], None, f"{field}.")
+    except schema.Mismatch:
+        raise LorasumError(f"{where}: '{field}' must be a list of {{\"train_key\": str, \"weight\": number}}, "
+                           f"got {spec[field]!r:.60}; {fix}") from None
+    except LorasumError as e:
+        raise LorasumError(f"{where}: {e}; {fix}") from None
+    if "key" in spec and spec["key"] != job_key(spec):
+        raise LorasumError(f"{where}: 'key' {spec['key']} does not match the spec's content ({job_key(spec)}); "
+                           f"the spec was edited: {fix}")
+
+
+def run_job_file(path: str) -> Path:
+    """`lorasum job SPEC.json`: run one job in this (fresh) process."""
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise LorasumError(f"cannot read job spec {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LorasumError(f"job spec {path} is not valid JSON ({e}); write the spec as one JSON object") from None
+    check_spec(spec, f"job spec {path}")
+    return run_job(spec)

@@ -1,0 +1,272 @@
+"""`lorasum tune`: Optuna TPE search of training hyperparameters, minimising validation loss.
+
+Each trial trains an adapter with lorasum's own training (`train_adapter`) and scores it by its best epoch's
+validation loss; per-epoch validation losses feed a median pruner. r, alpha and max length stay fixed (paper §3).
+
+The study lives in an SQLAlchemy storage: by default an SQLite file `OUT/study.db`, or any URL (PostgreSQL) shared
+by several workers. `trials` is the total the study should reach: COMPLETE and PRUNED trials count, FAILed ones
+(a crash, or a killed worker's trial failed by the heartbeat check) do not; a killed worker's trial is retried
+with the same parameters. Workers claim slots by trial number, so a study never holds more than `trials`
+finished trials. The search space and the setup (model, data, fixed hyperparameters) are stored on the study; a
+rerun with a different one is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+from ..errors import LorasumError
+from ..files import atomic_write_json, atomic_write_text
+from ..lm.data import DataConfig, load_domain, partition_domains, require_nonempty
+from ..lm.train import TrainConfig, train_adapter
+from ..progress import progress
+from ..schema import config_diff
+from .space import Space, default_space, space_dict, space_yaml
+from .summary import write_summary
+
+HEARTBEAT_S = 30  # a running trial records a heartbeat this often; stale (failed, retried) after 2x without one
+STATES_DONE = ("COMPLETE", "PRUNED")  # the trial states that count towards --trials
+
+
+# --- storage and study --------------------------------------------------------------------------------------------
+def storage_label(url: str) -> str:
+    """The URL with any password masked (for messages and best.json)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def open_storage(url: str, heartbeat: int = HEARTBEAT_S):
+    """An RDBStorage with heartbeats; a killed worker's trial is failed after 2x `heartbeat` s and retried.
+
+    A bare `postgresql://` (or `postgres://`) URL uses psycopg 3, the driver lorasum installs; a URL naming its
+    driver (`postgresql+psycopg2://`) is used as given.
+    """
+    kwargs: dict = {"pool_pre_ping": True}
+    label = storage_label(url)
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres"):
+        url = f"postgresql+psycopg://{rest}"
+    if scheme.startswith("postgres"):
+        kwargs["connect_args"] = {"connect_timeout": 10}
+
+    try:
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
+                                      grace_period=2 * heartbeat,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+            except (IntegrityError, ProgrammingError):
+                # workers creating the tables of an empty database at once collide ("duplicate key", "already
+                # exists"); the next attempt finds the tables made
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LorasumError(f"cannot open --storage {label}: {first}; check the URL, that the "
+                           "database server is running and reachable, and its driver is installed") from None
+
+
+def _seeded_tpe(seed: int, n_startup: int):
+    """TPE whose random draws are seeded by (seed, trial number): a resumed study or a second worker never
+    replays the draws of earlier trials, and a given trial number with a given history is reproducible."""
+    class TrialSeededTPE(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self._by_trial: dict[int, optuna.samplers.TPESampler] = {}
+
+        def _tpe(self, trial) -> optuna.samplers.TPESampler:
+            if trial.number not in self._by_trial:
+                self._by_trial[trial.number] = optuna.samplers.TPESampler(
+                    seed=(seed * 1_000_003 + trial.number) % 2**32, n_startup_trials=n_startup,
+                    constant_liar=True)
+            return self._by_trial[trial.number]
+
+        def infer_relative_search_space(self, study, trial):
+            return self._tpe(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._tpe(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study, trial) -> None:
+            self._tpe(trial).before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self._by_trial.pop(trial.number, self._tpe(trial)).after_trial(study, trial, state, values)
+
+    return TrialSeededTPE()
+
+
+def open_study(storage, name: str, label: str, space: Space, setup: dict, seed: int, trials: int):
+    """Load or create the study; refuse one made with another space or setup, naming what differs."""
+    sampler = _seeded_tpe(seed, min(10, max(2, trials // 3)))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler,
+                                pruner=pruner, load_if_exists=True)
+    want = {"lorasum.space": space_dict(space), "lorasum.setup": setup}
+    attrs = study.user_attrs
+    if "lorasum.space" not in attrs:
+        if study.trials or study.direction != optuna.study.StudyDirection.MINIMIZE:
+            raise LorasumError(f"study '{name}' in {label} was not made by lorasum tune; choose another --study")
+        for k, v in want.items():
+            study.set_user_attr(k, v)
+        return study
+    for key, what in (("lorasum.space", "search space"), ("lorasum.setup", "setup (model, data, fixed training "
+                                                                           "parameters)")):
+        diff = config_diff(attrs.get(key) or {}, json.loads(json.dumps(want[key])))
+        if diff:
+            raise LorasumError(f"study '{name}' in {label} was made with a different {what} (differs in: "
+                               f"{', '.join(diff)}); use the same one to continue it, or another --study name")
+    return study
+
+
+def count_states(study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def finished(study) -> int:
+    c = count_states(study)
+    return sum(c.get(s, 0) for s in STATES_DONE)
+
+
+class _Surplus(Exception):
+    """Raised inside a trial that lost the race for the last slot (another worker claimed it first)."""
+
+
+# --- the search ---------------------------------------------------------------------------------------------------
+def tune(loaded, partitions: str | list[str], out: str | Path, trials: int, space: Space | None = None,
+         storage: str | None = None, study_name: str | None = None, data: DataConfig | None = None,
+         base: TrainConfig | None = None, seed: int = 0, heartbeat: int = HEARTBEAT_S) -> dict:
+    """Run (or continue) the study until it holds `trials` finished trials; write OUT/best.json and a summary.
+
+    Several partitions are pooled: trained on their merged training data, scored on their pooled validation split.
+    Returns best.json's content ({} when no trial completed).
+    """
+    if not isinstance(trials, int) or trials < 1:
+        raise LorasumError(f"must be at least 1 (the total number of finished trials), got {trials}", key="trials")
+    if heartbeat < 1:
+        raise LorasumError(f"must be at least 1 second, got {heartbeat}", key="heartbeat")
+    space = space or default_space()
+    base = TrainConfig.from_dict(asdict(base)) if base is not None else TrainConfig()
+    data = data or DataConfig()
+    specs = [partitions] if isinstance(partitions, str) else list(partitions)
+    domains = [load_domain(d, data) for s in specs for d in partition_domains(s)]
+    require_nonempty(domains, "train")
+    require_nonempty(domains, "validation")
+    partition = "+".join(d.spec for d in domains)
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise LorasumError(f"{out} exists and is not a folder", key="out")
+    setup = {"model": loaded.model_id, "partition": partition,
+             "data": {"question_field": data.question_field, "answer_field": data.answer_field,
+                      "split_seed": data.split_seed, "max_records": {k: v for k, v in data.max_records.items()
+                                                                      if k in ("train", "validation")},
+                      "sources": {d.spec: d.source_sha256 for d in domains}},
+             "train": {k: v for k, v in asdict(base).items() if k not in space}}
+    name = study_name or f"tune:{partition}"
+    made_out = not out.exists()
+    url = storage or f"sqlite:///{out / 'study.db'}"
+    label = storage_label(url)
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        study = open_study(open_storage(url, heartbeat), name, label, space, setup, seed, trials)
+    except BaseException:
+        if made_out and storage is None:  # leave nothing behind
+            (out / "study.db").unlink(missing_ok=True)
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial) -> float:
+        running = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                   if t.number < trial.number]
+        if finished(study) + len(running) >= trials:
+            trial.set_user_attr("lorasum.surplus", True)
+            raise _Surplus(f"trial {trial.number}: all {trials} slots are taken")
+        trial.set_user_attr("worker", worker)
+        params = {n: p.suggest(trial) for n, p in space.items()}
+        cfg = replace(base, **params)
+        best = [math.inf]
+
+        def on_epoch(epoch: int, val_loss: float) -> None:
+            best[0] = min(best[0], val_loss)
+            trial.report(best[0], epoch)
+            if epoch < cfg.epochs and trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: best val loss {best[0]:.4f}")
+
+        with tempfile.TemporaryDirectory(prefix="lorasum-trial-") as tmp:  # the adapter itself is not kept
+            res = train_adapter(loaded, partition, Path(tmp) / "adapter", cfg, data, on_epoch=on_epoch)
+        trial.set_user_attr("best_epoch", res.best_epoch)
+        trial.set_user_attr("val_losses", [e["val_loss"] for e in res.epochs])
+        return min(e["val_loss"] for e in res.epochs)
+
+    done, waiting = finished(study), False
+    with progress(total=trials, desc=f"tune {name}", unit="trial", initial=min(done, trials)) as bar:
+        while done < trials:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL, then retried
+            running = count_states(study).get("RUNNING", 0)
+            if done + running >= trials:  # the last slots are being worked on elsewhere: wait for them
+                if not waiting:
+                    bar.write(f"waiting for {running} trial(s) running elsewhere (a dead worker's trial is failed "
+                              f"after {2 * heartbeat} s without a heartbeat, then retried)", file=sys.stderr)
+                waiting = True
+                time.sleep(min(2.0, heartbeat))
+            else:
+                waiting = False
+                study.optimize(objective, n_trials=1, catch=(_Surplus,), gc_after_trial=False)
+                _write_best(study, out, name, label, base, space, trials)
+            done = finished(study)
+            bar.update(min(done, trials) - bar.n)
+            if _has_complete(study):
+                bar.set_postfix(best=f"{study.best_value:.4f}", refresh=False)
+    best = _write_best(study, out, name, label, base, space, trials)
+    atomic_write_text(out / "space.yaml", space_yaml(space))
+    write_summary(study, out, best)
+    return best
+
+
+def _has_complete(study) -> bool:
+    return any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False))
+
+
+def _write_best(study, out: Path, name: str, label: str, base: TrainConfig, space: Space, trials: int) -> dict:
+    """best.json: `params` is the whole training config (so `lorasum train --params` reproduces the trial)."""
+    if not _has_complete(study):
+        return {}
+    t = study.best_trial
+    c = count_states(study)
+    best = {"params": asdict(replace(base, **t.params)), "tuned": dict(t.params), "value": t.value,
+            "trial": t.number, "study": name, "storage": label, "space": space_dict(space),
+            "setup": study.user_attrs.get("lorasum.setup"), "trials": {
+                "requested": trials, "complete": c.get("COMPLETE", 0), "pruned": c.get("PRUNED", 0)}}
+    atomic_write_json(out / "best.json", best)
+    return best
