@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from lorasum.compose import weighted_sum
-from lorasum.delta import load_adapter
-from lorasum.merge import _base_weight, apply_adapters, restore_weights, snapshot_weights
-from lorasum.models import load_model
+from lorasum.delta.compose import weighted_sum
+from lorasum.delta.peft_format import load_adapter
+from lorasum.delta.apply import _base_weight, apply_adapters, restore_weights, snapshot_weights
+from lorasum.lm.models import load_model
 
 WEIGHTS = [1.0, 0.5, -0.7]
 

@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from similarity import GPT2, random_adapter  # noqa: E402  (benchmarks/similarity.py: same shapes)
 
-from lorasum.compose import save_adapter  # noqa: E402
-from lorasum.delta import load_adapter  # noqa: E402
-from lorasum.similarity import layer_cosines, rms, rms_matrix  # noqa: E402
+from lorasum.delta.peft_format import save_adapter  # noqa: E402
+from lorasum.delta.peft_format import load_adapter  # noqa: E402
+from lorasum.delta.similarity import layer_cosines, rms, rms_matrix  # noqa: E402
 
 
 def _status_kb(field: str) -> int:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from lorasum.compose import save_adapter
-from lorasum.delta import Adapter, LoraFactors, load_adapter
-from lorasum.similarity import cosine_from_gram, factored_inner, layer_cosines
+from lorasum.delta.peft_format import save_adapter
+from lorasum.delta.factors import Adapter, LoraFactors
+from lorasum.delta.peft_format import load_adapter
+from lorasum.delta.similarity import cosine_from_gram, factored_inner, layer_cosines
 
 GPT2 = [(f"transformer.h.{i}.{m}", out, inp) for i in range(12)
         for m, out, inp in [("attn.c_attn", 2304, 768), ("attn.c_proj", 768, 768), ("mlp.c_proj", 768, 3072)]]

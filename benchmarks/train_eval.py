@@ -19,10 +19,10 @@ import torch
 
 os.environ.setdefault("LORASUM_PROGRESS", "0")
 
-from lorasum.data import DataConfig, collate, load_domain, tokenize_records  # noqa: E402
-from lorasum.evaluate import per_example_nll  # noqa: E402
-from lorasum.models import load_model  # noqa: E402
-from lorasum.train import TrainConfig, lora_config, train_epoch  # noqa: E402
+from lorasum.lm.data import DataConfig, collate, load_domain, tokenize_records  # noqa: E402
+from lorasum.lm.evaluate import per_example_nll  # noqa: E402
+from lorasum.lm.models import load_model  # noqa: E402
+from lorasum.lm.train import TrainConfig, lora_config, train_epoch  # noqa: E402
 
 
 def raw_train(model, batches, opt) -> None:
@@ -63,7 +63,7 @@ def main() -> None:
         dom = load_domain(args.domain, DataConfig(args.data_dir, max_records={"train": n}))
         examples = tokenize_records(tok, dom.records["train"], 64)
     else:  # synthetic full-length records
-        from lorasum.data import Example
+        from lorasum.lm.data import Example
 
         g = torch.Generator().manual_seed(0)
         examples = [Example(torch.randint(3, len(tok), (64,), generator=g).tolist(), [1] * 64, True, 64)

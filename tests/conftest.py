@@ -84,9 +84,9 @@ def tiny_adapters(tiny_data, tmp_path_factory) -> dict:
 
     lr is high so the deltas are far from zero (comparisons against PEFT are then meaningful).
     """
-    from lorasum.data import DataConfig
-    from lorasum.models import load_model
-    from lorasum.train import TrainConfig, train_adapter
+    from lorasum.lm.data import DataConfig
+    from lorasum.lm.models import load_model
+    from lorasum.lm.train import TrainConfig, train_adapter
 
     root = tmp_path_factory.mktemp("adapters")
     data = DataConfig(data_dir=str(tiny_data), max_records=dict(TINY_CAPS))
@@ -107,7 +107,7 @@ def tiny_adapters(tiny_data, tmp_path_factory) -> dict:
 def run_cli(capfd):
     """Run `lorasum ...` in-process; returns (rc, stdout, stderr, recorded warnings). stderr is captured at the fd
     level, so logging handlers bound to the real stderr are caught too."""
-    from lorasum.cli import main
+    from lorasum.cli.main import main
 
     capfd.readouterr()
 
@@ -163,7 +163,7 @@ def peft_sum_model():
     ("cat": exact) and set active, on a fresh base model."""
 
     def build(model: str, folders, weights):
-        from lorasum.models import load_model
+        from lorasum.lm.models import load_model
 
         base = load_model(model).model
         pm = peft_from_pretrained_strict(base, folders[0], "a0")
@@ -210,7 +210,8 @@ def real_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M, loaded once per session; the teardown asserts no test left it modified."""
-    from lorasum.models import SMOLLM2_PACKAGE, load_model, weights_fingerprint
+    from lorasum.identity import SMOLLM2_PACKAGE
+    from lorasum.lm.models import load_model, weights_fingerprint
 
     if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
         unavailable(f"the embedded model package {SMOLLM2_PACKAGE} is not installed "

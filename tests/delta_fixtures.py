@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lorasum.models import load_model
+from lorasum.lm.models import load_model
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import color_rows, shape_rows, write_jsonl
 
-from lorasum.data import DataConfig
+from lorasum.lm.data import DataConfig
 from lorasum.errors import LorasumError
-from lorasum.evaluate import evaluate
-from lorasum.models import load_model
+from lorasum.lm.evaluate import evaluate
+from lorasum.lm.models import load_model
 
 
 def assert_one_line_error(result, *culprits: str) -> str:
@@ -247,11 +247,11 @@ def test_non_empty_out_without_adapter_is_never_replaced_silently(tmp_path, ddir
 
 @pytest.mark.parametrize("out", [".", "..", "sub/.."])
 def test_out_without_a_name_is_refused_before_training(tmp_path, ddir, run_cli, monkeypatch, out):
-    import lorasum.train
+    import lorasum.lm.train
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sub").mkdir()
-    monkeypatch.setattr(lorasum.train, "_fit", lambda *a, **k: pytest.fail("trained before refusing --out"))
+    monkeypatch.setattr(lorasum.lm.train, "_fit", lambda *a, **k: pytest.fail("trained before refusing --out"))
     assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors",
                                   "--out", out), f"--out '{out}'", "names no folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "sub"]
@@ -292,7 +292,7 @@ BAD_ARGS = {
     "threads-negative": (_train("--threads", -1), ["--threads must be at least 1, got -1"]),
     "device-bogus": (_train("--device", "bogus"), ["--device 'bogus'", "cpu, cuda"]),
     "device-cuda-index": (_train("--device", "cuda:99"), ["--device cuda:99"]),
-    "device-cuda": (_train("--device", "cuda"), ["--device cuda", "--device cpu"]),
+    "device-cuda": (_train("--device", "cuda"), ["--device cuda", "use cpu"]),
     "targets-nope": (_train("--targets", "nope", "c_attn"), ["--targets nope matched no", "c_attn, c_fc, c_proj"]),
     "model-empty-folder": (["eval", "--model", "{w}/empty", "--data-dir", "{data}", "--data", "colors"],
                            ["--model {w}/empty", "config.json"]),
@@ -307,7 +307,7 @@ BAD_ARGS = {
     "merge-out-under-file": (["merge", "--model", "tiny-gpt2", "--adapter", "{w}/ad", "--out", "{w}/afile/x/y"],
                              ["--out {w}/afile/x/y", "{w}/afile is a file"]),
     "params-wrong-type": (_train("--params", "{w}/params.json"),
-                          ["training parameter 'r' must be a whole number", '"4"', "{w}/params.json"]),
+                          ["'r' must be an integer", "'4'", "--params {w}/params.json"]),
     "params-targets-not-list": (_train("--params", "{w}/params2.json"), ["'targets' must be a list"]),
 }
 

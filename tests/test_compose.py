@@ -8,11 +8,11 @@ import pytest
 import torch
 from delta_fixtures import dense64, logits, make_adapter, peft_merged_state
 
-from lorasum.cli import main
-from lorasum.compose import compress, truncate_factors, weighted_sum
-from lorasum.delta import load_adapter
-from lorasum.merge import apply_adapters
-from lorasum.models import load_model
+from lorasum.cli.main import main
+from lorasum.delta.compose import compress, truncate_factors, weighted_sum
+from lorasum.delta.peft_format import load_adapter
+from lorasum.delta.apply import apply_adapters
+from lorasum.lm.models import load_model
 
 WEIGHTS = [1.0, 0.37, -0.61]
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import color_rows, shape_rows, write_jsonl
 
-from lorasum.data import (DataConfig, Record, collate, load_domain, parse_spec, partition_domains,
+from lorasum.lm.data import (DataConfig, Record, collate, load_domain, parse_spec, partition_domains,
                           partition_records, tokenize_record, tokenize_records)
 from lorasum.errors import LorasumError
-from lorasum.models import byte_tokenizer
+from lorasum.lm.models import byte_tokenizer
 
 
 def qa(records) -> set[tuple[str, str]]:
@@ -224,7 +224,7 @@ def test_truncation_cuts_the_answer(tok):
     assert eos_not_in(cut, tok)
     gone = tokenize_record(tok, rec, max_length=22)
     assert sum(gone.answer_mask) == 0 and tok.decode(gone.input_ids) == "Question: 2+2?\nAnswer:"
-    with pytest.raises(LorasumError, match="--max-length 7 is too short"):
+    with pytest.raises(LorasumError, match="max_length 7 is too short"):
         tokenize_records(tok, [rec], 7)
 
 
@@ -249,7 +249,7 @@ def test_collate_masks_padding_by_attention_not_by_token_id(tok):
     ans = collate([short, long], tok.pad_token_id, loss_on="answer")
     assert ans["labels"][1].tolist() == [t if m else -100 for t, m in zip(long.input_ids, long.answer_mask)]
     assert (ans["labels"][0, k:] == -100).all()
-    with pytest.raises(LorasumError, match="--loss-on"):
+    with pytest.raises(LorasumError, match="loss_on must be"):
         collate([short], tok.pad_token_id, loss_on="prompt")
 
 

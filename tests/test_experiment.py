@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import write_smoke_domains
-from lorasum.cli import main
-from lorasum.config import load_config
+from lorasum.cli.main import main
+from lorasum.study.config import load_config
 from lorasum.stats import linear_fit
 
 # Subprocesses use the parent's thread count: float reductions (and so the bytes of results.json) depend on it.
@@ -105,7 +105,7 @@ def test_rerun_recomputes_nothing(smoke_run, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a job ran again")
 
-    monkeypatch.setattr("lorasum.experiment.run_job", boom)
+    monkeypatch.setattr("lorasum.study.experiment.run_job", boom)
     assert main(args) == 0
     assert (root / "run" / "results.json").read_bytes() == before
 
@@ -119,7 +119,7 @@ def test_changed_config_is_refused_naming_the_key(smoke_run, capsys):
 
 
 def test_changing_an_eval_cap_retrains_nothing(smoke_run, tmp_path):
-    from lorasum.experiment import plan
+    from lorasum.study.experiment import plan
 
     root, _ = smoke_run
     cfg = load_config(str(root / "run" / "config.json"))
@@ -137,7 +137,7 @@ def test_changing_an_eval_cap_retrains_nothing(smoke_run, tmp_path):
 
 def test_job_in_a_fresh_process_gives_the_same_artifact(smoke_run, tmp_path):
     """`lorasum job SPEC.json` reproduces an eval artifact byte for byte in a new process."""
-    from lorasum.experiment import plan
+    from lorasum.study.experiment import plan
 
     root, _ = smoke_run
     cfg = load_config(str(root / "run" / "config.json"))

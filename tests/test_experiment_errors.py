@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import color_rows, shape_rows, write_jsonl
 
-from lorasum.config import load_config
+from lorasum.study.config import load_config
 
 
 def one_line_error(result, *culprits: str) -> str:
@@ -74,7 +74,7 @@ def test_bad_domains(domains, culprits, ddir, tmp_path, run_cli, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the domains were checked")
 
-    monkeypatch.setattr("lorasum.models.load_model", no_model)
+    monkeypatch.setattr("lorasum.study.experiment.load_model", no_model)
     before = listing(tmp_path)
     one_line_error(experiment(run_cli, ddir, tmp_path / "run", domains=domains), *culprits)
     assert listing(tmp_path) == before  # no run folder, no config.json, no timings.json
@@ -93,7 +93,7 @@ def test_unknown_preset_suggests_the_closest(ddir, tmp_path, run_cli):
     ("max_train: abc\n", ["'max_train' must be an integer or null, got 'abc'"]),
     ("seeds: 3\n", ["'seeds' must be a list of integers, got 3"]),
     ("seeds: [0, x]\n", ["'seeds' must be a list of integers"]),
-    ("train: [1]\n", ["'train' must be a mapping of training parameters", "got [1]"]),
+    ("train: [1]\n", ["'train' must be a mapping of TrainConfig keys", "got [1]"]),
     ("train: {epochs: x}\n", ["'train.epochs' must be an integer, got 'x'"]),
     ("train: {lr: fast}\n", ["'train.lr' must be a number, got 'fast'"]),
     ("train: {targets: c_attn}\n", ["'train.targets' must be a list of strings or null, got 'c_attn'"]),
@@ -136,7 +136,7 @@ def test_out_that_is_a_file(ddir, tmp_path, run_cli):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     """A finished smoke run on two domains, made from its own folder with a relative --data-dir."""
-    from lorasum.cli import main
+    from lorasum.cli.main import main
 
     root = tmp_path_factory.mktemp("finished")
     write_jsonl(root / "data" / "colors.jsonl", color_rows(60))
@@ -160,7 +160,7 @@ def run_copy(finished, tmp_path) -> Path:
 
 def no_jobs(monkeypatch) -> list[str]:
     ran: list[str] = []
-    monkeypatch.setattr("lorasum.experiment.run_job", lambda spec, loaded=None: ran.append(spec["kind"]))
+    monkeypatch.setattr("lorasum.study.experiment.run_job", lambda spec, loaded=None: ran.append(spec["kind"]))
     return ran
 
 
@@ -187,8 +187,8 @@ def test_different_config_is_refused_then_accepted_with_overwrite(finished, run_
                    "--overwrite")
     assert listing(run_copy) == before
     ran = []
-    real = __import__("lorasum.experiment", fromlist=["run_job"]).run_job
-    monkeypatch.setattr("lorasum.experiment.run_job", lambda spec, loaded=None: (ran.append(spec["kind"]),
+    real = __import__("lorasum.study.experiment", fromlist=["run_job"]).run_job
+    monkeypatch.setattr("lorasum.study.experiment.run_job", lambda spec, loaded=None: (ran.append(spec["kind"]),
                                                                                     real(spec, loaded))[1])
     rc, _, err, _ = experiment(run_cli, data, run_copy, "--overwrite", config={"max_test": 5})
     assert rc == 0, err
@@ -264,7 +264,7 @@ def test_report_on_a_damaged_results_json(damage, culprit, run_copy, run_cli):
      ["a train job spec needs run_dir, data.question_field"]),
     ('{"kind": "similarity", "run_dir": "r", "a": 1, "b": 2}', ["'a' must be a list of", "got 1"]),
     ('{"kind": "similarity", "run_dir": "r", "a": [{"train_key": "k", "weight": "1"}], "b": []}',
-     ["'a' must be a list of"]),
+     ["'a.weight' must be a number", "got '1'"]),
 ])
 def test_job_with_a_bad_spec(text, culprits, tmp_path, run_cli):
     spec = tmp_path / "spec.json"
@@ -275,7 +275,7 @@ def test_job_with_a_bad_spec(text, culprits, tmp_path, run_cli):
 
 
 def test_job_whose_key_does_not_match_its_content(finished, tmp_path, run_cli):
-    from lorasum.experiment import plan
+    from lorasum.study.experiment import plan
 
     cfg = load_config(str(finished / "run" / "config.json"))
     spec = next(iter(plan(cfg, tmp_path / "run")["sims"].values()))

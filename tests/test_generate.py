@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorasum.generate import build_prompt, generate
-from lorasum.models import load_model
+from lorasum.lm.generate import build_prompt, generate
+from lorasum.lm.models import load_model
 
 
 def argmax_loop(model, tok, question: str, n: int) -> str:
@@ -41,7 +41,7 @@ def test_greedy_matches_reference_with_and_without_adapters(model_name, tiny_ada
     assert base == generate(lm, q, max_new_tokens=20)  # deterministic
     assert base == argmax_loop(lm.model, lm.tokenizer, q, 20)
     folder = tiny_adapters[model_name]["colors"]
-    assert generate(lm, q, [f"{folder}:0"], max_new_tokens=20) == base  # a zero-weight adapter changes nothing
+    assert generate(lm, q, [(folder, 0.0)], max_new_tokens=20) == base  # a zero-weight adapter changes nothing
     assert same_state(lm.model, before)
     tuned = generate(lm, q, [str(folder)], max_new_tokens=20)
     assert same_state(lm.model, before)  # the adapter is removed again, bit for bit
@@ -76,7 +76,7 @@ def test_generate_cli(tiny_adapters, run_cli):
                               "--max-new-tokens", 16, "how many sides has a square?")
     assert rc == 0, err
     lm = load_model("tiny-gpt2")
-    assert out == generate(lm, "how many sides has a square?", [f"{folder}:0.5"], max_new_tokens=16) + "\n"
+    assert out == generate(lm, "how many sides has a square?", [(folder, 0.5)], max_new_tokens=16) + "\n"
     for bad, culprit in ((["--max-new-tokens", 0], "--max-new-tokens"), (["--top-p", 0], "--top-p"),
                          (["--temperature", -1], "--temperature"), (["--template", "chat"], "chat template")):
         rc, out, err, _ = run_cli("generate", "--model", "tiny-gpt2", *bad, "hi")
@@ -91,13 +91,13 @@ def test_two_adapters_equal_stock_peft_with_both_deltas(model_name, tiny_adapter
     before = state(lm.model)
     q = "what color is item 12?"
     colors, shapes = tiny_adapters[model_name]["colors"], tiny_adapters[model_name]["shapes"]
-    both = generate(lm, q, [str(colors), f"{shapes}:0.5"], max_new_tokens=20)
+    both = generate(lm, q, [str(colors), (shapes, 0.5)], max_new_tokens=20)
     assert same_state(lm.model, before)
     ref = peft_sum_model(model_name, [colors, shapes], [1.0, 0.5])
     assert both == argmax_loop(ref, lm.tokenizer, q, 20)
     # both deltas matter: the sum differs from each adapter alone
     assert both != generate(lm, q, [str(colors)], max_new_tokens=20)
-    assert both != generate(lm, q, [f"{shapes}:0.5"], max_new_tokens=20)
+    assert both != generate(lm, q, [(shapes, 0.5)], max_new_tokens=20)
 
 
 def test_chat_template_formats_the_prompt(tiny_adapters, strict_reload):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import color_rows, shape_rows, write_jsonl
 
-from lorasum.config import load_config
-from lorasum.experiment import plan
-from lorasum.jobs import artifact_path, run_job
+from lorasum.study.config import load_config
+from lorasum.study.experiment import plan
+from lorasum.study.jobs import artifact_path, run_job
 
 # The subprocess uses this process's thread count: float reductions (and so the artifact bytes) depend on it.
 ENV = {**os.environ, "LORASUM_PROGRESS": "0", "OMP_NUM_THREADS": str(__import__("torch").get_num_threads())}
@@ -26,7 +26,7 @@ MEASURED = ("wall_s", "tokens_per_s", "provenance")
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory):
     """Both fundamental adapters, their pair similarity and an in-place unlearning check, run in this process."""
-    from lorasum.models import load_model
+    from lorasum.lm.models import load_model
 
     root = tmp_path_factory.mktemp("jobs")
     write_jsonl(root / "data" / "colors.jsonl", color_rows(60))
@@ -35,7 +35,7 @@ def in_process(tmp_path_factory):
     seed = cfg.seeds[0]
     p = plan(cfg, root / "run")
     specs = {"train": p["train"][("colors", seed)], "train2": p["train"][("shapes", seed)],
-             "similarity": p["sims"][("pair[colors|shapes]", seed)], "inplace": p["checks"][("colors", seed)]}
+             "similarity": p["sims"][("pair", ("colors", "shapes"), seed)], "inplace": p["checks"][("colors", seed)]}
     loaded = load_model(cfg.model)
     for spec in specs.values():
         run_job(spec, loaded)

@@ -8,11 +8,12 @@ import pytest
 import torch
 from delta_fixtures import logits, make_adapter, peft_merged_state
 
-from lorasum.cli import main
-from lorasum.delta import Adapter, LoraFactors, load_adapter
+from lorasum.cli.main import main
+from lorasum.delta.factors import Adapter, LoraFactors
+from lorasum.delta.peft_format import load_adapter
 from lorasum.errors import LorasumError
-from lorasum.merge import applied, apply_adapters, remove_adapters, restore_weights, snapshot_weights
-from lorasum.models import load_model
+from lorasum.delta.apply import applied, apply_adapters, remove_adapters, restore_weights, snapshot_weights
+from lorasum.lm.models import load_model
 
 WEIGHTS = [0.83, -1.27]
 
@@ -122,7 +123,7 @@ def test_cli_merge_saves_model(pair, tmp_path, capsys):
     assert meta["base_model"]["id"] == model and [a["weight"] for a in meta["adapters"]] == WEIGHTS
     # the output exists now: a second merge into it is refused and leaves it alone
     assert main(argv) == 2
-    assert "not an empty folder" in capsys.readouterr().err
+    assert "exists and is not empty" in capsys.readouterr().err
 
 
 def test_cli_merge_wrong_base(pair, tmp_path, capsys):
@@ -151,7 +152,7 @@ def test_cli_merge_wrong_base(pair, tmp_path, capsys):
 
 
 def test_correct_hash_accepted(tmp_path, capsys):
-    from lorasum.models import weights_fingerprint
+    from lorasum.lm.models import weights_fingerprint
 
     sha = weights_fingerprint(load_model("tiny-gpt2").model)
     a = make_adapter(tmp_path / "a", "tiny-gpt2", seed=1, base="tiny-gpt2")
@@ -199,9 +200,9 @@ def test_embedded_gguf_path_is_the_builtin_model(tmp_path, monkeypatch, capsys):
     `smollm2-135m` are accepted; another .gguf is named by its stem. (The GGUF reader is replaced by tiny-gpt2.)"""
     import transformers
 
-    from lorasum.delta import canonical_base_id
-    from lorasum.merge import check_model_matches
-    from lorasum.models import SMOLLM2_GGUF, SMOLLM2_PACKAGE
+    from lorasum.identity import canonical_base_id
+    from lorasum.delta.apply import check_model_matches
+    from lorasum.identity import SMOLLM2_GGUF, SMOLLM2_PACKAGE
 
     tiny = load_model("tiny-gpt2")
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny.tokenizer)

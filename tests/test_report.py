@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import pytest
 
 from conftest import write_smoke_domains
-from lorasum.cli import main
+from lorasum.cli.main import main
 
 DOMAINS = ["alpha", "beta", "gamma"]
 FIGURE_NAMES = ("rms_vs_pct_change", "cosine_heatmap", "perplexity_bars")
@@ -222,7 +222,7 @@ def test_skipped_rows_are_announced_under_their_headings(tmp_path):
 
 def test_module_columns_in_block_order():
     """Table 2 / heatmap columns: attention before MLP, each in the order the block runs its modules."""
-    from lorasum.figures import kind_key
+    from lorasum.report.figures import kind_key
 
     llama = ["mlp.down_proj", "self_attn.v_proj", "mlp.up_proj", "self_attn.o_proj", "self_attn.k_proj",
              "mlp.gate_proj", "self_attn.q_proj"]
@@ -236,7 +236,7 @@ def test_scatter_of_an_older_results_file_still_draws_its_points(run, monkeypatc
     """A results.json from before the fit over pair means has per-seed `fit.points` and no `fit.pairs`."""
     import copy
 
-    from lorasum import figures
+    from lorasum.report import figures
 
     results = json.loads((run / "results.json").read_text())
     old = copy.deepcopy(results)

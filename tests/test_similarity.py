@@ -9,10 +9,11 @@ import pytest
 import torch
 from delta_fixtures import cos64, dense64, make_adapter
 
-from lorasum.cli import main
-from lorasum.compose import weighted_sum
-from lorasum.delta import Adapter, LoraFactors, load_adapter
-from lorasum.similarity import (cosine_matrices, gram_matrices, cosine_of_sum, factored_inner, layer_cosines, layer_inner,
+from lorasum.cli.main import main
+from lorasum.delta.compose import weighted_sum
+from lorasum.delta.factors import Adapter, LoraFactors
+from lorasum.delta.peft_format import load_adapter
+from lorasum.delta.similarity import (cosine_matrices, gram_matrices, cosine_of_sum, factored_inner, layer_cosines, layer_inner,
                                 layer_norms, norm_ratios, rms, rms_matrix, similarity_report)
 
 
@@ -192,7 +193,7 @@ def test_cli_accepts_path_weight(gpt2, capsys):
 
 def test_table_rms_matrix_diagonal_is_rms_matrix(gpt2):
     """The table's diagonal is rms_matrix's: 0 for an all-zero delta (cosine 0 with everything), not a fixed 1."""
-    from lorasum.similarity import format_table
+    from lorasum.cli.algebra import format_table
 
     a = gpt2[0]
     zero = Adapter("zero", "", {}, {n: LoraFactors(f.A, torch.zeros_like(f.B), f.scale) for n, f in a.layers.items()})

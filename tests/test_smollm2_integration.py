@@ -13,12 +13,12 @@ import time
 import pytest
 import torch
 
-from lorasum.data import DataConfig, load_domain, tokenize_records
-from lorasum.delta import load_adapter
-from lorasum.evaluate import evaluate
-from lorasum.merge import apply_adapters, restore_weights, snapshot_weights
-from lorasum.models import weights_fingerprint
-from lorasum.train import TrainConfig, train_adapter
+from lorasum.lm.data import DataConfig, load_domain, tokenize_records
+from lorasum.delta.peft_format import load_adapter
+from lorasum.lm.evaluate import evaluate
+from lorasum.delta.apply import apply_adapters, restore_weights, snapshot_weights
+from lorasum.lm.models import weights_fingerprint
+from lorasum.lm.train import TrainConfig, train_adapter
 
 pytestmark = pytest.mark.slow
 

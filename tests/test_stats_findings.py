@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from lorasum.findings import findings, rms_verdict, summed_verdict, unlearning_verdict
+from lorasum.study.findings import findings, rms_verdict, summed_verdict, unlearning_verdict
 from lorasum.stats import Scores, bootstrap_ppl, linear_fit, paired_pct_change, resample_weights
 
 
@@ -137,7 +137,7 @@ def test_recipe_check_verdict_flips():
 def test_rms_fit_has_one_point_per_pair_not_per_seed():
     """Seeds of a pair are not independent draws: the fit uses per-pair means (n = pairs), the slope CI follows
     from those means, and the per-seed points are kept apart for the scatter."""
-    from lorasum.results import _fit
+    from lorasum.study.results import _fit
 
     rms = {"a|b": [0.050, 0.052, 0.054], "a|c": [0.060, 0.061, 0.059], "b|c": [0.070, 0.072, 0.071],
            "b|d": [0.080, 0.079, 0.083]}

@@ -15,12 +15,12 @@ import torch
 import transformers
 from conftest import color_rows, shape_rows, write_jsonl
 
-from lorasum.data import DataConfig, load_domain, partition_records, tokenize_records
-from lorasum.delta import load_adapter
-from lorasum.evaluate import evaluate
-from lorasum.merge import apply_adapters
-from lorasum.models import load_model, weights_fingerprint
-from lorasum.train import TrainConfig, train_adapter
+from lorasum.lm.data import DataConfig, load_domain, partition_records, tokenize_records
+from lorasum.delta.peft_format import load_adapter
+from lorasum.lm.evaluate import evaluate
+from lorasum.delta.apply import apply_adapters
+from lorasum.lm.models import load_model, weights_fingerprint
+from lorasum.lm.train import TrainConfig, train_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,9 +178,9 @@ def test_train_cli_params_overwrite_and_merged_partition(tmp_path, run_cli):
 def test_bf16_autocast_learns_like_fp32(tiny_data, tmp_path):
     """Mixed precision wraps forward passes only; training must still learn as fp32 does (a regression: with the
     backward pass and optimizer step inside torch.autocast the adapter did not learn)."""
-    from lorasum.data import DataConfig
-    from lorasum.models import load_model
-    from lorasum.train import TrainConfig, train_adapter
+    from lorasum.lm.data import DataConfig
+    from lorasum.lm.models import load_model
+    from lorasum.lm.train import TrainConfig, train_adapter
 
     data = DataConfig(data_dir=str(tiny_data), max_records={"train": 48, "validation": 16})
     cfg = TrainConfig(epochs=4, lr=2e-2, batch_size=8, dropout=0.0, max_length=48)
@@ -199,7 +199,7 @@ def opt_folder(tmp_path_factory) -> Path:
     """A tiny local model of an architecture without a target preset (OPT), saved as a transformers folder."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from lorasum.models import TARGET_PRESETS, byte_tokenizer
+    from lorasum.lm.models import TARGET_PRESETS, byte_tokenizer
 
     assert "opt" not in TARGET_PRESETS
     tok = byte_tokenizer()
@@ -215,7 +215,7 @@ def opt_folder(tmp_path_factory) -> Path:
 
 def test_unknown_architecture_needs_targets_then_trains_only_those(opt_folder, tmp_path, run_cli):
     from lorasum.errors import LorasumError
-    from lorasum.models import targets_for
+    from lorasum.lm.models import targets_for
 
     with pytest.raises(LorasumError, match="no LoRA target preset for architecture 'opt'; pass --targets"):
         targets_for("opt")

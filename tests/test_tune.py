@@ -20,7 +20,7 @@ import yaml
 from conftest import color_rows, write_jsonl
 
 from lorasum.errors import LorasumError
-from lorasum.tune_space import DEFAULT_SPACE, default_space, load_space, parse_space, space_yaml
+from lorasum.tune.space import DEFAULT_SPACE, default_space, load_space, parse_space, space_yaml
 
 CAPS = ["--max-train", "24", "--max-validation", "8"]
 
@@ -186,7 +186,7 @@ def test_a_trial_clearly_worse_after_its_first_epoch_is_pruned(ddir, tmp_path, r
         def sample_independent(self, study, trial, name, distribution):
             return script[trial.number]
 
-    monkeypatch.setattr("lorasum.tune._seeded_tpe", lambda seed, n_startup: Scripted())
+    monkeypatch.setattr("lorasum.tune.search._seeded_tpe", lambda seed, n_startup: Scripted())
     space = tmp_path / "space.yaml"
     space.write_text("lr: {low: 1.0e-7, high: 0.1, log: true}\n")
     params = tmp_path / "params.json"

@@ -72,8 +72,8 @@ def test_shared_tuning_trains_every_partition_with_one_set_and_is_cached(tmp_pat
     def boom(*a, **k):
         raise AssertionError("tuning ran again")
 
-    monkeypatch.setattr("lorasum.tune_experiment.tune", boom)
-    monkeypatch.setattr("lorasum.models.load_model", boom)
+    monkeypatch.setattr("lorasum.study.tuning.tune", boom)
+    monkeypatch.setattr("lorasum.study.tuning.load_model", boom)
     run_experiment(run_cli, tmp_path, "shared")
     assert (run / "results.json").read_bytes() == before
 

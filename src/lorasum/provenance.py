@@ -8,6 +8,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 PACKAGES = ("lorasum", "torch", "transformers", "peft", "safetensors", "gguf", "datasets", "numpy")
 
 
@@ -33,8 +35,6 @@ def git_revision() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def provenance() -> dict:
-    import torch
-
     return {
         **{pkg: _version(pkg) for pkg in PACKAGES},
         "python": platform.python_version(),

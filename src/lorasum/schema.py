@@ -7,7 +7,8 @@ refuses unknown keys (suggesting the closest known one), converts each value to 
 into nested dataclasses; errors are one line that names the key, e.g.
 `run.yaml: 'train.lr' must be a number, got 'fast'`.
 
-YAML 1.1 (PyYAML) reads `1e-3` (no dot) as a string, so numeric strings are accepted where a number is declared.
+YAML 1.1 (PyYAML) reads `1e-3` (no dot) as a string, so numeric strings are accepted where a number is declared,
+except with `strict` (JSON sources: job specs, `--params` files, where a string is never a number).
 A whole number given for a `float` field is kept as it was written (so `alpha: 64` hashes as it always did).
 """
 
@@ -53,7 +54,7 @@ def number(v: Any) -> Any:
     return v
 
 
-def convert(tp: Any, v: Any, where: str | None = "config", prefix: str = "") -> Any:
+def convert(tp: Any, v: Any, where: str | None = "config", prefix: str = "", strict: bool = False) -> Any:
     """`v` as declared type `tp`; raises Mismatch if it is not one (nested dataclasses are parsed in full)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -62,18 +63,18 @@ def convert(tp: Any, v: Any, where: str | None = "config", prefix: str = "") -> 
         for a in args:
             if a is not type(None):
                 try:
-                    return convert(a, v, where, prefix)
+                    return convert(a, v, where, prefix, strict)
                 except Mismatch:
                     pass
         raise Mismatch
     if origin is list:
         if not isinstance(v, list):
             raise Mismatch
-        return [convert(args[0], x, where, prefix) for x in v]
+        return [convert(args[0], x, where, prefix, strict) for x in v]
     if dataclasses.is_dataclass(tp):
         if not isinstance(v, dict):
             raise Mismatch
-        return parse(tp, v, where, prefix)
+        return parse(tp, v, where, prefix, strict)
     if tp is bool:
         if isinstance(v, bool):
             return v
@@ -81,7 +82,7 @@ def convert(tp: Any, v: Any, where: str | None = "config", prefix: str = "") -> 
     if tp in (int, float):
         if isinstance(v, bool):
             raise Mismatch
-        x = number(v)
+        x = v if strict else number(v)
         if not isinstance(x, (int, float)) or not math.isfinite(x):
             raise Mismatch
         if tp is int:
@@ -112,7 +113,7 @@ def check_keys(d: dict, known, where: str | None, prefix: str = "") -> None:
             raise LorasumError(_at(where, f"unknown config key '{prefix}{key}'{hint}"))
 
 
-def parse(cls: type[T], d: Any, where: str | None = "config", prefix: str = "") -> T:
+def parse(cls: type[T], d: Any, where: str | None = "config", prefix: str = "", strict: bool = False) -> T:
     """A validated `cls` from mapping `d` (missing keys take their defaults), then its own `check()` if it has one
     (whose keyed errors come back as `WHERE: 'PREFIX.key' message`)."""
     if not isinstance(d, dict):
@@ -125,7 +126,7 @@ def parse(cls: type[T], d: Any, where: str | None = "config", prefix: str = "") 
         if v is None and dataclasses.is_dataclass(types_[name]):
             continue  # an empty nested section (`train:` in YAML) means its defaults
         try:
-            values[name] = convert(types_[name], v, where, f"{prefix}{name}.")
+            values[name] = convert(types_[name], v, where, f"{prefix}{name}.", strict)
         except Mismatch:
             raise LorasumError(_at(where, f"'{prefix}{name}' must be {describe(types_[name])}, got {v!r:.80}")) from None
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats as st
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,6 @@ def linear_fit(x: list[float], y: list[float], level: float = 0.95) -> dict:
     sst = float(((ya - ym) ** 2).sum())
     out.update(slope=slope, intercept=intercept, r2=1.0 - float((resid ** 2).sum()) / sst if sst > 0 else 1.0)
     if n >= 3:
-        from scipy import stats as st
-
         se = math.sqrt(float((resid ** 2).sum()) / (n - 2) / sxx)
         t = float(st.t.ppf((1 + level) / 2, n - 2))
         out["slope_ci"] = [slope - t * se, slope + t * se]
@@ -107,8 +106,6 @@ def linear_fit(x: list[float], y: list[float], level: float = 0.95) -> dict:
 
 def fit_band(fit: dict, xs: np.ndarray, x: list[float], level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Pointwise confidence band of the fitted mean line at `xs` (for the RMS vs %Δ figure)."""
-    from scipy import stats as st
-
     xa = np.asarray(x, float)
     n = len(xa)
     yhat = fit["slope"] * xs + fit["intercept"]

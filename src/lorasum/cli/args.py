@@ -130,8 +130,8 @@ def train_config(params_file: str | None, flags: dict):
 
     from ..lm.train import TrainConfig
 
-    base = TrainConfig.from_dict(read_params(params_file), f"--params {params_file}") if params_file else \
-        TrainConfig()
+    base = TrainConfig.from_dict(read_params(params_file), f"--params {params_file}", strict=True) if params_file \
+        else TrainConfig()
     cfg = dataclasses.replace(base, **flags)
     cfg.check()
     return cfg

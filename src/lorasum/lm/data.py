@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from ..errors import LorasumError
@@ -159,8 +160,6 @@ def _read_rows(path: str) -> list[tuple[int, dict]]:
         for r in reader:
             rows.append((reader.line_num, dict(r)))  # line_num: the record's last physical line
     elif path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         try:
             table = pq.read_table(path)
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for corrupt files
@@ -173,7 +172,7 @@ def _read_rows(path: str) -> list[tuple[int, dict]]:
 
 def _read_hub(dataset_id: str) -> list[tuple[int, dict]]:
     """A hub dataset (`hf:org/name` or `hf:org/name:config`); needs network access, so untested here."""
-    import datasets
+    import datasets  # only for hub domains: the package adds ~1 s to every process that imports this module
 
     name, _, config = dataset_id.partition(":")
     try:

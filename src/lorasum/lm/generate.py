@@ -28,8 +28,10 @@ def generate(loaded: LoadedModel, question: str, adapters=None, max_new_tokens: 
     (as for evaluate) applied; the model is restored afterwards."""
     if max_new_tokens < 1:
         raise LorasumError(f"must be at least 1, got {max_new_tokens}", key="max_new_tokens")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise LorasumError("temperature must be >= 0 and top_p in (0, 1]")
+    if not temperature >= 0:
+        raise LorasumError(f"must be >= 0 (0 is greedy), got {temperature}", key="temperature")
+    if not 0 < top_p <= 1:
+        raise LorasumError(f"must be in (0, 1], got {top_p}", key="top_p")
     tok, model = loaded.tokenizer, loaded.model
     adapters = adapters_for(loaded, adapters or [])
     prompt = build_prompt(tok, question, template)

@@ -62,8 +62,8 @@ def targets_for(model_type: str, targets: list[str] | None = None) -> list[str]:
         return list(targets)
     if model_type not in TARGET_PRESETS:
         raise LorasumError(
-            f"no LoRA target preset for architecture '{model_type}'; name the target modules (--targets, e.g. "
-            f"--targets q_proj v_proj); "
+            f"no LoRA target preset for architecture '{model_type}'; pass --targets (train.targets in a config), "
+            f"e.g. --targets q_proj v_proj; "
             f"presets exist for: {', '.join(sorted(TARGET_PRESETS))}"
         )
     return list(TARGET_PRESETS[model_type])

@@ -65,9 +65,10 @@ class TrainConfig:
             raise LorasumError(f"must be a positive number, got {self.lr}", key="lr")
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "training parameters") -> "TrainConfig":
-        """A checked TrainConfig from a mapping (a config section, a job spec, a tuning best.json's params)."""
-        return schema.parse(cls, d, where)
+    def from_dict(cls, d: dict, where: str | None = "training parameters", strict: bool = False) -> "TrainConfig":
+        """A checked TrainConfig from a mapping (a config section, a job spec, a tuning best.json's params);
+        `strict` for JSON sources, where a numeric string is an error (see schema)."""
+        return schema.parse(cls, d, where, strict=strict)
 
 
 @dataclass

@@ -70,7 +70,7 @@ def adapter_dir(run_dir: str | Path, train_key: str) -> Path:
 
 
 def _data(spec: dict) -> DataConfig:
-    return schema.parse(DataSpec, spec["data"], "job spec", "data.").config(spec.get("data_dir"))
+    return schema.parse(DataSpec, spec["data"], "job spec", "data.", strict=True).config(spec.get("data_dir"))
 
 
 def _terms(spec: dict, field: str) -> list[tuple]:
@@ -197,14 +197,16 @@ def check_spec(spec, where: str) -> None:
     if kind is None:
         raise LorasumError(f"{where}: 'kind' must be one of {', '.join(JOB_KINDS)}, got {spec.get('kind')!r}")
     missing = [k for k in ("run_dir", *kind.required) if k not in spec]
+    if "data" in kind.required and isinstance(spec.get("data"), dict):
+        missing += [f"data.{k}" for k in schema.field_types(DataSpec) if k not in spec["data"]]
     if missing:
         raise LorasumError(f"{where}: {'an' if kind.name[0] in 'aei' else 'a'} {kind.name} job spec needs "
                            f"{', '.join(missing)}; {fix}")
     try:
         if "data" in kind.required:
-            schema.parse(DataSpec, spec["data"], None, "data.")
+            schema.parse(DataSpec, spec["data"], None, "data.", strict=True)
         for field in kind.terms:
-            schema.convert(list[AdapterTerm], spec[field], None, f"{field}.")
+            schema.convert(list[AdapterTerm], spec[field], None, f"{field}.", strict=True)
     except schema.Mismatch:
         raise LorasumError(f"{where}: '{field}' must be a list of {{\"train_key\": str, \"weight\": number}}, "
                            f"got {spec[field]!r:.60}; {fix}") from None

@@ -1,0 +1,7 @@
+"""`python -m lorasum.cli ...` runs the `lorasum` command."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())
