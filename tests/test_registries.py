@@ -1,0 +1,87 @@
+"""Registries instead of string dispatch: a composition registered in one line flows into the plan, the results
+and both reports; job kinds and report blocks dispatch through their dicts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import write_smoke_domains
+from lorasum.lm.data import DataConfig
+from lorasum.lm.evaluate import evaluate
+from lorasum.lm.models import load_model
+from lorasum.report.blocks import BLOCK_KINDS
+from lorasum.report.sections import SECTIONS
+from lorasum.study import grid
+from lorasum.study.config import load_config
+from lorasum.study.experiment import plan, run_experiment
+from lorasum.study.jobs import JOB_KINDS
+
+
+def _half_sum(s: tuple[str, ...]) -> list[grid.Model]:
+    """A dummy composition: half of each block."""
+    return [grid.Model("half_sum", s, tuple((d, 0.5) for d in s))]
+
+
+def test_a_registered_composition_flows_into_results_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setitem(grid.COMPOSITIONS, "half_sum", grid.Composition("half_sum", per_subset=_half_sum,
+                                                                        baseline=True))
+    data = write_smoke_domains(tmp_path / "data")
+    cfg = load_config(preset="smoke", overrides={"data_dir": str(data), "domains": ["alpha", "beta"],
+                                                 "compositions": ["sum", "half_sum"]})
+    run = tmp_path / "run"
+    results = run_experiment(cfg, run)
+
+    assert results["models"]["half_sum[alpha+beta]"] == {"kind": "half_sum", "subset": ["alpha", "beta"],
+                                                         "terms": [["alpha", 0.5], ["beta", 0.5]]}
+    (row,) = results["compositions"]
+    half = row["baselines"]["half_sum"]
+    assert set(half) == {"perplexity", "macro", "pct_change"}
+
+    # independent reference: evaluate the same two adapters at weight 0.5 in place, on the same test records
+    p = plan(cfg, run.resolve())
+    folders = [run / "adapters" / p["train"][(d, 0)]["key"] for d in ("alpha", "beta")]
+    ref = evaluate(load_model("tiny-gpt2"), ["alpha", "beta"], [(f, 0.5) for f in folders],
+                   DataConfig(str(data), max_records={"test": cfg.max_test}))["results"]
+    assert math.isclose(half["perplexity"]["mean"], ref["pooled"]["perplexity"], rel_tol=1e-6)
+    assert math.isclose(results["perplexity"]["half_sum[alpha+beta]"]["alpha"]["mean"], ref["alpha"]["perplexity"],
+                        rel_tol=1e-6)
+    merged = results["perplexity"]["adapter[alpha+beta]"]["pooled"]["mean"]
+    assert math.isclose(half["pct_change"]["mean"], 100 * (ref["pooled"]["perplexity"] - merged) / merged,
+                        rel_tol=1e-6)
+
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "| combination | ppl merged | ppl half_sum | %Δ half_sum vs merged |" in md
+    assert "| half_sum[alpha+beta] |" in md  # in the matrix of every model on every domain
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert "<th>ppl half_sum</th>" in html
+    on_disk = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    assert on_disk["compositions"][0]["baselines"]["half_sum"]["pct_change"]["ci"] == half["pct_change"]["ci"]
+
+
+def test_an_unregistered_composition_is_refused_with_the_known_ones(tmp_path):
+    with pytest.raises(Exception, match="unknown composition 'half_sum'; known: sum, mean, best_single"):
+        load_config(preset="smoke", overrides={"domains": ["a", "b"], "compositions": ["half_sum"]})
+
+
+def test_registries_are_plain_dicts_keyed_by_name():
+    assert list(JOB_KINDS) == ["train", "eval", "similarity", "inplace", "data_stats"]
+    assert all(k.name == name for name, k in JOB_KINDS.items())
+    assert [k for k, j in JOB_KINDS.items() if not j.needs_model] == ["similarity"]
+    assert list(grid.COMPOSITIONS) == ["sum", "mean", "best_single", "level2_plus_one", "unlearning"]
+    assert set(BLOCK_KINDS) == {"paragraph", "note", "table", "figures"}
+    assert list(SECTIONS)[0] == "findings" and list(SECTIONS)[-1] == "provenance"
+
+
+def test_model_names_come_from_the_typed_value():
+    s = ("math", "medicine", "finance")
+    names = [m.name for m in grid.model_catalog(list(s), 3, list(grid.COMPOSITIONS)).models.values()]
+    assert names[:8] == ["base", "adapter[math]", "adapter[medicine]", "adapter[finance]", "adapter[math+medicine]",
+                         "adapter[math+finance]", "adapter[medicine+finance]", "adapter[math+medicine+finance]"]
+    assert "level2+1[medicine+finance|math]" in names and "unlearn[math+medicine+finance-math]" in names
+    assert names.count("sum[math+medicine+finance]") == 1 and "mean[math+finance]" in names
+    cat = grid.model_catalog(list(s), 2, ["sum"])
+    assert cat.find("sum", ("math", "finance")).name == "sum[math+finance]"
+    assert cat.find("mean", ("math", "finance")) is None and not cat.of("unlearn")
