@@ -161,16 +161,6 @@ def _remove_if_unused(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _cost(spec: dict, cfg: ExperimentConfig) -> float:
-    """Rough work units for the ETA: training costs ~3 forward passes per token."""
-    k = len(spec.get("partition", "").split("+"))
-    if spec["kind"] == "train":
-        return 3.0 * k * (cfg.max_train or 500) * cfg.train.epochs + k * (cfg.max_validation or 60) * cfg.train.epochs
-    if spec["kind"] == "eval":
-        return float(cfg.max_test or 60)
-    return 0.5
-
-
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool = False, loaded=None) -> dict:
     """Run (or resume) the grid, then write results.json, timings.json and the report."""
     run_dir = Path(run_dir).resolve()
@@ -210,7 +200,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, p: dict, loaded) -> dict:
     if pending and loaded is None and any(JOB_KINDS[j["kind"]].needs_model for j in pending):
         set_threads(cfg.threads)
         loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
-    total = sum(_cost(j, cfg) for j in pending)
+    total = sum(JOB_KINDS[j["kind"]].work(j) for j in pending)
     with progress(total=round(total), desc="grid", unit="u") as bar:
         for i, job in enumerate(pending, 1):
             label = job.get("partition") or job.get("domain") or job["key"]
@@ -219,7 +209,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, p: dict, loaded) -> dict:
             run_job(job, loaded)
             timings[job["key"]] = {"kind": job["kind"], "wall_s": round(time.perf_counter() - t0, 3)}
             atomic_write_json(timings_path, timings)
-            bar.update(round(_cost(job, cfg)))
+            bar.update(round(JOB_KINDS[job["kind"]].work(job)))
     results = assemble(cfg, p, run_dir)
     write_report(run_dir, results)
     return results

@@ -22,8 +22,8 @@ from ..delta.peft_format import load_adapter
 from ..delta.similarity import layer_cosines, layer_norms, rms
 from ..errors import LorasumError
 from ..files import atomic_write_json
-from ..lm.data import DataConfig, load_domain, partition_domains, require_nonempty, require_predicted_tokens, \
-    tokenize_records
+from ..lm.data import DataConfig, load_domain, parse_spec, partition_domains, require_nonempty, \
+    require_predicted_tokens, tokenize_records
 from ..lm.datastats import data_stats
 from ..lm.evaluate import per_example_nll
 from ..lm.models import LoadedModel, load_model
@@ -81,7 +81,7 @@ def _terms(spec: dict, field: str) -> list[tuple]:
 def _check_sources(spec: dict, domains) -> None:
     """The data files must still be the ones the key was derived from."""
     for dom in domains:
-        want = spec["data"]["sources"].get(dom.spec.split("[")[0])
+        want = spec["data"]["sources"].get(parse_spec(dom.spec)[0])
         if want and dom.source_sha256 and want != dom.source_sha256:
             raise LorasumError(f"{dom.source} changed since the job was planned (sha256 differs); rerun the "
                                "experiment to re-plan")
@@ -140,6 +140,17 @@ def _run_data_stats(spec: dict, out: Path, loaded: LoadedModel) -> None:
     atomic_write_json(out, {"rows": data_stats(spec["domains"], loaded.tokenizer, _data(spec), spec["max_length"])})
 
 
+def _train_work(spec: dict) -> float:
+    """Training costs ~3 forward passes per token, plus a validation pass per epoch."""
+    k, caps, epochs = len(partition_domains(spec["partition"])), spec["data"]["max_records"], spec["train"]["epochs"]
+    return 3.0 * k * (caps.get("train") or 500) * epochs + k * (caps.get("validation") or 60) * epochs
+
+
+def _eval_work(spec: dict) -> float:
+    caps = spec["data"]["max_records"]
+    return float(caps.get(spec.get("split", "test")) or 60)
+
+
 @dataclass(frozen=True)
 class JobKind:
     """One kind of job: where its artifact lives, what its spec must hold, and how it runs."""
@@ -151,12 +162,14 @@ class JobKind:
     needs_model: bool = True  # runs on a loaded base model (else on adapter files alone)
     folder_artifact: bool = False  # the artifact is a folder (an adapter), not a JSON file
     terms: tuple[str, ...] = ()  # keys holding lists of AdapterTerm
+    work: Callable[[dict], float] = lambda spec: 0.5  # rough units of work, for the ETA
 
 
 JOB_KINDS: dict[str, JobKind] = {k.name: k for k in (
-    JobKind("train", "adapters", ("model", "partition", "data", "train"), _run_train, folder_artifact=True),
+    JobKind("train", "adapters", ("model", "partition", "data", "train"), _run_train, folder_artifact=True,
+            work=_train_work),
     JobKind("eval", "evals", ("model", "adapters", "domain", "data", "max_length", "batch_size", "loss_on"), _run_eval,
-            terms=("adapters",)),
+            terms=("adapters",), work=_eval_work),
     JobKind("similarity", "sims", ("a", "b"), _run_similarity, needs_model=False, terms=("a", "b")),
     JobKind("inplace", "checks", ("model", "all", "removed"), _run_inplace),
     JobKind("data_stats", "checks", ("model", "domains", "data", "max_length"), _run_data_stats),
