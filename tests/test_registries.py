@@ -85,3 +85,22 @@ def test_model_names_come_from_the_typed_value():
     cat = grid.model_catalog(list(s), 2, ["sum"])
     assert cat.find("sum", ("math", "finance")).name == "sum[math+finance]"
     assert cat.find("mean", ("math", "finance")) is None and not cat.of("unlearn")
+
+
+def test_templates_escape_html_only(monkeypatch):
+    """The same blocks through both templates: HTML autoescaped, markdown verbatim (only `|` in cells escaped)."""
+    from lorasum.report import render
+    from lorasum.report.blocks import Figures, Note, Paragraph, Section, Table
+
+    blocks = [Section("<h> & co", [Paragraph("a <script>x</script> **bold**"), Note("n < m"),
+                                  Table(["<th>", "b"], [["x|y", "<td>"]], "cap & <i>"), Figures(("fig",))])]
+    monkeypatch.setattr(render, "sections", lambda r: blocks)
+    md = render.render_md({})
+    assert md == ("# lorasum experiment report\n\n## <h> & co\n\n"
+                  "a <script>x</script> **bold**\n\n*n < m*\n\n"
+                  "| <th> | b |\n|---|---|\n| x\\|y | <td> |\n*cap & <i>*\n\n![fig](figures/fig.png)\n")
+    html = render.render_html({}, {"fig": b"\x89PNG"})
+    assert "<h2>&lt;h&gt; &amp; co</h2>" in html and "<p>a &lt;script&gt;x&lt;/script&gt; bold</p>" in html
+    assert "<th>&lt;th&gt;</th>" in html and "<td>x|y</td><td>&lt;td&gt;</td>" in html
+    assert '<p class=cap>cap &amp; &lt;i&gt;</p>' in html and "<script>" not in html
+    assert 'src="data:image/png;base64,iVBORw=="' in html and "<figcaption>fig</figcaption>" in html
