@@ -2,9 +2,9 @@
 section and search space, job specs. One mechanism for all of them.
 
 A config is a dataclass: its annotations are the schema, its trailing comments document each field once, and an
-optional `check()` method holds the rules on values (ranges, choices), raising errors keyed by field. `parse(cls, mapping, where)`
-refuses unknown keys (suggesting the closest known one), converts each value to its annotated type and recurses
-into nested dataclasses; errors are one line that names the key, e.g.
+optional `check()` method holds the rules on values (ranges, choices), raising errors keyed by field.
+`parse(cls, mapping, where)` refuses unknown keys (suggesting the closest known one), converts each value to its
+annotated type and recurses into nested dataclasses; errors are one line that names the key, e.g.
 `run.yaml: 'train.lr' must be a number, got 'fast'`.
 
 YAML 1.1 (PyYAML) reads `1e-3` (no dot) as a string, so numeric strings are accepted where a number is declared,
