@@ -160,7 +160,7 @@ def run_copy(finished, tmp_path) -> Path:
 
 def no_jobs(monkeypatch) -> list[str]:
     ran: list[str] = []
-    monkeypatch.setattr("lorasum.study.experiment.run_job", lambda spec, loaded=None: ran.append(spec["kind"]))
+    monkeypatch.setattr("lorasum.study.experiment.run_job", lambda spec, loaded=None, timings=None: ran.append(spec["kind"]))
     return ran
 
 
@@ -188,7 +188,7 @@ def test_different_config_is_refused_then_accepted_with_overwrite(finished, run_
     assert listing(run_copy) == before
     ran = []
     real = __import__("lorasum.study.experiment", fromlist=["run_job"]).run_job
-    monkeypatch.setattr("lorasum.study.experiment.run_job", lambda spec, loaded=None: (ran.append(spec["kind"]),
+    monkeypatch.setattr("lorasum.study.experiment.run_job", lambda spec, loaded=None, timings=None: (ran.append(spec["kind"]),
                                                                                     real(spec, loaded))[1])
     rc, _, err, _ = experiment(run_cli, data, run_copy, "--overwrite", config={"max_test": 5})
     assert rc == 0, err

@@ -14,27 +14,44 @@ from .args import add_model_args, check_out, load, parse_max_rank, parse_term, p
 def similarity(args: argparse.Namespace) -> int:
     from ..delta.peft_format import load_terms
     from ..delta.similarity import scaled, similarity_report
+    from ..delta.subspace import factor_similarity, factor_summary
     from ..errors import LorasumError
 
     if len(args.adapters) < 2:
         raise LorasumError("similarity needs at least two adapters: lorasum similarity A B [C ...]")
     # each delta scaled by its weight; a negative weight flips the sign of its cosines
-    report = similarity_report([scaled(a, w) for a, w in load_terms(parse_term(t) for t in args.adapters)])
+    adapters = [scaled(a, w) for a, w in load_terms(parse_term(t) for t in args.adapters)]
+    report = similarity_report(adapters)
+    if args.factors:  # the pairs in similarity_report's order: (0, 1), (0, 2), …, (1, 2), …
+        pairs = iter(report["pairs"])
+        for i in range(len(adapters)):
+            for j in range(i + 1, len(adapters)):
+                per = factor_similarity(adapters[i], adapters[j])
+                mean = factor_summary(per)
+                next(pairs)["factors"] = {"A": {m: v["A"] for m, v in per.items()},
+                                          "B": {m: v["B"] for m, v in per.items()},
+                                          "mean_A": mean["A"], "mean_B": mean["B"]}
     print_json(report) if args.json else print(format_table(report))
     return 0
 
 
 def format_table(report: dict) -> str:
-    """Layers × pairs of cosines, with the module kind, an RMS row, and for N > 2 the N × N RMS matrix."""
+    """Layers × pairs of cosines, with the module kind, an RMS row, for pairs with factors the mean A row-space and
+    B column-space similarities (A-space, B-space rows), and for N > 2 the N × N RMS matrix."""
     heads = [f"{p['a']} ~ {p['b']}" for p in report["pairs"]]
     layers = list(report["kinds"])
-    lw = max(len("layer"), *(len(m) for m in layers))
+    factors = all("factors" in p for p in report["pairs"])
+    lw = max(len("layer"), *(len(m) for m in layers), *((len("A-space"),) if factors else ()))
     cw = [max(9, len(h)) for h in heads]
     lines = ["  ".join([f"{'layer':<{lw}}", "kind "] + [f"{h:>{w}}" for h, w in zip(heads, cw)])]
     for m in layers:
         vals = [f"{p['layers'][m]:>{w}.4f}" for p, w in zip(report["pairs"], cw)]
         lines.append("  ".join([f"{m:<{lw}}", f"{report['kinds'][m]:<5}"] + vals))
     lines.append("  ".join([f"{'RMS':<{lw}}", "     "] + [f"{p['rms']:>{w}.4f}" for p, w in zip(report["pairs"], cw)]))
+    if factors:  # mean over layers of the factor-subspace similarities, formatted as the RMS row
+        for label, key in (("A-space", "mean_A"), ("B-space", "mean_B")):
+            lines.append("  ".join([f"{label:<{lw}}", "     "]
+                                   + [f"{p['factors'][key]:>{w}.4f}" for p, w in zip(report["pairs"], cw)]))
     names = report["adapters"]
     if len(names) > 2:  # the pairwise RMS matrix
         nw = max(9, *(len(n) for n in names))
@@ -113,6 +130,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapters", nargs="*", metavar="PATH[:WEIGHT]", help="two or more adapter folders, "
                    "each delta scaled by its weight (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--factors", action="store_true", help="also the similarity of the A row spaces and of the B "
+                   "column spaces (mean squared cosine of principal angles; A near 1 means a shared initial A)")
     p.set_defaults(func=similarity, parser=p)
 
     p = sub.add_parser("compose", help="exact weighted sum of adapters, saved as one PEFT adapter folder")

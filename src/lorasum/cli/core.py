@@ -12,7 +12,8 @@ from .args import add_data_args, add_model_args, check_out, data_config, expand_
     print_json, terms_text, train_config
 
 TRAIN_FLAGS = (("r", int), ("alpha", float), ("dropout", float), ("max_length", int), ("batch_size", int),
-               ("epochs", int), ("lr", float), ("warmup_ratio", float), ("weight_decay", float), ("seed", int))
+               ("epochs", int), ("lr", float), ("warmup_ratio", float), ("weight_decay", float), ("seed", int),
+               ("init", str))
 
 
 def train(args: argparse.Namespace) -> int:

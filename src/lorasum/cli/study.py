@@ -49,7 +49,7 @@ def tune(args: argparse.Namespace) -> int:
     from ..tune.space import default_space, load_space
 
     space = load_space(args.space) if args.space else default_space()
-    fixed = {k: getattr(args, k) for k in ("r", "alpha", "max_length", "seed", "loss_on", "targets")
+    fixed = {k: getattr(args, k) for k in ("r", "alpha", "max_length", "seed", "init", "loss_on", "targets")
              if getattr(args, k) is not None}
     base = train_config(args.params, fixed)
     best = tune(load(args), args.data, args.out, args.trials, space, args.storage, args.study,
@@ -100,7 +100,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "heartbeats; a trial without one for 2*S is failed and retried (default 30)")
     p.add_argument("--params", default=None, help="JSON file of the fixed training parameters (e.g. r, alpha)")
     p.add_argument("--targets", nargs="+", default=None, help="module names to adapt (default: architecture preset)")
-    for name, typ in (("r", int), ("alpha", float), ("max_length", int), ("seed", int)):
+    for name, typ in (("r", int), ("alpha", float), ("max_length", int), ("seed", int), ("init", str)):
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help="fixed training parameter")
     p.add_argument("--loss-on", choices=("all", "answer"), default=None)
     p.set_defaults(func=tune, parser=p)

@@ -50,6 +50,7 @@ class DataConfig:
     answer_field: str = "answer"  # record field holding the answer
     split_seed: int = 0  # salt of the content hash that assigns records to splits
     max_records: dict[str, int] = field(default_factory=dict)  # cap per domain and split, e.g. {"train": 200}
+    skip: dict[str, int] = field(default_factory=dict)  # records passed over (content order) before the cap
 
 
 @dataclass(frozen=True)
@@ -211,9 +212,8 @@ def load_domain(spec: str, config: DataConfig | None = None) -> Domain:
     available = {s: len(v) for s, v in by_split.items()}
     for s in SPLITS:
         by_split[s].sort(key=lambda r: r.key)  # capping keeps a content-defined subset, independent of file order
-        cap = config.max_records.get(s)
-        if cap is not None:
-            by_split[s] = by_split[s][:cap]
+        cap, skip = config.max_records.get(s), config.skip.get(s, 0)
+        by_split[s] = by_split[s][skip:None if cap is None else skip + cap]
     sha = None if path.startswith("hf:") else sha256_file(path)
     return Domain(spec, path, sha, by_split, available)
 

@@ -7,6 +7,7 @@ with the config, data fingerprints, seed, per-epoch losses, throughput and prove
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -31,6 +32,9 @@ from .evaluate import Perplexity, per_example_nll
 from .models import LoadedModel, check_targets, targets_for, weights_fingerprint
 
 
+INIT_MODES = ("independent", "shared")
+
+
 @dataclass
 class TrainConfig:
     """Hyperparameters of one adapter. r, alpha, targets and max_length are fixed across partitions (paper §3)."""
@@ -48,7 +52,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     loss_on: str = "all"  # "all" tokens of the formatted record (paper) or "answer" tokens only
-    seed: int = 0  # initialisation, dropout and batch order; never moves records between splits
+    seed: int = 0  # dropout and batch order (and the initialisation, see init); never moves records between splits
+    init: str = "independent"  # LoRA init seed: "independent" (derived from partition and seed) or "shared" (seed)
     eval_batch_size: int = 16  # records per validation batch
 
     def check(self) -> None:
@@ -63,6 +68,8 @@ class TrainConfig:
             raise LorasumError(f"must be 'all' or 'answer', got '{self.loss_on}'", key="loss_on")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise LorasumError(f"must be a positive number, got {self.lr}", key="lr")
+        if self.init not in INIT_MODES:
+            raise LorasumError(f"must be {' or '.join(INIT_MODES)}, got {self.init!r}", key="init")
 
     @classmethod
     def from_dict(cls, d: dict, where: str | None = "training parameters", strict: bool = False) -> "TrainConfig":
@@ -83,6 +90,24 @@ class TrainResult:
 def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _stable_seed(*parts) -> int:
+    """A seed from sha256 of the parts (never Python's per-process `hash()`), the same on every machine."""
+    digest = hashlib.sha256("\x00".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
+
+
+def init_seed(partition: str, cfg: TrainConfig) -> int:
+    """The seed of the LoRA initialisation (A ~ kaiming, B = 0). `shared`: `seed` itself, so every adapter trained
+    with one seed starts from the same A (what seeding once before get_peft_model does); `independent`: derived from
+    (partition, seed), so two partitions never share A and the summed deltas' row spaces are not tied by init."""
+    return cfg.seed if cfg.init == "shared" else _stable_seed("lorasum-init", partition, cfg.seed)
+
+
+def train_stream_seed(cfg: TrainConfig) -> int:
+    """The seed of dropout after initialisation, the same in both init modes: they differ only in the initial A."""
+    return _stable_seed("lorasum-train", cfg.seed)
 
 
 def lora_config(cfg: TrainConfig, loaded: LoadedModel) -> LoraConfig:
@@ -129,12 +154,14 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
 
     lcfg = lora_config(cfg, loaded)
     check_targets(loaded.model, list(lcfg.target_modules))
-    set_seed(cfg.seed)
+    a_seed = init_seed(partition, cfg)
+    set_seed(a_seed)
     try:
         peft_model = get_peft_model(loaded.model, lcfg)
     except ValueError as e:  # e.g. a target that is a container module, not a layer PEFT can adapt
         raise LorasumError(f"cannot add LoRA layers for {' '.join(sorted(lcfg.target_modules))}: "
                            f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}", key="targets") from None
+    torch.manual_seed(train_stream_seed(cfg))
     try:
         result = _fit(peft_model, train_ex, val_ex, tok.pad_token_id, cfg, get_linear_schedule_with_warmup,
                       loaded.autocast, on_epoch)
@@ -143,7 +170,7 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
             "lorasum_version": provenance()["lorasum"], "partition": partition, "domains": [d.spec for d in domains],
             "base_model": {"id": loaded.model_id, "model_type": loaded.model_type, "weights_sha256": base_sha},
             "train": asdict(cfg), "data": {**asdict(data), "domains": [d.fingerprint() for d in domains]},
-            "seed": cfg.seed, "epochs": result.epochs, "best_epoch": result.best_epoch,
+            "seed": cfg.seed, "init": {"mode": cfg.init, "seed": a_seed}, "epochs": result.epochs, "best_epoch": result.best_epoch,
             "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s, "provenance": provenance(),
         }
         with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -72,12 +72,30 @@ def rms_scatter(results: dict) -> bytes:
     span = max(float(np.ptp(ys)), 1.0)
     ax.set_ylim(ys.min() - 0.35 * span, ys.max() + 0.35 * span)
     ax.axhline(0, color="black", lw=0.5)
+    _references(ax, results)
     ax.set_xlabel("RMS of per-layer cosine similarity (fundamental blocks)")
     ax.set_ylabel("% change in perplexity (summed vs merged)")
     ax.set_title("RMS similarity vs perplexity change (pairs)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     return png(fig)
+
+
+def _references(ax, results: dict) -> None:
+    """Vertical lines at the random null and at the same-domain ceilings, so each pair's RMS reads between them."""
+    nulls = [p["null"]["mean"] for p in results.get("pairs", {}).values() if "null" in p]
+    ceilings = [v.get("split", v.get("seeds")) for v in (results.get("references") or {}).values()]
+    ceilings = [c for c in ceilings if c is not None]
+    lo, hi = ax.get_xlim()
+    if nulls:
+        x = float(np.mean(nulls))
+        ax.axvline(x, color="grey", ls=":", lw=1, label=f"random null ({x:.4f})")
+        lo = min(lo, x)
+    for i, c in enumerate(sorted(ceilings)):
+        ax.axvline(c, color="C2", ls="--", lw=1, label="same-domain ceilings" if i == 0 else None)
+        hi = max(hi, c)
+    pad = 0.04 * (hi - lo)
+    ax.set_xlim(lo - pad, hi + pad)
 
 
 def cosine_heatmap(results: dict) -> bytes:

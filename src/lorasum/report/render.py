@@ -15,6 +15,7 @@ import jinja2
 from ..errors import LorasumError
 from ..files import atomic_write_bytes, atomic_write_text
 from .figures import FIGURES
+from .science import speed_section
 from .sections import sections
 from .tuning import tuning_pngs
 
@@ -33,8 +34,10 @@ def render_md(r: dict) -> str:
     return _env(autoescape=False).get_template("report.md.j2").render(sections=sections(r))
 
 
-def render_html(r: dict, pngs: dict[str, bytes]) -> str:
-    return _env(autoescape=True).get_template("report.html.j2").render(sections=sections(r), pngs=pngs)
+def render_html(r: dict, pngs: dict[str, bytes], timings: dict | None = None) -> str:
+    """The HTML report; with `timings` (timings.json) also the wall-time sections, which report.md leaves out."""
+    extra = speed_section(r, timings) if timings else []
+    return _env(autoescape=True).get_template("report.html.j2").render(sections=sections(r) + extra, pngs=pngs)
 
 
 def figure_pngs(r: dict) -> dict[str, bytes]:
@@ -73,6 +76,15 @@ def read_results(run_dir: Path) -> dict:
     return results
 
 
+def _timings(run_dir: Path) -> dict:
+    """timings.json of the run (wall times), or {} when it is absent or damaged: it only adds the speed table."""
+    try:
+        t = json.loads((run_dir / "timings.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return t if isinstance(t, dict) else {}
+
+
 def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
     """Write figures/*.png, report.md and report.html from results.json (atomic writes).
 
@@ -84,7 +96,7 @@ def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
         results = read_results(run_dir)
     try:
         pngs = figure_pngs(results)
-        md, html = render_md(results), render_html(results, pngs)
+        md, html = render_md(results), render_html(results, pngs, _timings(run_dir))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, jinja2.TemplateError) as e:
         if not from_file:
             raise

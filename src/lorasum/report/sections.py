@@ -10,6 +10,7 @@ from . import paper
 from .blocks import Figures, Note, Paragraph, Section, Table
 from .figures import FIGURES, kind_key, split_layer
 from .ordering import by_domain, model_order, pair_order
+from .science import claims_section, init_section, references_section, table1_section, unlearning_sweep_section
 from .tuning import tuning_blocks
 
 
@@ -226,12 +227,26 @@ def findings_paragraph(items: list[dict]) -> str:
     return " ".join(f"{f['claim']} — {f['subject']}: **{f['verdict']}** ({f['evidence']})." for f in items)
 
 
+def _rules(r: dict) -> str:
+    if r.get("schema", "").endswith("/1"):
+        return ("Rules: 'summed ≈ merged' only where the %Δ CI lies within ±10%; a RMS relation only where the slope "
+                "CI (fit over pairs, each the mean over seeds) excludes 0; unlearning 'restores' only where perplexity "
+                "after removal lies within the CI of the model trained without that domain.")
+    seeds = len(r["config"]["seeds"])
+    cover = ("test examples only (one training seed: seed-to-seed variance is not in them)" if seeds == 1 else
+             f"test examples and {seeds} training seeds" + (" (with 2 seeds the seed variance is barely "
+                                                          "estimated)" if seeds == 2 else ""))
+    return ("Rules: 'summed ≈ merged' only where the %Δ CI lies within ±10%; the RMS → %Δ relation is tested only "
+            "with at least 8 distinct pairs, by Spearman's ρ with a permutation test over domain labels and an OLS "
+            "slope whose CI resamples domains (pairs sharing a domain are not independent); 'near-orthogonal' only "
+            "where a pair's RMS is closer to the random null than to the same-domain ceiling; unlearning 'restores' "
+            f"only where perplexity after removal lies within the CI of the model trained without that domain. "
+            f"Every perplexity CI covers {cover}.")
+
+
 def findings_section(r: dict) -> list[Section]:
     blocks: list = [Paragraph(findings_paragraph(r["findings"])),
-                    Paragraph("Rules: 'summed ≈ merged' only where the %Δ CI lies within ±10%; a RMS relation only "
-                              "where the slope CI (fit over pairs, each the mean over seeds) excludes 0; unlearning "
-                              "'restores' only where perplexity after removal lies within the CI of the model "
-                              "trained without that domain.")]
+                    Paragraph(_rules(r))]
     if r.get("tuning") and r["tuning"]["confounded"]:  # per-partition tuning confounds merged vs summed
         blocks.append(Paragraph("Caution: hyperparameters were tuned per partition (tune: per_partition), so every "
                                 "merged-vs-summed comparison above is confounded by tuning."))
@@ -296,13 +311,18 @@ def provenance_section(r: dict) -> list[Section]:
 
 
 SECTIONS = {
+    "claims": claims_section,
     "findings": findings_section,
     "tuning": tuning_section,
+    "init": init_section,
+    "references": references_section,
     "tables_3_4": tables_3_4,
+    "unlearning_sweep": unlearning_sweep_section,
     "per_layer": _per_layer_sections,
     "perplexity": perplexity_matrix,
     "unlearning": unlearning_section,
     "weight_space": weight_space_section,
+    "table1": table1_section,
     "figures": figures_section,
     "data": data_section,
     "provenance": provenance_section,

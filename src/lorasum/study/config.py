@@ -13,7 +13,7 @@ import yaml
 from .. import schema
 from ..errors import LorasumError
 from ..lm.data import SPLITS, DataConfig
-from ..lm.train import TrainConfig
+from ..lm.train import INIT_MODES, TrainConfig
 from ..tune.search import HEARTBEAT_S
 from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
 from .grid import COMPOSITIONS
@@ -86,6 +86,9 @@ class ExperimentConfig:
     autocast: str | None = None  # mixed-precision forward passes over fp32 weights: null (off) / bfloat16
     threads: int | None = None  # torch CPU threads
     tune: dict | str | bool | None = None  # hyperparameter search before the grid: null (off) or TuneSettings
+    init_modes: list[str] | None = None  # LoRA init modes to compare, each a whole grid (default: [train.init])
+    unlearn_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # λ swept in base + full − λ·d
+    retention_tolerance: float = 0.05  # δ: a λ must keep every other domain within (1 + δ)× its ppl before removal
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,7 +126,25 @@ class ExperimentConfig:
             raise LorasumError(f"must be at least 100, got {self.bootstrap_samples}", key="bootstrap_samples")
         if self.eval_loss_on not in ("all", "answer"):
             raise LorasumError(f"must be 'all' or 'answer', got '{self.eval_loss_on}'", key="eval_loss_on")
+        if self.init_modes is not None:
+            if not self.init_modes or len(set(self.init_modes)) != len(self.init_modes):
+                raise LorasumError(f"must be a non-empty list of distinct modes, got {self.init_modes!r}",
+                                   key="init_modes")
+            for m in self.init_modes:
+                if m not in INIT_MODES:
+                    raise LorasumError(f"names unknown mode {m!r}; known: {', '.join(INIT_MODES)}", key="init_modes")
+        if not self.unlearn_weights or len(set(self.unlearn_weights)) != len(self.unlearn_weights) \
+                or not all(0 < w <= 2 for w in self.unlearn_weights):
+            raise LorasumError(f"must be distinct weights in (0, 2], got {self.unlearn_weights!r}",
+                               key="unlearn_weights")
+        if not self.retention_tolerance >= 0:
+            raise LorasumError(f"must be >= 0, got {self.retention_tolerance}", key="retention_tolerance")
         self.tune = tune_section(self.tune)
+
+    @property
+    def modes(self) -> list[str]:
+        """The init modes this run trains a grid for; the first is the report's primary one."""
+        return list(self.init_modes) if self.init_modes else [self.train.init]
 
     @property
     def level(self) -> int:

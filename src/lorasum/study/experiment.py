@@ -13,13 +13,14 @@ import itertools
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..errors import LorasumError
 from ..files import atomic_write_json, sha256_file
-from ..lm.data import SPLITS, load_domain, parse_spec, require_nonempty, resolve_source
+from ..lm.data import SPLITS, load_domain, parse_spec, partition_domains, require_nonempty, resolve_source
 from ..lm.models import load_model, set_threads
+from ..lm.train import init_seed
 from ..progress import progress
 from ..report.render import write_report
 from ..schema import config_diff
@@ -39,65 +40,85 @@ def _sources(cfg: ExperimentConfig) -> dict[str, str | None]:
     return out
 
 
-def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = None) -> dict:
-    """All job specs (with keys) of the run: train, similarity and eval, plus the model catalog.
+def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = None, init: str | None = None) -> dict:
+    """All job specs (with keys) of one init mode's grid: train, similarity and eval, plus the model catalog.
 
     `evals` maps (model name, domain, seed) to test-split evals and (model name, domain, seed, "validation") to the
-    fundamentals' validation-split evals that choose the best-single baseline; `models` is the grid's Catalog.
+    validation-split evals that choose the best-single baseline and the unlearning weight; `models` is the grid's
+    Catalog. `ceiling` maps (domain, seed) to the train job of a disjoint second sample of the domain's training
+    records (the same-domain reference), where the domain has twice the records a fundamental trains on.
 
-    `train_for` maps partitions to tuned TrainConfigs (from the `tune` section); others use cfg.train.
+    `train_for` maps partitions to tuned TrainConfigs (from the `tune` section); others use cfg.train. `init` is the
+    LoRA init mode of every adapter (default: the run's first).
     """
     run_dir = str(run_dir)
+    mode = init or cfg.modes[0]
     sources = _sources(cfg)
     base = {"model": cfg.model, "dtype": cfg.dtype, "autocast": cfg.autocast, "run_dir": run_dir, "device": cfg.device,
             "data_dir": cfg.data_dir}
     fields_ = {"question_field": cfg.question_field, "answer_field": cfg.answer_field, "split_seed": cfg.split_seed}
 
-    def data_part(domains: list[str], caps: dict) -> dict:
+    def data_part(domains: list[str], caps: dict, skip: dict | None = None) -> dict:
         names = sorted({parse_spec(d)[0] for d in domains})
-        return {**fields_, "max_records": caps, "sources": {n: sources[n] for n in names}}
+        return {**fields_, "max_records": caps, "sources": {n: sources[n] for n in names}, **({"skip": skip} if skip
+                                                                                             else {})}
+
+    def train_spec(part: str, seed: int, skip: dict | None = None) -> dict:
+        tc = replace((train_for or {}).get(part, cfg.train), seed=seed, init=mode)
+        return with_key({**base, "kind": "train", "partition": part, "init_seed": init_seed(part, tc),
+                         "data": data_part(partition_domains(part), cfg.caps(("train", "validation"), keep_none=True),
+                                           skip), "train": asdict(tc)})
 
     train: dict[tuple[str, int], dict] = {}
     for seed in cfg.seeds:
         for s in subsets(cfg.domains, cfg.level):
-            part = partition_name(s)
-            spec = with_key({**base, "kind": "train", "partition": part,
-                             "data": data_part(list(s), cfg.caps(("train", "validation"), keep_none=True)),
-                             "train": {**asdict((train_for or {}).get(part, cfg.train)), "seed": seed}})
-            train[(part, seed)] = spec
+            train[(partition_name(s), seed)] = train_spec(partition_name(s), seed)
+    ceiling: dict[tuple[str, int], dict] = {}
+    if cfg.max_train:
+        data = cfg.data_config()
+        for d in cfg.domains:
+            if load_domain(d, data).available["train"] >= 2 * cfg.max_train:
+                for seed in cfg.seeds:
+                    ceiling[(d, seed)] = train_spec(d, seed, skip={"train": cfg.max_train})
 
     def terms(items, seed):
         return [{"train_key": train[(p, seed)]["key"], "weight": w} for p, w in items]
 
-    catalog = model_catalog(cfg.domains, cfg.level, cfg.compositions)
+    def eval_spec(items, seed, domain: str, split: str = "test") -> dict:
+        return with_key({**base, "kind": "eval", "adapters": terms(items, seed), "domain": domain,
+                         **({"split": split} if split != "test" else {}),
+                         "data": data_part([domain], cfg.caps((split,), keep_none=True)),
+                         "max_length": cfg.train.max_length, "batch_size": cfg.eval_batch_size,
+                         "loss_on": cfg.eval_loss_on})
+
+    catalog = model_catalog(cfg.domains, cfg.level, cfg.compositions, cfg.unlearn_weights)
     evals: dict[tuple, dict] = {}
     for seed in cfg.seeds:
         for name, m in catalog.models.items():
             for d in cfg.domains:
-                spec = with_key({**base, "kind": "eval", "adapters": terms(m.terms, seed), "domain": d,
-                                 "data": data_part([d], cfg.caps(("test",), keep_none=True)),
-                                 "max_length": cfg.train.max_length,
-                                 "batch_size": cfg.eval_batch_size, "loss_on": cfg.eval_loss_on})
-                evals[(name, d, seed)] = spec
-    if "best_single" in cfg.compositions:  # the best single block is chosen on validation, never on test
-        for seed in cfg.seeds:
-            for f in cfg.domains:
-                for d in cfg.domains:
-                    spec = with_key({**base, "kind": "eval", "adapters": terms(adapter([f]).terms, seed), "domain": d,
-                                     "split": "validation",
-                                     "data": data_part([d], cfg.caps(("validation",), keep_none=True)),
-                                     "max_length": cfg.train.max_length, "batch_size": cfg.eval_batch_size,
-                                     "loss_on": cfg.eval_loss_on})
-                    evals[(adapter([f]).name, d, seed, "validation")] = spec
+                evals[(name, d, seed)] = eval_spec(m.terms, seed, d)
+    validation = [adapter([f]) for f in cfg.domains] if "best_single" in cfg.compositions else []
+    unlearn = catalog.of("unlearn")
+    if unlearn:  # the weight λ is chosen on validation: every λ, the block before removal, and the block without
+        validation += [*unlearn, adapter(cfg.domains), *(adapter(m.subset) for m in unlearn if m.weight == 1.0)]
+    for seed in cfg.seeds:
+        for m in validation:
+            for d in cfg.domains:
+                evals[(m.name, d, seed, "validation")] = eval_spec(m.terms, seed, d, "validation")
 
     sims: dict[tuple, dict] = {}  # (what, subset[, domain], seed) -> similarity job
     for seed in cfg.seeds:
-        def sim(what: tuple, a, b):
+        def sim(what: tuple, a, b, b_specs: dict | None = None):
+            b_terms = terms(b, seed) if b_specs is None else [{"train_key": b_specs[(b[0][0], seed)]["key"],
+                                                               "weight": b[0][1]}]
             sims[(*what, seed)] = with_key({"kind": "similarity", "run_dir": run_dir,
-                                            "a": terms(a, seed), "b": terms(b, seed)})
+                                            "a": terms(a, seed), "b": b_terms})
 
         for x, y in itertools.combinations(cfg.domains, 2):
             sim(("pair", (x, y)), [[x, 1.0]], [[y, 1.0]])
+        for d in cfg.domains:
+            if (d, seed) in ceiling:
+                sim(("ceiling", d), [[d, 1.0]], [[d, 1.0]], b_specs=ceiling)
         for s in subsets(cfg.domains, cfg.level, 2):
             sim(("weight", s), [[d, 1.0] for d in s], [[partition_name(s), 1.0]])
             if len(s) >= 3:
@@ -106,6 +127,11 @@ def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = No
             if len(s) == 3:
                 for d in s:
                     sim(("level2_plus_one", s, d), [[partition_name([x for x in s if x != d]), 1.0]], [[d, 1.0]])
+    if len(cfg.seeds) >= 2:  # the same partition trained with two seeds: a same-domain reference
+        s0, s1 = cfg.seeds[:2]
+        for d in cfg.domains:
+            sims[("seeds", d, s0)] = with_key({"kind": "similarity", "run_dir": run_dir, "a": terms([[d, 1.0]], s0),
+                                               "b": terms([[d, 1.0]], s1)})
     checks: dict[tuple[str, int], dict] = {}
     if "unlearning" in cfg.compositions and cfg.level == len(cfg.domains):
         for seed in cfg.seeds:
@@ -116,7 +142,13 @@ def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = No
                                               "run_dir": run_dir, "device": cfg.device, "all": keys, "removed": k})
     stats = with_key({**base, "kind": "data_stats", "domains": list(cfg.domains),
                       "data": data_part(cfg.domains, cfg.caps(keep_none=True)), "max_length": cfg.train.max_length})
-    return {"train": train, "evals": evals, "sims": sims, "checks": checks, "data_stats": stats, "models": catalog}
+    return {"init": mode, "train": train, "ceiling": ceiling, "evals": evals, "sims": sims, "checks": checks,
+            "data_stats": stats, "models": catalog}
+
+
+def plans(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = None) -> dict[str, dict]:
+    """One plan per init mode, in the config's order (the first is the report's primary grid)."""
+    return {mode: plan(cfg, run_dir, train_for, mode) for mode in cfg.modes}
 
 
 def _check_run_dir(cfg: ExperimentConfig, run_dir: Path, overwrite: bool) -> None:
@@ -134,6 +166,10 @@ def _check_run_dir(cfg: ExperimentConfig, run_dir: Path, overwrite: bool) -> Non
                 return
             raise LorasumError(f"{cfg_path} is corrupt (not a JSON object of config keys); pass --overwrite to "
                                "replace it with this config (finished jobs are reused) or choose another --out")
+        if "init_modes" not in old:
+            raise LorasumError(f"{run_dir} holds a run made before LoRA initialisation became a recorded choice (its "
+                               "adapters all started from one shared A, and its results cannot be extended); "
+                               "choose a new --out")
         diff = config_diff(old, json.loads(json.dumps(cfg.to_dict())))
         if diff and not overwrite:
             moved = (f" (data_dir was {old.get('data_dir')}, now {cfg.data_dir}; if only the folder moved, "
@@ -168,8 +204,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
     # --data-dir (or LORASUM_DATA_DIR) must resume
     cfg.data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else cfg.data_dir
     _check_run_dir(cfg, run_dir, overwrite)
-    p = plan(cfg, run_dir)
     _check_domains(cfg)
+    p = plans(cfg, run_dir)
     made = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,13 +219,33 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
         raise
 
 
-def _run(cfg: ExperimentConfig, run_dir: Path, p: dict, loaded) -> dict:
+def _labels(ps: dict[str, dict]) -> dict[str, dict]:
+    """What each train and test-eval job is, by key, for timings.json (the report's speed table reads it)."""
+    out = {}
+    for mode, p in ps.items():
+        for (part, seed), spec in p["train"].items():
+            out[spec["key"]] = {"init": mode, "partition": part, "seed": seed}
+        for key, spec in p["evals"].items():
+            if len(key) == 3:
+                out[spec["key"]] = {"init": mode, "model": key[0], "domain": key[1], "seed": key[2]}
+    return out
+
+
+def _jobs(p: dict) -> list[dict]:
+    """A plan's jobs in an order that respects what each reads: adapters before the jobs that use them."""
+    return [p["data_stats"], *p["train"].values(), *p["ceiling"].values(), *p["sims"].values(),
+            *p["checks"].values(), *p["evals"].values()]
+
+
+def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded) -> dict:
     """The planned run in an existing folder: config.json, tuning, the missing jobs, results and report."""
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    tuning = None
     if cfg.tune:  # tuned parameters replace cfg.train in the train jobs (and so in their keys)
-        loaded, train_for, tuning = run_tuning(cfg, run_dir, loaded, p["data_stats"]["data"]["sources"])
-        p = {**plan(cfg, run_dir, train_for), "tuning": tuning}
-    jobs = [p["data_stats"], *p["train"].values(), *p["sims"].values(), *p["checks"].values(), *p["evals"].values()]
+        first = next(iter(ps.values()))
+        loaded, train_for, tuning = run_tuning(cfg, run_dir, loaded, first["data_stats"]["data"]["sources"])
+        ps = plans(cfg, run_dir, train_for)
+    jobs = list({j["key"]: j for p in ps.values() for j in _jobs(p)}.values())  # modes share e.g. data_stats
     pending = [j for j in jobs if not is_done(j)]
     timings_path = run_dir / "timings.json"
     try:  # wall times only (not results): a damaged file is started afresh
@@ -200,16 +256,18 @@ def _run(cfg: ExperimentConfig, run_dir: Path, p: dict, loaded) -> dict:
     if pending and loaded is None and any(JOB_KINDS[j["kind"]].needs_model for j in pending):
         set_threads(cfg.threads)
         loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
+    labels = _labels(ps)
     total = sum(JOB_KINDS[j["kind"]].work(j) for j in pending)
     with progress(total=round(total), desc="grid", unit="u") as bar:
         for i, job in enumerate(pending, 1):
             label = job.get("partition") or job.get("domain") or job["key"]
             bar.set_postfix_str(f"job {i}/{len(pending)} {job['kind']} {label}")
             t0 = time.perf_counter()
-            run_job(job, loaded)
-            timings[job["key"]] = {"kind": job["kind"], "wall_s": round(time.perf_counter() - t0, 3)}
+            entry = {"kind": job["kind"], **labels.get(job["key"], {})}
+            run_job(job, loaded, entry)
+            timings[job["key"]] = {**entry, "wall_s": round(time.perf_counter() - t0, 3)}
             atomic_write_json(timings_path, timings)
             bar.update(round(JOB_KINDS[job["kind"]].work(job)))
-    results = assemble(cfg, p, run_dir)
+    results = assemble(cfg, ps, run_dir, tuning)
     write_report(run_dir, results)
     return results

@@ -1,16 +1,21 @@
 """Verdicts on the paper's claims by fixed rules, so the report never says more than the intervals allow.
 
 - "summed ≈ merged" only where the whole CI of %Δ perplexity lies within ±10%;
-- "positive RMS relation" only where the CI of the RMS → %Δ slope excludes 0 (and the slope is positive); the fit
-  has one point per pair (its mean over seeds), so n is the number of pairs, not pairs × seeds;
+- the RMS → %Δ relation is tested only with at least 8 distinct pairs (fewer cannot decide it), by Spearman's ρ
+  with a permutation test over domain labels and an OLS slope whose CI resamples domains (lorasum.relation);
+  the fit has one point per pair (its mean over seeds), so n is the number of pairs, not pairs × seeds;
+- a pair is "near-orthogonal" only where its RMS lies closer to the random null than to the same-domain ceiling;
 - unlearning "restores" a domain only where its perplexity after removal lies within the CI of the model trained
   without that domain.
-Anything else is stated as what it is, most often "inconclusive".
+Anything else is stated as what it is, most often "inconclusive" or "cannot be decided here".
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 EQUIVALENCE_MARGIN = 10.0  # percent
+HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "cannot be decided here"
 
 
 def summed_verdict(ci: list[float] | tuple[float, float], margin: float = EQUIVALENCE_MARGIN) -> str:
@@ -25,20 +30,37 @@ def summed_verdict(ci: list[float] | tuple[float, float], margin: float = EQUIVA
 
 
 def rms_verdict(fit: dict) -> str:
-    ci = fit.get("slope_ci")
-    if not ci:
-        return "inconclusive"
-    lo, hi = ci
-    if lo > 0:
-        return "positive RMS relation"
-    if hi < 0:
-        return "negative RMS relation"
-    return "inconclusive"
+    """The relation's verdict (see lorasum.relation); 'inconclusive' where too few pairs can decide it."""
+    rel = fit.get("relation") or {}
+    return rel["verdict"] if rel.get("decidable") else "inconclusive"
 
 
 def unlearning_verdict(after: float, without_ci: list[float] | tuple[float, float]) -> str:
     lo, hi = without_ci
     return "restores" if lo <= after <= hi else "does not restore"
+
+
+def ceiling_of(results: dict, pair: str) -> float | None:
+    """The same-domain ceiling of a pair: the mean of its two domains' ceilings (split sample, else seeds)."""
+    refs = results.get("references") or {}
+    vals = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in pair.split("|")]
+    return float(np.mean(vals)) if all(v is not None for v in vals) else None
+
+
+def orthogonality_verdict(rms: float, null: float | None, ceiling: float | None) -> str:
+    if null is None or ceiling is None:
+        return "cannot be decided (no same-domain ceiling)"
+    return "near-orthogonal" if abs(rms - null) < abs(rms - ceiling) else "not near-orthogonal"
+
+
+def relation_evidence(fit: dict) -> str:
+    rel = fit.get("relation") or {}
+    if not rel.get("decidable"):
+        return rel.get("reason") or f"{fit.get('n', 0)} pairs: too few to test the RMS → %Δ relation"
+    sp, ols = rel["spearman"], rel["ols"]
+    return (f"Spearman ρ {sp['rho']:.2f} (permutation p {sp['p']:.3f} over {sp['n_domains']} domain labels), "
+            f"slope {ols['slope']:.1f} (domain-bootstrap CI {ols['ci'][0]:.1f} to {ols['ci'][1]:.1f}), "
+            f"n = {rel['n']} pairs")
 
 
 def findings(results: dict) -> list[dict]:
@@ -58,21 +80,85 @@ def findings(results: dict) -> list[dict]:
         out.append({"claim": "summed vs merged", "subject": " + ".join(row["subset"]),
                     "verdict": summed_verdict(pc["ci"]),
                     "evidence": f"%Δ perplexity {pc['mean']:+.1f}% (CI {pc['ci'][0]:+.1f}% to {pc['ci'][1]:+.1f}%)"})
+    for pair, p in results.get("pairs", {}).items():
+        if "null" not in p:
+            continue
+        ceil = ceiling_of(results, pair)
+        out.append({"claim": "deltas near-orthogonal", "subject": pair.replace("|", " + "),
+                    "verdict": orthogonality_verdict(p["rms"], p["null"]["mean"], ceil),
+                    "evidence": f"RMS {p['rms']:.4f}; random null {p['null']['mean']:.4f}; same-domain ceiling "
+                                + ("none" if ceil is None else f"{ceil:.4f}")})
     fit = results.get("fit", {})
-    if fit.get("slope") is None:
-        ev = f"{fit.get('n', 0)} pairs: too few for a fit"
-    elif fit.get("slope_ci") is None:
-        ev = f"slope {fit['slope']:.1f} from {fit['n']} pairs: too few for an interval"
-    else:
-        ev = (f"slope {fit['slope']:.1f} (CI {fit['slope_ci'][0]:.1f} to {fit['slope_ci'][1]:.1f}), "
-              f"r² {fit['r2']:.2f}, n = {fit['n']} pairs")
     out.append({"claim": "RMS similarity predicts %Δ perplexity", "subject": "pairs", "verdict": rms_verdict(fit),
-                "evidence": ev})
+                "evidence": relation_evidence(fit)})
     for row in results.get("unlearning", []):
         after = row["removed_domain"]["after"]["mean"]
         wci = row["removed_domain"]["without"]["ci"]
-        out.append({"claim": "unlearning by subtraction", "subject": row["removed"],
+        out.append({"claim": "unlearning by subtraction (λ = 1)", "subject": row["removed"],
                     "verdict": unlearning_verdict(after, wci),
                     "evidence": f"perplexity on {row['removed']} after removal {after:.2f}; model trained without it "
                                 f"{row['removed_domain']['without']['mean']:.2f} (CI {wci[0]:.2f} to {wci[1]:.2f})"})
+        chosen = (row.get("chosen") or {}).get("weight")
+        if chosen is not None and chosen != 1.0:
+            s = next(x for x in row["sweep"] if x["weight"] == chosen)
+            out.append({"claim": f"unlearning by subtraction (λ = {chosen:g}, chosen on validation)",
+                        "subject": row["removed"], "verdict": unlearning_verdict(s["removed"]["mean"], wci),
+                        "evidence": f"perplexity on {row['removed']} after removal {s['removed']['mean']:.2f}"})
     return out
+
+
+def claims(results: dict) -> list[dict]:
+    """The paper's claims, one line each: holds / does not hold / cannot be decided here, with the rule."""
+    comps = results.get("compositions", [])
+    pairs = [c for c in comps if c["level"] == 2 and "pct_change" in c]
+    out = []
+    verdicts = [summed_verdict(c["pct_change"]["ci"]) for c in pairs]
+    out.append(_claim("summed ≈ merged (the sum of fundamentals performs like the merged-data block)",
+                      HOLDS if pairs and all(v == "summed ≈ merged" for v in verdicts) else
+                      FAILS if any(v in ("summed worse than merged", "summed better than merged") for v in verdicts)
+                      else UNDECIDED,
+                      ", ".join(f"{' + '.join(c['subset'])} {c['pct_change']['mean']:+.1f}%" for c in pairs) or "no pairs",
+                      f"holds when every pair's %Δ CI lies within ±{EQUIVALENCE_MARGIN:g}%; does not hold when any "
+                      "lies wholly outside"))
+    ortho = [f for f in findings_of(results, "deltas near-orthogonal")]
+    out.append(_claim("the deltas of different domains are near-orthogonal",
+                      UNDECIDED if not ortho or any(f["verdict"].startswith("cannot") for f in ortho) else
+                      HOLDS if all(f["verdict"] == "near-orthogonal" for f in ortho) else FAILS,
+                      "; ".join(f"{f['subject']}: {f['evidence']}" for f in ortho) or "no null or ceiling computed",
+                      "holds when every pair's RMS is closer to the random null than to the same-domain ceiling"))
+    fit = results.get("fit", {})
+    rel = fit.get("relation") or {}
+    out.append(_claim("RMS similarity predicts %Δ perplexity linearly",
+                      UNDECIDED if not rel.get("decidable") else
+                      HOLDS if rel["verdict"] == "positive relation" else FAILS,
+                      relation_evidence(fit), rel.get("rule") or "needs at least 8 distinct pairs"))
+    by_level = {}
+    for c in comps:
+        if "pct_change" in c:
+            by_level.setdefault(c["level"], []).append(c["pct_change"])
+    if max(by_level, default=0) >= 3:
+        lo3 = min(p["ci"][0] for p in by_level[3])
+        hi3 = max(p["ci"][1] for p in by_level[3])
+        mean2 = float(np.mean([p["mean"] for p in by_level[2]]))
+        verdict = HOLDS if lo3 > mean2 else FAILS if hi3 < mean2 else UNDECIDED
+        ev = (f"3-block sums %Δ CI {lo3:+.1f}% to {hi3:+.1f}%; mean %Δ of 2-block sums {mean2:+.1f}%")
+    else:
+        verdict, ev = UNDECIDED, "needs compositions of at least 3 blocks"
+    out.append(_claim("quality degrades as blocks are added", verdict, ev,
+                      "holds when every 3-block sum's %Δ CI lies above the mean %Δ of the 2-block sums"))
+    unl = results.get("unlearning", [])
+    restored = [f for f in findings_of(results, "unlearning by subtraction (λ = 1)")]
+    out.append(_claim("subtracting a block unlearns its domain",
+                      UNDECIDED if not unl else HOLDS if all(f["verdict"] == "restores" for f in restored) else FAILS,
+                      "; ".join(f"{f['subject']}: {f['verdict']}" for f in restored) or "unlearning not run",
+                      "holds when, for every removed domain, perplexity after subtraction lies within the CI of the "
+                      "model trained without it"))
+    return out
+
+
+def findings_of(results: dict, claim: str) -> list[dict]:
+    return [f for f in results.get("findings", []) if f["claim"] == claim]
+
+
+def _claim(claim: str, verdict: str, evidence: str, rule: str) -> dict:
+    return {"claim": claim, "verdict": verdict, "evidence": evidence, "rule": rule}

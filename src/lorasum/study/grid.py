@@ -44,8 +44,15 @@ class Model:
         if self.kind == "level2_plus_one":
             return f"level2+1[{self.terms[0][0]}|{self.added}]"
         if self.kind == "unlearn":
-            return f"unlearn[{self.terms[0][0]}-{self.removed}]"
+            w = -self.terms[1][1]
+            return f"unlearn[{self.terms[0][0]}-{self.removed}]" if w == 1.0 else \
+                f"unlearn[{self.terms[0][0]}-{w:g}*{self.removed}]"
         return f"{self.kind}[{part}]"
+
+    @property
+    def weight(self) -> float:
+        """Unlearning: λ, the weight of the subtracted fundamental."""
+        return -self.terms[1][1] if self.kind == "unlearn" else 1.0
 
     def as_dict(self) -> dict:
         """The results.json form: {"kind", "subset", "terms": [[partition, weight], ...]} (+ "removed")."""
@@ -67,7 +74,7 @@ class Composition:
 
     name: str  # the key in the config's `compositions`
     per_subset: Callable[[tuple[str, ...]], list[Model]] = lambda s: []  # models for a subset of >= 2 domains
-    whole: Callable[[list[str]], list[Model]] = lambda domains: []  # models that need every domain trained
+    whole: Callable[[list[str], list[float]], list[Model]] = lambda domains, weights: []  # need every domain
     baseline: bool = False  # results give each model ppl, macro and %Δ vs merged under `baselines[name]`
 
 
@@ -89,11 +96,13 @@ def _level2_plus_one(s: tuple[str, ...]) -> list[Model]:
             for d in s]
 
 
-def _unlearning(domains: list[str]) -> list[Model]:
-    """Unlearning by subtraction: the all-domain block minus one fundamental."""
+def _unlearning(domains: list[str], weights: list[float]) -> list[Model]:
+    """Unlearning by subtraction: the all-domain block minus λ · one fundamental, for each swept λ (λ = 1 first:
+    the paper's plain subtraction)."""
     full = partition_name(domains)
-    return [Model("unlearn", tuple(x for x in domains if x != d), ((full, 1.0), (d, -1.0)), removed=d)
-            for d in domains]
+    lams = [1.0] + sorted(w for w in weights if w != 1.0)
+    return [Model("unlearn", tuple(x for x in domains if x != d), ((full, 1.0), (d, -lam)), removed=d)
+            for d in domains for lam in lams]
 
 
 COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
@@ -114,15 +123,18 @@ class Catalog:
     def add(self, m: Model) -> None:
         self.models[m.name] = m
 
-    def find(self, kind: str, subset, added: str | None = None, removed: str | None = None) -> Model | None:
-        want = (kind, tuple(subset), added, removed)
-        return next((m for m in self.models.values() if (m.kind, m.subset, m.added, m.removed) == want), None)
+    def find(self, kind: str, subset, added: str | None = None, removed: str | None = None,
+             weight: float = 1.0) -> Model | None:
+        want = (kind, tuple(subset), added, removed, weight)
+        return next((m for m in self.models.values() if (m.kind, m.subset, m.added, m.removed, m.weight) == want),
+                    None)
 
     def of(self, kind: str) -> list[Model]:
         return [m for m in self.models.values() if m.kind == kind]
 
 
-def model_catalog(domains: list[str], level: int, compositions: list[str]) -> Catalog:
+def model_catalog(domains: list[str], level: int, compositions: list[str],
+                  unlearn_weights: list[float] = (1.0,)) -> Catalog:
     """Base, an adapter per partition, then per subset of >= 2 domains each asked-for composition's models, then
     those that need every domain (only when the grid trains the all-domain block)."""
     cat = Catalog()
@@ -137,6 +149,6 @@ def model_catalog(domains: list[str], level: int, compositions: list[str]) -> Ca
     if level == len(domains):
         for name, comp in COMPOSITIONS.items():
             if name in compositions:
-                for m in comp.whole(list(domains)):
+                for m in comp.whole(list(domains), list(unlearn_weights)):
                     cat.add(m)
     return cat

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import schema
@@ -20,6 +21,7 @@ from ..delta.apply import apply_adapters, applied, snapshot_weights
 from ..delta.compose import weighted_sum
 from ..delta.peft_format import load_adapter
 from ..delta.similarity import layer_cosines, layer_norms, rms
+from ..delta.subspace import factor_similarity, factor_summary, null_rms
 from ..errors import LorasumError
 from ..files import atomic_write_json
 from ..lm.data import DataConfig, load_domain, parse_spec, partition_domains, require_nonempty, \
@@ -30,6 +32,7 @@ from ..lm.models import LoadedModel, load_model
 from ..lm.train import TrainConfig, train_adapter
 
 _NOT_IN_KEY = ("run_dir", "key", "device", "data_dir")
+NULL_SAMPLES = 200  # pairs of random deltas behind each random-null RMS
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,11 @@ class DataSpec:
     split_seed: int
     max_records: dict  # split -> cap (None: all records)
     sources: dict  # source name -> sha256 (None for hub datasets)
+    skip: dict = field(default_factory=dict)  # split -> records passed over before the cap (a disjoint sample)
 
     def config(self, data_dir: str | None) -> DataConfig:
         return DataConfig(data_dir, self.question_field, self.answer_field, self.split_seed,
-                          {k: v for k, v in self.max_records.items() if v is not None})
+                          {k: v for k, v in self.max_records.items() if v is not None}, dict(self.skip))
 
 
 def job_key(spec: dict) -> str:
@@ -103,17 +107,31 @@ def _run_eval(spec: dict, out: Path, loaded: LoadedModel) -> None:
     examples = tokenize_records(loaded.tokenizer, dom.records[split], spec["max_length"])
     # a split with nothing to predict would give a NaN perplexity: refuse it, naming domain, split and the fix
     require_predicted_tokens({dom.spec: examples}, split, spec["max_length"], spec["loss_on"])
-    with applied(loaded.model, _terms(spec, "adapters")), loaded.autocast():
+    terms = _terms(spec, "adapters")
+    t0 = time.perf_counter()
+    with applied(loaded.model, terms), loaded.autocast():
+        apply_s = time.perf_counter() - t0  # compose + apply in place: what replaces training a merged block
         rows = per_example_nll(loaded.model, {dom.spec: examples}, loaded.tokenizer.pad_token_id,
                                spec["batch_size"], spec["loss_on"], desc=f"eval {dom.spec}")
     atomic_write_json(out, {"domain": dom.spec, "nll": [r.nll for r in rows], "tokens": [r.tokens for r in rows]})
+    return {"apply_s": round(apply_s, 4)}
 
 
 def _run_similarity(spec: dict, out: Path, loaded: LoadedModel | None) -> None:
-    """cos per layer between two (weighted sums of) adapters, the RMS, and the per-layer norms of both sides."""
-    a, b = weighted_sum(_terms(spec, "a")), weighted_sum(_terms(spec, "b"))
+    """cos per layer between two (weighted sums of) adapters, the RMS, and the per-layer norms of both sides; for
+    two single adapters also their A row-space and B column-space similarity and the random-null RMS."""
+    ta, tb = _terms(spec, "a"), _terms(spec, "b")
+    a, b = weighted_sum(ta), weighted_sum(tb)
     cos = layer_cosines(a, b)
-    atomic_write_json(out, {"layers": cos, "rms": rms(cos), "norm_a": layer_norms(a), "norm_b": layer_norms(b)})
+    result = {"layers": cos, "rms": rms(cos), "norm_a": layer_norms(a), "norm_b": layer_norms(b)}
+    if len(ta) == 1 and len(tb) == 1:
+        per_layer = factor_similarity(ta[0][0], tb[0][0])
+        summary = factor_summary(per_layer)
+        result["factors"] = {"A": {n: v["A"] for n, v in per_layer.items()},
+                             "B": {n: v["B"] for n, v in per_layer.items()},
+                             "mean_A": summary["A"], "mean_B": summary["B"]}
+        result["null"] = null_rms(ta[0][0], tb[0][0], samples=NULL_SAMPLES, seed=0)
+    atomic_write_json(out, result)
 
 
 def _run_inplace(spec: dict, out: Path, loaded: LoadedModel) -> None:
@@ -158,7 +176,7 @@ class JobKind:
     name: str
     folder: str  # under the run folder
     required: tuple[str, ...]  # spec keys besides kind and run_dir
-    run: Callable[[dict, Path, LoadedModel | None], None]
+    run: Callable[[dict, Path, LoadedModel | None], dict | None]  # may return timings (kept out of results)
     needs_model: bool = True  # runs on a loaded base model (else on adapter files alone)
     folder_artifact: bool = False  # the artifact is a folder (an adapter), not a JSON file
     terms: tuple[str, ...] = ()  # keys holding lists of AdapterTerm
@@ -187,8 +205,9 @@ def is_done(spec: dict) -> bool:
     return (p / "adapter_model.safetensors").is_file() if JOB_KINDS[spec["kind"]].folder_artifact else p.is_file()
 
 
-def run_job(spec: dict, loaded: LoadedModel | None = None) -> Path:
-    """Run one job and return its artifact path; `loaded` reuses an in-process model (else it is loaded)."""
+def run_job(spec: dict, loaded: LoadedModel | None = None, timings: dict | None = None) -> Path:
+    """Run one job and return its artifact path; `loaded` reuses an in-process model (else it is loaded). Timings
+    the job measures itself (e.g. compose + apply) are added to `timings`."""
     kind = JOB_KINDS.get(spec.get("kind"))
     if kind is None:
         raise LorasumError(f"job spec: 'kind' must be one of {', '.join(JOB_KINDS)}, got {spec.get('kind')!r}")
@@ -197,7 +216,9 @@ def run_job(spec: dict, loaded: LoadedModel | None = None) -> Path:
         return out
     if kind.needs_model and loaded is None:
         loaded = load_model(spec["model"], spec.get("device"), spec.get("dtype"), spec.get("autocast"))
-    kind.run(spec, out, loaded)
+    measured = kind.run(spec, out, loaded)
+    if timings is not None and measured:
+        timings.update(measured)
     return out
 
 
@@ -211,18 +232,18 @@ def check_spec(spec, where: str) -> None:
         raise LorasumError(f"{where}: 'kind' must be one of {', '.join(JOB_KINDS)}, got {spec.get('kind')!r}")
     missing = [k for k in ("run_dir", *kind.required) if k not in spec]
     if "data" in kind.required and isinstance(spec.get("data"), dict):
-        missing += [f"data.{k}" for k in schema.field_types(DataSpec) if k not in spec["data"]]
+        missing += [f"data.{k}" for k in schema.field_types(DataSpec) if k not in spec["data"] and k != "skip"]
     if missing:
         raise LorasumError(f"{where}: {'an' if kind.name[0] in 'aei' else 'a'} {kind.name} job spec needs "
                            f"{', '.join(missing)}; {fix}")
     try:
         if "data" in kind.required:
             schema.parse(DataSpec, spec["data"], None, "data.", strict=True)
-        for field in kind.terms:
-            schema.convert(list[AdapterTerm], spec[field], None, f"{field}.", strict=True)
+        for key in kind.terms:
+            schema.convert(list[AdapterTerm], spec[key], None, f"{key}.", strict=True)
     except schema.Mismatch:
-        raise LorasumError(f"{where}: '{field}' must be a list of {{\"train_key\": str, \"weight\": number}}, "
-                           f"got {spec[field]!r:.60}; {fix}") from None
+        raise LorasumError(f"{where}: '{key}' must be a list of {{\"train_key\": str, \"weight\": number}}, "
+                           f"got {spec[key]!r:.60}; {fix}") from None
     except LorasumError as e:
         raise LorasumError(f"{where}: {e}; {fix}") from None
     if "key" in spec and spec["key"] != job_key(spec):

@@ -13,45 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ..delta.peft_format import load_adapter
 from ..files import atomic_write_json
+from ..lm.data import parse_spec
 from ..provenance import provenance
-from ..stats import Scores, bootstrap_ppl, linear_fit, paired_pct_change
+from ..relation import relation
+from ..stats import bootstrap_ppl, linear_fit, paired_pct_change
 from .config import ExperimentConfig
-from .findings import findings
+from .findings import claims, findings
 from .grid import COMPOSITIONS, adapter
 from .jobs import artifact_path
+from .scores import RunScores, load
+from .unlearning import unlearning_rows
 
-
-def _load(spec: dict) -> dict:
-    return json.loads(artifact_path(spec).read_text(encoding="utf-8"))
-
-
-class _Scores:
-    """Per-example NLL of (model, domain, seed) from the eval artifacts, stacked into stats.Scores."""
-
-    def __init__(self, cfg: ExperimentConfig, plan: dict):
-        self.cfg, self.plan = cfg, plan
-        self._cache: dict = {}
-
-    def raw(self, model: str, domain: str, seed: int, split: str = "test") -> dict:
-        key = (model, domain, seed) if split == "test" else (model, domain, seed, split)
-        if key not in self._cache:
-            self._cache[key] = _load(self.plan["evals"][key])
-        return self._cache[key]
-
-    def scores(self, model: str, domains: list[str], split: str = "test") -> Scores:
-        nll = np.array([np.concatenate([self.raw(model, d, s, split)["nll"] for d in domains])
-                        for s in self.cfg.seeds])
-        first = self.cfg.seeds[0]
-        tokens = np.concatenate([self.raw(model, d, first, split)["tokens"] for d in domains]).astype(float)
-        strata = np.concatenate([np.full(len(self.raw(model, d, first, split)["nll"]), i)
-                                 for i, d in enumerate(domains)])
-        return Scores(nll, tokens, strata)
-
-    def point_ppl(self, model: str, domains: list[str], split: str = "test") -> float:
-        """Pooled perplexity, mean over seeds, without an interval (for choosing, not for reporting)."""
-        s = self.scores(model, domains, split)
-        return float(np.exp(s.nll.sum(1) / s.tokens.sum()).mean())
+SCHEMA = "lorasum.results/2"
 
 
 def _mean_layers(per_seed: list[dict]) -> dict:
@@ -63,8 +38,10 @@ def _rms(values) -> float:
     return math.sqrt(sum(x * x for x in v) / len(v)) if v else float("nan")
 
 
-def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
-    S = _Scores(cfg, plan)
+def mode_body(cfg: ExperimentConfig, plan: dict) -> dict:
+    """One init mode's grid: the perplexity matrix, pairs with their references, compositions, unlearning, the
+    recipe check and the fit."""
+    S = RunScores(cfg, plan)
     B, level, bseed = cfg.bootstrap_samples, cfg.ci_level, cfg.bootstrap_seed
     seeds, domains, catalog = cfg.seeds, cfg.domains, plan["models"]
 
@@ -75,11 +52,16 @@ def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
         return paired_pct_change(S.scores(a, doms), S.scores(b, doms), B, level, bseed)
 
     def sim(*what) -> dict:
-        per_seed = [_load(plan["sims"][(*what, s)]) for s in seeds]
-        return {"layers": _mean_layers([p["layers"] for p in per_seed]),
-                "rms": float(np.mean([p["rms"] for p in per_seed])), "rms_per_seed": [p["rms"] for p in per_seed],
-                "norm_a": _mean_layers([p["norm_a"] for p in per_seed]),
-                "norm_b": _mean_layers([p["norm_b"] for p in per_seed])}
+        per_seed = [load(plan["sims"][(*what, s)]) for s in seeds]
+        out = {"layers": _mean_layers([p["layers"] for p in per_seed]),
+               "rms": float(np.mean([p["rms"] for p in per_seed])), "rms_per_seed": [p["rms"] for p in per_seed],
+               "norm_a": _mean_layers([p["norm_a"] for p in per_seed]),
+               "norm_b": _mean_layers([p["norm_b"] for p in per_seed])}
+        if "factors" in per_seed[0]:  # single adapters on both sides: their A and B subspace similarity
+            out["factors"] = {k: float(np.mean([p["factors"][f"mean_{k}"] for p in per_seed])) for k in ("A", "B")}
+        if "null" in per_seed[0]:
+            out["null"] = per_seed[0]["null"]  # depends on shapes alone
+        return out
 
     # per-domain perplexity matrix: every model x every domain, plus pooled over all domains
     matrix = {m: {**{d: ppl(m, [d]) for d in domains}, "pooled": ppl(m, domains)} for m in catalog.models}
@@ -103,7 +85,7 @@ def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
                    "merged_macro": macro(merged, doms),
                    "rms": _rms(c for p in pair_sims for c in p["layers"].values()),
                    "rms_per_seed": [_rms(c for x, y in itertools.combinations(s, 2)
-                                         for c in _load(plan["sims"][("pair", (x, y), seed)])["layers"].values())
+                                         for c in load(plan["sims"][("pair", (x, y), seed)])["layers"].values())
                                     for seed in seeds]}
             summed = catalog.find("sum", s)
             if summed is not None:
@@ -144,20 +126,8 @@ def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
                                                  "rms": t5["rms"], "layers": t5["layers"]}
             compositions.append(row)
 
-    unlearning = []
-    full = adapter(domains).name
-    for m in catalog.of("unlearn"):
-        d, others = m.removed, list(m.subset)
-        without = adapter(others).name
-        checks = [_load(plan["checks"][(d, s)]) for s in seeds]
-        row = {"removed": d, "others": others, "without_model": without,
-               "removed_domain": {k: ppl(mm, [d]) for k, mm in (("base", "base"), ("before", full),
-                                                                 ("after", m.name), ("without", without))},
-               "other_domains": {k: ppl(mm, others) for k, mm in (("base", "base"), ("before", full),
-                                                                   ("after", m.name), ("without", without))},
-               "inplace_check": {"rel_error_weights": max(c["rel_error_weights"] for c in checks),
-                                 "rel_error_delta": max(c["rel_error_delta"] for c in checks)}}
-        unlearning.append(row)
+    unlearning = unlearning_rows(cfg, plan, S, ppl)
+    references = {d: ref for d in domains if (ref := _references(cfg, plan, d))}
 
     fundamentals = {d: matrix[adapter([d]).name][d]["mean"] for d in domains}
     recipe = {d: {"base": matrix["base"][d]["mean"], "adapter": fundamentals[d],
@@ -166,39 +136,96 @@ def assemble(cfg: ExperimentConfig, plan: dict, run_dir: str | Path) -> dict:
                     "passed": None if cfg.max_ppl_ratio is None
                     else all(v["ratio"] <= cfg.max_ppl_ratio for v in recipe.values())}
 
-    fit = _fit(compositions, level)
-    out = {
-        "schema": "lorasum.results/1",
-        "config": cfg.to_dict(),
-        "config_hash": cfg.hash(),
+    return {
         "models": {name: m.as_dict() for name, m in catalog.models.items()},
         "perplexity": matrix,
         "pairs": pairs,
+        "references": references,
         "compositions": compositions,
         "unlearning": unlearning,
         "recipe_check": recipe_check,
-        "fit": fit,
-        "data": _data_section(cfg, plan),
+        "fit": _fit(compositions, level, cfg.bootstrap_seed),
+    }
+
+
+def _references(cfg: ExperimentConfig, plan: dict, d: str) -> dict:
+    """Same-domain ceilings of domain `d`: a disjoint second sample of its training records (RMS mean over seeds)
+    and, with two or more seeds, the fundamental trained with two seeds."""
+    out = {}
+    if ("ceiling", d, cfg.seeds[0]) in plan["sims"]:
+        out["split"] = float(np.mean([load(plan["sims"][("ceiling", d, s)])["rms"] for s in cfg.seeds]))
+    if ("seeds", d, cfg.seeds[0]) in plan["sims"]:
+        out["seeds"] = load(plan["sims"][("seeds", d, cfg.seeds[0])])["rms"]
+    return out
+
+
+def assemble(cfg: ExperimentConfig, plans: dict[str, dict], run_dir: str | Path, tuning: dict | None = None) -> dict:
+    """results.json: the primary init mode's grid at the top level, the other modes beside it for comparison,
+    Table 1, data statistics, findings, the claims and provenance."""
+    modes = list(plans)
+    bodies = {m: mode_body(cfg, plans[m]) for m in modes}
+    primary = plans[modes[0]]
+    out = {
+        "schema": SCHEMA,
+        "config": cfg.to_dict(),
+        "config_hash": cfg.hash(),
+        **bodies[modes[0]],
+        "init": {"modes": modes, "primary": modes[0]},
+        "init_comparison": _init_comparison(bodies) if len(modes) > 1 else None,
+        "table1": _table1(cfg, primary),
+        "data": _data_section(cfg, primary),
         "provenance": {k: v for k, v in provenance().items() if k != "torch_threads"},
     }
-    if plan.get("tuning"):  # how the hyperparameters were tuned (per_partition: confounded)
-        out["tuning"] = plan["tuning"]
+    if tuning:  # how the hyperparameters were tuned (per_partition: confounded)
+        out["tuning"] = tuning
     out["findings"] = findings(out)
+    out["claims"] = claims(out)
     atomic_write_json(Path(run_dir) / "results.json", _clean(out))
     return _clean(out)
 
 
-def _fit(compositions: list[dict], level: float) -> dict:
+def _init_comparison(bodies: dict[str, dict]) -> dict:
+    """Per pair and per init mode: RMS, the A and B subspace similarities and %Δ summed vs merged."""
+    rows = {}
+    for mode, b in bodies.items():
+        pct = {"|".join(c["subset"]): c.get("pct_change") for c in b["compositions"] if c["level"] == 2}
+        for pair, p in b["pairs"].items():
+            rows.setdefault(pair, {})[mode] = {"rms": p["rms"], "factors": p.get("factors"),
+                                               "pct_change": pct.get(pair)}
+    return {"modes": list(bodies), "pairs": rows}
+
+
+def _table1(cfg: ExperimentConfig, plan: dict) -> dict:
+    """The paper's Table 1: three sample layers of the first fundamental block (name, A/B shapes, first values)."""
+    d = cfg.domains[0]
+    a = load_adapter(artifact_path(plan["train"][(d, cfg.seeds[0])]))
+    names = sorted(a.layers)
+    picks = [names[0], names[len(names) // 2], names[-1]]
+    rows = [{"layer": n, "A_shape": list(a.layers[n].A.shape), "B_shape": list(a.layers[n].B.shape),
+             "A_first": [float(v) for v in a.layers[n].A[0, :3]], "B_first": [float(v) for v in a.layers[n].B[0, :3]],
+             "scale": a.layers[n].scale} for n in dict.fromkeys(picks)]
+    return {"adapter": adapter([d]).name, "seed": cfg.seeds[0], "layers": rows}
+
+
+def _fit(compositions: list[dict], level: float, seed: int = 0) -> dict:
     """RMS -> %Δ least squares over pairs: one point per pair, (mean RMS, mean %Δ) over seeds, so n = pairs.
 
     Seeds of one pair share its data and are not independent draws of the relation; fitting them as separate
-    points would narrow the slope's interval. The per-seed points are kept for the scatter.
+    points would narrow the slope's interval. The per-seed points are kept for the scatter. `relation` is the test
+    that decides the claim (lorasum.relation: ≥ 8 pairs, domain-label permutations, domain bootstrap), within each
+    group too when pairs fall within one parent domain and across parents.
     """
     rows = [c for c in compositions if c["level"] == 2 and "pct_change" in c]
     points = [[float(np.mean(c["rms_per_seed"])), c["pct_change"]["mean"]] for c in rows]
     per_seed = [[x, y] for c in rows for x, y in zip(c["rms_per_seed"], c["pct_change"]["per_seed"])]
+    pairs = [tuple(c["subset"]) for c in rows]
+    parents = {d: parse_spec(d)[0] for p in pairs for d in p}
+    groups = {p: f"within {parents[p[0]]}" if parents[p[0]] == parents[p[1]] else "across" for p in pairs}
+    rel = relation(pairs, [p[0] for p in points], [p[1] for p in points],
+                   groups if len(set(groups.values())) > 1 else None, level=level, seed=seed)
     return {**linear_fit([p[0] for p in points], [p[1] for p in points], level), "points": points,
-            "pairs": ["|".join(c["subset"]) for c in rows], "points_per_seed": per_seed, "level": level}
+            "pairs": ["|".join(c["subset"]) for c in rows], "points_per_seed": per_seed, "level": level,
+            "relation": rel}
 
 
 def _data_section(cfg: ExperimentConfig, plan: dict) -> dict:
@@ -207,7 +234,7 @@ def _data_section(cfg: ExperimentConfig, plan: dict) -> dict:
     for d in cfg.domains:
         lj = json.loads((artifact_path(plan["train"][(d, cfg.seeds[0])]) / "lorasum.json").read_text(encoding="utf-8"))
         meta[d] = lj["data"]["domains"][0]
-    return {"domains": meta, "stats": _load(plan["data_stats"])["rows"]}
+    return {"domains": meta, "stats": load(plan["data_stats"])["rows"]}
 
 
 def _clean(obj):

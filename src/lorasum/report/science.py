@@ -1,0 +1,145 @@
+"""The report's answer to the paper's question: the claims, where each pair's RMS sits between the random null
+and the same-domain ceiling, the effect of the LoRA initialisation, the unlearning sweep, Table 1 and speed.
+
+All of it reads results.json (schema 2); a results file of schema 1 has none of these keys and gets none of
+these sections.
+"""
+
+from __future__ import annotations
+
+from .blocks import Note, Paragraph, Section, Table
+from .ordering import by_domain, pair_order
+
+
+def _f(x, fmt: str = "{:.4f}") -> str:
+    return "" if x is None else fmt.format(x)
+
+
+def claims_section(r: dict) -> list[Section]:
+    if not r.get("claims"):
+        return []
+    rows = [[c["claim"], c["verdict"], c["evidence"], c["rule"]] for c in r["claims"]]
+    return [Section("Claims of the paper", [Table(["claim", "verdict", "evidence", "rule"], rows,
+                                                  "Each claim decided by the rule beside it; 'cannot be decided "
+                                                  "here' where this run's design or sample cannot decide it.")])]
+
+
+def references_section(r: dict) -> list[Section]:
+    """Each pair's RMS between 'unrelated' (two random deltas of the same shapes) and 'same domain'."""
+    pairs = r.get("pairs", {})
+    if not any("null" in p for p in pairs.values()):
+        return []
+    refs = r.get("references") or {}
+    rows = []
+    for name in pair_order(r):
+        p = pairs[name]
+        x, y = name.split("|")
+        ceil = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in (x, y)]
+        ceiling = sum(ceil) / 2 if None not in ceil else None
+        fac = p.get("factors") or {}
+        rows.append([name.replace("|", " + "), f"{p['rms']:.4f}", f"{p['null']['mean']:.4f} ± {p['null']['sd']:.4f}",
+                     _f(ceiling), _f(fac.get("A"), "{:.3f}"), _f(fac.get("B"), "{:.3f}")])
+    blocks: list = [Table(["pair", "RMS cos", "random null (mean ± sd)", "same-domain ceiling", "A row-space sim",
+                           "B column-space sim"], rows,
+                          "Random null: RMS between two independent random deltas with the same factor shapes. "
+                          "Ceiling: mean of the two domains' same-domain RMS (a disjoint second sample of the "
+                          "domain's training records; else the fundamental trained with a second seed). Subspace "
+                          "similarity: mean over layers of the mean squared cosine of the principal angles (1: the "
+                          "same row/column space, e.g. a shared LoRA initialisation).")]
+    drows = [[d, _f(refs[d].get("split")), _f(refs[d].get("seeds"))] for d in by_domain(r, refs)]
+    missing = [d for d in r["config"]["domains"] if "split" not in refs.get(d, {})]
+    if drows:
+        blocks.append(Table(["domain", "RMS: two disjoint samples", "RMS: two seeds"], drows, ""))
+    if missing:
+        blocks.append(Note(f"no split-sample ceiling for {', '.join(missing)}: it needs twice the training records a "
+                           "fundamental uses (max_train)."))
+    return [Section("References — where each pair sits between unrelated and same-domain", blocks)]
+
+
+def init_section(r: dict) -> list[Section]:
+    comp = r.get("init_comparison")
+    init = r.get("init")
+    if init is None:
+        return [Section("LoRA initialisation", [Note("results written before initialisation became a recorded "
+                                                     "choice: every adapter of that run started from one shared A.")])]
+    if not comp:
+        return [Section("LoRA initialisation", [Paragraph(
+            f"Every adapter started from a LoRA A of its own ('{init['primary']}' mode: its init seed derives from "
+            "(partition, seed) by sha256)." if init["primary"] == "independent" else
+            "Every adapter trained with one seed started from the same LoRA A ('shared' mode), so the row spaces "
+            "of all deltas are tied by their initialisation.")])]
+    modes = comp["modes"]
+    heads = ["pair"] + [f"{h} ({m})" for m in modes for h in ("RMS", "A sim", "%Δ summed")]
+    rows = []
+    for name in pair_order(r, comp["pairs"]):
+        row = [name.replace("|", " + ")]
+        for m in modes:
+            v = comp["pairs"][name].get(m) or {}
+            pc = v.get("pct_change")
+            row += [_f(v.get("rms")), _f((v.get("factors") or {}).get("A"), "{:.3f}"),
+                    "" if pc is None else f"{pc['mean']:+.1f}% [{pc['ci'][0]:+.1f}, {pc['ci'][1]:+.1f}]"]
+        rows.append(row)
+    return [Section("LoRA initialisation — independent vs shared", [Table(heads, rows, (
+        f"The same grid trained in each mode; the rest of this report shows '{modes[0]}'. A sim near 1 means the "
+        "adapters' A factors span the same row space: their deltas are tied by the initialisation, not the data."))])]
+
+
+def unlearning_sweep_section(r: dict) -> list[Section]:
+    rows, notes = [], []
+    for u in r.get("unlearning", []):
+        if "sweep" not in u:
+            return []
+        chosen = u["chosen"]["weight"]
+        for s in u["sweep"]:
+            rows.append([u["removed"], f"{s['weight']:g}" + (" ← chosen" if s["weight"] == chosen else ""),
+                         f"{s['validation_removed']:.2f}",
+                         ", ".join(f"{o} {v:.2f}" for o, v in s["validation_others"].items()),
+                         f"{s['removed']['mean']:.2f} [{s['removed']['ci'][0]:.2f}, {s['removed']['ci'][1]:.2f}]",
+                         f"{s['others']['mean']:.2f}"])
+        ref = u["validation_reference"]
+        notes.append(f"{u['removed']}: {u['chosen']['rule']} (trained without it: validation ppl "
+                     f"{ref['without']:.2f}; before removal: "
+                     + ", ".join(f"{o} {v:.2f}" for o, v in ref["before"].items()) + ").")
+    if not rows:
+        return []
+    return [Section("Unlearning — the subtraction weight λ, chosen on validation", [
+        Table(["removed", "λ", "val ppl removed", "val ppl others (before: see note)", "test ppl removed",
+               "test ppl others (pooled)"], rows,
+              "base + all-domain block − λ · fundamental. λ is chosen on the validation split, then reported on "
+              "test."), *(Paragraph(n) for n in notes)])]
+
+
+def table1_section(r: dict) -> list[Section]:
+    t = r.get("table1")
+    if not t:
+        return []
+    rows = [[x["layer"], "×".join(map(str, x["A_shape"])), "×".join(map(str, x["B_shape"])),
+             ", ".join(f"{v:.4f}" for v in x["A_first"]), ", ".join(f"{v:.4f}" for v in x["B_first"]),
+             f"{x['scale']:g}"] for x in t["layers"]]
+    return [Section("Table 1 — sample LoRA layers", [Table(
+        ["layer", "A (r × in)", "B (out × r)", "A[0, :3]", "B[0, :3]", "scale α/r"], rows,
+        f"Three layers of {t['adapter']} (seed {t['seed']}); ΔW = scale · B A (transposed for Conv1D, paper eq. 1).")])]
+
+
+def speed_section(r: dict, timings: dict) -> list[Section]:
+    """Compose + apply time of each summed model beside the training time of the merged block it replaces (the
+    paper's 'few seconds'), from timings.json: wall times stay out of results.json."""
+    entries = [t for t in timings.values() if isinstance(t, dict) and isinstance(t.get("wall_s"), (int, float))]
+    train = {(t.get("init"), t.get("partition")): t["wall_s"] for t in entries if t.get("kind") == "train"}
+    apply: dict = {}
+    for t in entries:
+        if t.get("kind") == "eval" and "apply_s" in t and str(t.get("model", "")).startswith("sum["):
+            apply.setdefault((t.get("init"), t["model"]), []).append(t["apply_s"])
+    primary = (r.get("init") or {}).get("primary")
+    rows = []
+    for (mode, model), vals in sorted(apply.items()):
+        if mode != primary:
+            continue
+        part = model[len("sum["):-1]
+        trained = train.get((mode, part))
+        rows.append([model, f"{1000 * sum(vals) / len(vals):.1f} ms", "" if trained is None else f"{trained:.1f} s"])
+    if not rows:
+        return []
+    return [Section("Speed — composing instead of training", [Table(
+        ["summed model", "compose + apply (mean over its evals)", "training the merged-data block"], rows,
+        "Wall times on this machine, from timings.json (not results.json, which stays deterministic).")])]

@@ -1,0 +1,44 @@
+"""Reading a run's artifacts back: per-example NLL of (model, domain, seed) from the eval files, stacked for the
+bootstrap, and any artifact's JSON."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..stats import Scores
+from .config import ExperimentConfig
+from .jobs import artifact_path
+
+
+def load(spec: dict) -> dict:
+    return json.loads(artifact_path(spec).read_text(encoding="utf-8"))
+
+
+class RunScores:
+    """Per-example NLL of (model, domain, seed) from the eval artifacts, stacked into stats.Scores."""
+
+    def __init__(self, cfg: ExperimentConfig, plan: dict):
+        self.cfg, self.plan = cfg, plan
+        self._cache: dict = {}
+
+    def raw(self, model: str, domain: str, seed: int, split: str = "test") -> dict:
+        key = (model, domain, seed) if split == "test" else (model, domain, seed, split)
+        if key not in self._cache:
+            self._cache[key] = load(self.plan["evals"][key])
+        return self._cache[key]
+
+    def scores(self, model: str, domains: list[str], split: str = "test") -> Scores:
+        nll = np.array([np.concatenate([self.raw(model, d, s, split)["nll"] for d in domains])
+                        for s in self.cfg.seeds])
+        first = self.cfg.seeds[0]
+        tokens = np.concatenate([self.raw(model, d, first, split)["tokens"] for d in domains]).astype(float)
+        strata = np.concatenate([np.full(len(self.raw(model, d, first, split)["nll"]), i)
+                                 for i, d in enumerate(domains)])
+        return Scores(nll, tokens, strata)
+
+    def point_ppl(self, model: str, domains: list[str], split: str = "test") -> float:
+        """Pooled perplexity, mean over seeds, without an interval (for choosing, not for reporting)."""
+        s = self.scores(model, domains, split)
+        return float(np.exp(s.nll.sum(1) / s.tokens.sum()).mean())
