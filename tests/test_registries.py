@@ -72,7 +72,7 @@ def test_registries_are_plain_dicts_keyed_by_name():
     assert [k for k, j in JOB_KINDS.items() if not j.needs_model] == ["similarity"]
     assert list(grid.COMPOSITIONS) == ["sum", "mean", "best_single", "level2_plus_one", "unlearning"]
     assert set(BLOCK_KINDS) == {"paragraph", "note", "table", "figures"}
-    assert list(SECTIONS)[0] == "findings" and list(SECTIONS)[-1] == "provenance"
+    assert list(SECTIONS)[:2] == ["claims", "findings"] and list(SECTIONS)[-1] == "provenance"
 
 
 def test_model_names_come_from_the_typed_value():

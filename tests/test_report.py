@@ -21,7 +21,7 @@ REQUIRED = {"Findings": False, "Table 3": True, "Table 4": True, "Table 2": True
             "Perplexity of every model on every domain": True, "Unlearning": True, "Weight space": True,
             "Figures": False, "Data": True, "Provenance": True}
 NUMBER = re.compile(r"(?<![\w.])[-+−]?(?:\d+(?:\.\d*)?(?:e[-+]?\d+)?|nan|inf)(?![\w])", re.I)
-NOT_A_NUMBER = re.compile(r"\b(nan|inf|none|null)\b", re.I)
+NOT_A_NUMBER = re.compile(r"\b(nan|inf|none)\b|(?<!random )\bnull\b", re.I)  # "random null": a reference
 
 
 def _run(root, name, extra_config=None):

@@ -94,10 +94,12 @@ def test_summed_verdict(ci, verdict):
     assert summed_verdict(ci) == verdict
 
 
-def test_rms_verdict_flips_with_the_slope_interval():
-    assert rms_verdict({"slope_ci": [10, 3000]}) == "positive RMS relation"
-    assert rms_verdict({"slope_ci": [-3000, -1]}) == "negative RMS relation"
-    assert rms_verdict({"slope_ci": [-10, 3000]}) == "inconclusive"
+def test_rms_verdict_follows_the_relation_test_and_refuses_small_samples():
+    assert rms_verdict({"relation": {"decidable": True, "verdict": "positive relation"}}) == "positive relation"
+    assert rms_verdict({"relation": {"decidable": True, "verdict": "no detectable relation"}}) == \
+        "no detectable relation"
+    # a slope CI that excludes 0 on 3 pairs decides nothing: the relation needs >= 8 pairs
+    assert rms_verdict({"slope_ci": [10, 3000], "relation": {"decidable": False, "n": 3}}) == "inconclusive"
     assert rms_verdict({"slope_ci": None}) == "inconclusive"
 
 
@@ -109,9 +111,14 @@ def test_unlearning_verdict():
 def _synthetic(pct_ci, slope_ci, after):
     pc = {"mean": sum(pct_ci) / 2, "ci": list(pct_ci), "per_seed": [sum(pct_ci) / 2]}
     ppl = lambda m, lo, hi: {"mean": m, "ci": [lo, hi]}  # noqa: E731
+    decided = slope_ci[0] > 0
+    relation = {"decidable": True, "n": 10, "verdict": "positive relation" if decided else "no detectable relation",
+                "spearman": {"rho": 0.8 if decided else 0.1, "p": 0.001 if decided else 0.6, "n_domains": 5},
+                "ols": {"slope": 100.0, "ci": list(slope_ci)}}
     return {
         "compositions": [{"subset": ["a", "b"], "pct_change": pc}],
-        "fit": {"n": 5, "slope": 100.0, "intercept": 0.0, "r2": 0.5, "slope_ci": list(slope_ci)},
+        "fit": {"n": 10, "slope": 100.0, "intercept": 0.0, "r2": 0.5, "slope_ci": list(slope_ci),
+                "relation": relation},
         "unlearning": [{"removed": "a", "removed_domain": {"after": ppl(after, after, after),
                                                           "without": ppl(20.0, 19.0, 21.0)}}],
     }
@@ -121,9 +128,9 @@ def test_findings_flip_each_verdict_on_synthetic_results():
     good = {f["claim"]: f["verdict"] for f in findings(_synthetic((-4, 6), (50, 150), 20.5))}
     bad = {f["claim"]: f["verdict"] for f in findings(_synthetic((-4, 16), (-50, 150), 25.0))}
     assert good == {"summed vs merged": "summed ≈ merged", "RMS similarity predicts %Δ perplexity":
-                    "positive RMS relation", "unlearning by subtraction": "restores"}
-    assert bad == {"summed vs merged": "inconclusive", "RMS similarity predicts %Δ perplexity": "inconclusive",
-                   "unlearning by subtraction": "does not restore"}
+                    "positive relation", "unlearning by subtraction (λ = 1)": "restores"}
+    assert bad == {"summed vs merged": "inconclusive", "RMS similarity predicts %Δ perplexity":
+                   "no detectable relation", "unlearning by subtraction (λ = 1)": "does not restore"}
 
 
 def test_recipe_check_verdict_flips():

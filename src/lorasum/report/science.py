@@ -102,7 +102,7 @@ def unlearning_sweep_section(r: dict) -> list[Section]:
                      + ", ".join(f"{o} {v:.2f}" for o, v in ref["before"].items()) + ").")
     if not rows:
         return []
-    return [Section("Unlearning — the subtraction weight λ, chosen on validation", [
+    return [Section("Subtraction weight λ — unlearning with λ chosen on validation", [
         Table(["removed", "λ", "val ppl removed", "val ppl others (before: see note)", "test ppl removed",
                "test ppl others (pooled)"], rows,
               "base + all-domain block − λ · fundamental. λ is chosen on the validation split, then reported on "
