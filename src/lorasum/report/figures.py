@@ -73,6 +73,11 @@ def rms_scatter(results: dict) -> bytes:
     ax.set_ylim(ys.min() - 0.35 * span, ys.max() + 0.35 * span)
     ax.axhline(0, color="black", lw=0.5)
     _references(ax, results)
+    lo, hi = ax.get_xlim()
+    for ann in ax.texts:  # labels point inwards in the final view, so none runs off the axes
+        right = ann.xy[0] > (lo + hi) / 2
+        ann.set_horizontalalignment("right" if right else "left")
+        ann.xyann = (-7 if right else 7, 6)
     ax.set_xlabel("RMS of per-layer cosine similarity (fundamental blocks)")
     ax.set_ylabel("% change in perplexity (summed vs merged)")
     ax.set_title("RMS similarity vs perplexity change (pairs)")
@@ -176,4 +181,36 @@ def perplexity_bars(results: dict) -> bytes:
     return png(fig)
 
 
-FIGURES = {"rms_vs_pct_change": rms_scatter, "cosine_heatmap": cosine_heatmap, "perplexity_bars": perplexity_bars}
+def unlearning_curve(results: dict) -> bytes:
+    """Forgetting vs retention over the subtraction weight λ, one line per removed domain (validation split):
+    x = the other domains' mean perplexity relative to before removal, y = the removed domain's perplexity relative
+    to the model trained without it (1 = forgotten as if never trained). The chosen λ is ringed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, u in enumerate(results["unlearning"]):
+        before, target = u["validation_reference"]["before"], u["validation_reference"]["without"]
+        xs = [float(np.mean([s["validation_others"][o] / before[o] for o in before])) for s in u["sweep"]]
+        ys = [s["validation_removed"] / target for s in u["sweep"]]
+        ax.plot(xs, ys, "o-", color=f"C{i}", label=f"{u['removed']} removed")
+        for s, x, y in zip(u["sweep"], xs, ys):
+            ax.annotate(f"λ={s['weight']:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            if s["weight"] == u["chosen"]["weight"]:
+                ax.scatter([x], [y], s=140, facecolors="none", edgecolors=f"C{i}", linewidths=1.5, zorder=3)
+    tol = 1 + results["config"].get("retention_tolerance", 0.05)
+    ax.axvline(tol, color="grey", ls=":", lw=1, label=f"retention limit (1 + δ = {tol:g})")
+    ax.axhline(1.0, color="black", lw=0.5)
+    ax.set_xlabel("other domains: perplexity / perplexity before removal (validation)")
+    ax.set_ylabel("removed domain: perplexity / model trained without it")
+    ax.set_title("Unlearning: forgetting vs retention over λ (chosen λ ringed)")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    return png(fig)
+
+
+FIGURES = {"rms_vs_pct_change": rms_scatter, "cosine_heatmap": cosine_heatmap, "perplexity_bars": perplexity_bars,
+           "unlearning_curve": unlearning_curve}
+
+
+def available(results: dict) -> list[str]:
+    """The figures this results file can draw (the unlearning curve needs the λ sweep of schema 2)."""
+    sweep = any("sweep" in u for u in results.get("unlearning", []))
+    return [n for n in FIGURES if n != "unlearning_curve" or sweep]

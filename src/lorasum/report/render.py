@@ -14,7 +14,7 @@ import jinja2
 
 from ..errors import LorasumError
 from ..files import atomic_write_bytes, atomic_write_text
-from .figures import FIGURES
+from .figures import FIGURES, available
 from .science import speed_section
 from .sections import sections
 from .tuning import tuning_pngs
@@ -42,7 +42,7 @@ def render_html(r: dict, pngs: dict[str, bytes], timings: dict | None = None) ->
 
 def figure_pngs(r: dict) -> dict[str, bytes]:
     """{name: PNG bytes} of every figure the report shows."""
-    return {**{name: draw(r) for name, draw in FIGURES.items()}, **(tuning_pngs(r) if r.get("tuning") else {})}
+    return {**{name: FIGURES[name](r) for name in available(r)}, **(tuning_pngs(r) if r.get("tuning") else {})}
 
 
 RESULTS_KEYS = ("schema", "config", "models", "perplexity", "pairs", "compositions", "unlearning", "recipe_check",

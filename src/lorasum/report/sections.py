@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import paper
 from .blocks import Figures, Note, Paragraph, Section, Table
-from .figures import FIGURES, kind_key, split_layer
+from .figures import available, kind_key, split_layer
 from .ordering import by_domain, model_order, pair_order
 from .science import claims_section, init_section, references_section, table1_section, unlearning_sweep_section
 from .tuning import tuning_blocks
@@ -107,19 +107,30 @@ def _table3(r: dict, ci: str) -> list:
     if "sum" not in cfg["compositions"]:
         blocks.append(Note("summed rows skipped: 'sum' is not in compositions."))
     pairs = [c for c in r["compositions"] if c["level"] == 2]
+    refs = any("null" in p for p in r["pairs"].values())  # schema 2: the RMS's reference scales beside it
     for c in pairs:
         ref = paper.TABLE3.get(frozenset(_base(d) for d in c["subset"]))
         matched |= ref is not None
         rows.append([" + ".join(c["subset"]), _ci(c["merged"]), _ci(c["summed"]) if "summed" in c else "",
                      f"{_num(c.get('merged_macro'))} / {_num(c.get('summed_macro'))}", f"{c['rms']:.4f}",
+                     *(_rms_refs(r, "|".join(c["subset"])) if refs else ()),
                      _pct(c["pct_change"]) if "pct_change" in c else "", paper.cell(ref)])
-    blocks.append(Table(["combination", "ppl merged", "ppl summed", "macro merged / summed", "RMS cos", "%Δ summed",
+    blocks.append(Table(["combination", "ppl merged", "ppl summed", "macro merged / summed", "RMS cos",
+                         *(("random null", "same-domain ceiling") if refs else ()), "%Δ summed",
                     "paper: merged / summed / RMS / %Δ"], rows,
                    f"Pooled test perplexity (exp ΣNLL/Σtokens over the pair's test sets), {ci}; macro = mean of the "
                    "per-domain perplexities. %Δ = (summed − merged)/merged. Last column: " + paper.LABEL + "."))
     if not matched:
         blocks.append(paper.table3_reference())
     return blocks + _baselines(pairs, cfg, ci)
+
+
+def _rms_refs(r: dict, pair: str) -> tuple[str, str]:
+    """The random-null RMS of a pair and its same-domain ceiling (see the References section)."""
+    null = r["pairs"].get(pair, {}).get("null")
+    refs = r.get("references") or {}
+    ceil = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in pair.split("|")]
+    return (f"{null['mean']:.4f}" if null else "", f"{sum(ceil) / 2:.4f}" if None not in ceil else "")
 
 
 def _table4(r: dict, ci: str) -> list:
@@ -181,7 +192,9 @@ def _per_layer_sections(r: dict) -> list[Section]:
         l2p1 = c.get("level2_plus_one", {})
         for d in by_domain(r, l2p1):
             h, rows = _layer_table(l2p1[d]["layers"])
-            blocks.append(Table(h, rows, f"({l2p1[d]['level2']}) block vs {d} block (RMS {l2p1[d]['rms']:.4f})"))
+            null = next((p["null"]["mean"] for p in r["pairs"].values() if "null" in p), None)
+            blocks.append(Table(h, rows, f"({l2p1[d]['level2']}) block vs {d} block (RMS {l2p1[d]['rms']:.4f}"
+                                + ("" if null is None else f"; random null of these shapes {null:.4f}") + ")"))
     out.append(Section("Table 5 — per-layer cosine, level-2 block vs remaining fundamental", blocks))
     return out
 
@@ -289,7 +302,7 @@ def figures_section(r: dict) -> list[Section]:
                    + (f", slope CI [{fit['slope_ci'][0]:.1f}, {fit['slope_ci'][1]:.1f}]." if fit.get("slope_ci")
                       else ", too few points for a slope CI."))
     return [Section("Figures", [Paragraph(fit_txt + f" Paper (GPT-2 small, their data): {paper.FIT}."),
-                                Figures(tuple(FIGURES))])]
+                                Figures(tuple(available(r)))])]
 
 
 def data_section(r: dict) -> list[Section]:
