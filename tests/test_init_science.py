@@ -163,3 +163,61 @@ def test_train_init_flag_is_checked_first(tmp_path, run_cli):
     one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data", "alpha", "--data-dir", data, "--out",
                            tmp_path / "out", "--init", "bogus"), "--init must be independent or shared, got 'bogus'")
     assert not (tmp_path / "out").exists()
+
+
+def test_evidence_preset_plans_15_pairs_with_own_domain_evals(tmp_path):
+    from lorasum.study.experiment import plans
+
+    data = tmp_path / "data"
+    from conftest import write_jsonl
+
+    cats = {"math": ["general", "physics"], "medicine": ["GHR", "GARD"],
+            "finance": ["AAPL", "AXP"]}
+    for parent, cs in cats.items():
+        write_jsonl(data / f"{parent}.jsonl", [{"question": f"{parent} {c} q{i}?", "answer": f"a{i}", "category": c}
+                                               for c in cs for i in range(700)])
+    cfg = load_config(preset="evidence", overrides={"data_dir": str(data), "domains": [
+        "math[category=general]", "math[category=physics]", "medicine[category=GHR]", "medicine[category=GARD]",
+        "finance[category=AAPL]", "finance[category=AXP]"]})
+    p = plans(cfg, tmp_path / "run")["independent"]
+    assert cfg.seeds == [0, 1] and cfg.train.init == "independent" and cfg.eval_scope == "own"
+    assert len(p["train"]) == 2 * (6 + 15) and len(p["ceiling"]) == 12
+    sums = [k for k in p["evals"] if k[0].startswith("sum[")]
+    assert len(sums) == 2 * 15 * 2  # each summed model on its two domains only, per seed
+    assert all(k[1] in k[0] for k in sums)
+
+
+CATEGORIES = {"math": ["general", "physics"], "medicine": ["GHR", "GARD"], "finance": ["AAPL", "AXP"]}
+
+
+@pytest.mark.parametrize("rows, culprits", [
+    (lambda c, i: {"question": f"q{c}{i}?", "answer": f"a{i}"},  # no category field
+     ["math[category=general]", "selects no records", "0 train, 0 validation, 0 test of 1400 records"]),
+    (lambda c, i: {"question": f"q{c}{i}?", "answer": f"a{i}", "category": c if c != "general" or i < 300 else "x"},
+     ["sub-domain 'math[category=general]' has", "records", "needs at least 100 train, 50 test"]),
+])
+def test_evidence_preset_refuses_missing_or_small_sub_domains(rows, culprits, tmp_path, run_cli):
+    from conftest import write_jsonl
+
+    data = tmp_path / "data"
+    for parent, cats in CATEGORIES.items():
+        write_jsonl(data / f"{parent}.jsonl", [rows(c, i) for c in cats for i in range(700)])
+    before = listing(tmp_path)
+    one_line_error(run_cli("experiment", "--preset", "evidence", "--data-dir", data, "--out", tmp_path / "run"),
+                   *culprits)
+    assert listing(tmp_path) == before
+
+
+def test_eval_scope_own_evaluates_each_model_on_its_domains_and_the_report_leaves_the_rest_blank(tmp_path):
+    data = write_smoke_domains(tmp_path / "data")
+    cfg = load_config(preset="smoke", overrides={"data_dir": str(data), "domains": ["alpha", "beta", "gamma"],
+                                                 "eval_scope": "own"})
+    r = run_experiment(cfg, tmp_path / "run")
+    mat = r["perplexity"]
+    assert set(mat["sum[alpha+beta]"]) == {"alpha", "beta"} and "pooled" not in mat["sum[alpha+beta]"]
+    assert set(mat["base"]) == set(mat["adapter[alpha]"]) == set(mat["unlearn[alpha+beta+gamma-alpha]"]) == \
+        {"alpha", "beta", "gamma", "pooled"}
+    assert "alpha" in mat["adapter[beta+gamma]"]  # the block trained without alpha, judged on alpha
+    md = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    row = next(line for line in md.splitlines() if line.startswith("| sum[alpha+beta] |"))
+    assert row.endswith("|  |  |")  # gamma and pooled left blank

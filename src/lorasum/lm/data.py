@@ -198,7 +198,8 @@ def load_domain(spec: str, config: DataConfig | None = None) -> Domain:
     path = resolve_source(source, config.data_dir)
     qf, af = config.question_field, config.answer_field
     by_split: dict[str, list[Record]] = {s: [] for s in SPLITS}
-    for lineno, row in _read_rows(path):
+    n_rows = 0
+    for n_rows, (lineno, row) in enumerate(_read_rows(path), 1):
         for fld in (qf, af):
             if not isinstance(row.get(fld), str):
                 raise LorasumError(f"{path}:{lineno}: record has no text field '{fld}'; "
@@ -208,7 +209,8 @@ def load_domain(spec: str, config: DataConfig | None = None) -> Domain:
         key = split_key(row[qf], row[af], config.split_seed)
         by_split[split_of(key)].append(Record(row[qf], row[af], spec, key))
     if filters and not any(by_split.values()):
-        raise LorasumError(f"domain '{spec}' selects no records in {path}; check the filter's field and values")
+        raise LorasumError(f"domain '{spec}' selects no records in {path} (0 train, 0 validation, 0 test of "
+                           f"{n_rows} records); check the filter's field and values")
     available = {s: len(v) for s, v in by_split.items()}
     for s in SPLITS:
         by_split[s].sort(key=lambda r: r.key)  # capping keeps a content-defined subset, independent of file order

@@ -149,7 +149,8 @@ def perplexity_bars(results: dict) -> bytes:
     doms = results["config"]["domains"]
     mat = results["perplexity"]
     wanted = [("base", []), *(("adapter", [d]) for d in doms), ("adapter", doms), ("sum", doms), ("mean", doms)]
-    order = [m for m in (find_model(results, kind, subset) for kind, subset in wanted) if m in mat]
+    order = [m for m in (find_model(results, kind, subset) for kind, subset in wanted)
+             if m in mat and all(d in mat[m] for d in doms)]
     fig, ax = plt.subplots(figsize=(max(6.5, 0.28 * len(doms) * len(order) + 1.5), 4.2))
     width = 0.8 / len(order)
     colors = plt.get_cmap("tab10" if len(order) <= 10 else "tab20").colors

@@ -33,11 +33,10 @@ def references_section(r: dict) -> list[Section]:
     rows = []
     for name in pair_order(r):
         p = pairs[name]
-        x, y = name.split("|")
-        ceil = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in (x, y)]
+        ceil = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in p["domains"]]
         ceiling = sum(ceil) / 2 if None not in ceil else None
         fac = p.get("factors") or {}
-        rows.append([name.replace("|", " + "), f"{p['rms']:.4f}", f"{p['null']['mean']:.4f} ± {p['null']['sd']:.4f}",
+        rows.append([" + ".join(p["domains"]), f"{p['rms']:.4f}", f"{p['null']['mean']:.4f} ± {p['null']['sd']:.4f}",
                      _f(ceiling), _f(fac.get("A"), "{:.3f}"), _f(fac.get("B"), "{:.3f}")])
     blocks: list = [Table(["pair", "RMS cos", "random null (mean ± sd)", "same-domain ceiling", "A row-space sim",
                            "B column-space sim"], rows,
@@ -72,7 +71,7 @@ def init_section(r: dict) -> list[Section]:
     heads = ["pair"] + [f"{h} ({m})" for m in modes for h in ("RMS", "A sim", "%Δ summed")]
     rows = []
     for name in pair_order(r, comp["pairs"]):
-        row = [name.replace("|", " + ")]
+        row = [" + ".join(r["pairs"][name]["domains"]) if name in r["pairs"] else name]
         for m in modes:
             v = comp["pairs"][name].get(m) or {}
             pc = v.get("pct_change")

@@ -113,7 +113,7 @@ def _table3(r: dict, ci: str) -> list:
         matched |= ref is not None
         rows.append([" + ".join(c["subset"]), _ci(c["merged"]), _ci(c["summed"]) if "summed" in c else "",
                      f"{_num(c.get('merged_macro'))} / {_num(c.get('summed_macro'))}", f"{c['rms']:.4f}",
-                     *(_rms_refs(r, "|".join(c["subset"])) if refs else ()),
+                     *(_rms_refs(r, c["subset"]) if refs else ()),
                      _pct(c["pct_change"]) if "pct_change" in c else "", paper.cell(ref)])
     blocks.append(Table(["combination", "ppl merged", "ppl summed", "macro merged / summed", "RMS cos",
                          *(("random null", "same-domain ceiling") if refs else ()), "%Δ summed",
@@ -125,11 +125,11 @@ def _table3(r: dict, ci: str) -> list:
     return blocks + _baselines(pairs, cfg, ci)
 
 
-def _rms_refs(r: dict, pair: str) -> tuple[str, str]:
+def _rms_refs(r: dict, domains: list[str]) -> tuple[str, str]:
     """The random-null RMS of a pair and its same-domain ceiling (see the References section)."""
-    null = r["pairs"].get(pair, {}).get("null")
+    null = r["pairs"].get("|".join(domains), {}).get("null")
     refs = r.get("references") or {}
-    ceil = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in pair.split("|")]
+    ceil = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in domains]
     return (f"{null['mean']:.4f}" if null else "", f"{sum(ceil) / 2:.4f}" if None not in ceil else "")
 
 
@@ -278,7 +278,8 @@ def tables_3_4(r: dict) -> list[Section]:
 
 def perplexity_matrix(r: dict) -> list[Section]:
     doms = r["config"]["domains"]
-    rows = [[m, *(_ci(r["perplexity"][m][d]) for d in doms), _ci(r["perplexity"][m]["pooled"])]
+    cell = lambda row, k: _ci(row[k]) if k in row else ""  # noqa: E731  (eval_scope own leaves cells out)
+    rows = [[m, *(cell(r["perplexity"][m], d) for d in doms), cell(r["perplexity"][m], "pooled")]
             for m in model_order(r)]
     return [Section("Perplexity of every model on every domain", [Table(["model", *doms, "pooled"], rows,
                                                                          _ci_label(r))])]

@@ -19,6 +19,7 @@ from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
 from .grid import COMPOSITIONS
 
 TUNE_MODES = ("shared", "per_partition")
+EVAL_SCOPES = ("all", "own")
 
 
 @dataclass
@@ -89,6 +90,8 @@ class ExperimentConfig:
     init_modes: list[str] | None = None  # LoRA init modes to compare, each a whole grid (default: [train.init])
     unlearn_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # λ swept in base + full − λ·d
     retention_tolerance: float = 0.05  # δ: a λ must keep every other domain within (1 + δ)× its ppl before removal
+    eval_scope: str = "all"  # "all": every model on every domain; "own": each model on its own subset's domains
+    min_records: dict | None = None  # {"train": n, "test": n}: records each domain needs before caps (else refused)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +140,12 @@ class ExperimentConfig:
                 or not all(0 < w <= 2 for w in self.unlearn_weights):
             raise LorasumError(f"must be distinct weights in (0, 2], got {self.unlearn_weights!r}",
                                key="unlearn_weights")
+        if self.eval_scope not in EVAL_SCOPES:
+            raise LorasumError(f"must be one of {', '.join(EVAL_SCOPES)}, got {self.eval_scope!r}", key="eval_scope")
+        for split, n in (self.min_records or {}).items():
+            if split not in SPLITS or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise LorasumError(f"must map splits ({', '.join(SPLITS)}) to whole numbers >= 0, got "
+                                   f"{self.min_records!r}", key="min_records")
         if not self.retention_tolerance >= 0:
             raise LorasumError(f"must be >= 0, got {self.retention_tolerance}", key="retention_tolerance")
         self.tune = tune_section(self.tune)
@@ -164,6 +173,13 @@ class ExperimentConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Sub-domains of ../shared/data by its `category` field: MathQA categories, MedQuAD collections, groups of 10-K
+# tickers (technology companies; banks, insurers and payment networks).
+EVIDENCE_DOMAINS = ["math[category=general]", "math[category=physics]", "medicine[category=GHR]",
+                    "medicine[category=GARD]",
+                    "finance[category=AAPL|AMD|AVGO|CRM|GOOGL|HPE|HPQ|IBM|INTU|META|MSFT|NVDA]",
+                    "finance[category=AXP|BAC|BRK-A|CB|GS|ICE|JPM|SCHW|V]"]
+
 PRESETS: dict[str, dict] = {
     # tiny model, seconds: for tests and smoke runs (the caller supplies domains and data_dir)
     "smoke": {"model": "tiny-gpt2", "max_train": 24, "max_validation": 8, "max_test": 8, "bootstrap_samples": 200,
@@ -174,6 +190,12 @@ PRESETS: dict[str, dict] = {
     # the same domains, 3 seeds, larger budgets (hours on CPU)
     "full": {"model": "smollm2-135m", "domains": ["math", "medicine", "finance"], "max_train": 2000,
              "max_validation": 200, "max_test": 400, "seeds": [0, 1, 2], "train": {"epochs": 2}},
+    # enough pairs to decide: 6 disjoint sub-domains of the real data (2 per parent) -> 15 pairs (3 within a parent,
+    # 12 across), 2 seeds, independent init, each model evaluated on its own domains
+    "evidence": {"model": "smollm2-135m", "domains": EVIDENCE_DOMAINS, "max_level": 2, "max_train": 100,
+                 "max_validation": 30, "max_test": 50, "seeds": [0, 1], "autocast": "bfloat16", "max_ppl_ratio": 0.8,
+                 "eval_scope": "own", "min_records": {"train": 100, "test": 50},
+                 "train": {"epochs": 1, "init": "independent"}},
     # the paper's setup: GPT-2 small from the hub, all data, r=4, alpha=64, c_attn/c_proj, max length 64 (a GPU)
     "paper": {"model": "gpt2", "domains": ["math", "medicine", "finance"], "seeds": [0],
               "train": {"r": 4, "alpha": 64, "targets": ["c_attn", "c_proj"], "max_length": 64, "epochs": 3,

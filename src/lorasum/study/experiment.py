@@ -25,7 +25,7 @@ from ..progress import progress
 from ..report.render import write_report
 from ..schema import config_diff
 from .config import ExperimentConfig
-from .grid import adapter, model_catalog, partition_name, subsets
+from .grid import adapter, eval_domains, model_catalog, partition_name, subsets
 from .jobs import JOB_KINDS, is_done, run_job, with_key
 from .results import assemble
 from .tuning import run_tuning
@@ -93,11 +93,12 @@ def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = No
 
     catalog = model_catalog(cfg.domains, cfg.level, cfg.compositions, cfg.unlearn_weights)
     evals: dict[tuple, dict] = {}
+    best_single = "best_single" in cfg.compositions
     for seed in cfg.seeds:
         for name, m in catalog.models.items():
-            for d in cfg.domains:
+            for d in eval_domains(m, cfg.domains, cfg.eval_scope, best_single, bool(catalog.of("unlearn"))):
                 evals[(name, d, seed)] = eval_spec(m.terms, seed, d)
-    validation = [adapter([f]) for f in cfg.domains] if "best_single" in cfg.compositions else []
+    validation = [adapter([f]) for f in cfg.domains] if best_single else []
     unlearn = catalog.of("unlearn")
     if unlearn:  # the weight λ is chosen on validation: every λ, the block before removal, and the block without
         validation += [*unlearn, adapter(cfg.domains), *(adapter(m.subset) for m in unlearn if m.weight == 1.0)]
@@ -182,9 +183,17 @@ def _check_run_dir(cfg: ExperimentConfig, run_dir: Path, overwrite: bool) -> Non
 
 
 def _check_domains(cfg: ExperimentConfig) -> None:
-    """Every domain must have records in each split after caps (checked before anything is written)."""
+    """Every domain must have records in each split after caps, and at least `min_records` before them (checked
+    before anything is written)."""
     data = cfg.data_config()
     domains = [load_domain(d, data) for d in cfg.domains]
+    for dom in domains:
+        short = {s: n for s, n in (cfg.min_records or {}).items() if dom.available[s] < n}
+        if short:
+            have = ", ".join(f"{dom.available[s]} {s}" for s in SPLITS)
+            need = ", ".join(f"{n} {s}" for s, n in cfg.min_records.items())
+            raise LorasumError(f"sub-domain '{dom.spec}' has {have} records (from {dom.source}); this run needs at "
+                               f"least {need}: choose a larger sub-domain or join categories (category=A|B)")
     for split in SPLITS:
         require_nonempty(domains, split)
 

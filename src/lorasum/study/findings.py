@@ -40,10 +40,10 @@ def unlearning_verdict(after: float, without_ci: list[float] | tuple[float, floa
     return "restores" if lo <= after <= hi else "does not restore"
 
 
-def ceiling_of(results: dict, pair: str) -> float | None:
+def ceiling_of(results: dict, domains: list[str]) -> float | None:
     """The same-domain ceiling of a pair: the mean of its two domains' ceilings (split sample, else seeds)."""
     refs = results.get("references") or {}
-    vals = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in pair.split("|")]
+    vals = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in domains]
     return float(np.mean(vals)) if all(v is not None for v in vals) else None
 
 
@@ -83,8 +83,8 @@ def findings(results: dict) -> list[dict]:
     for pair, p in results.get("pairs", {}).items():
         if "null" not in p:
             continue
-        ceil = ceiling_of(results, pair)
-        out.append({"claim": "deltas near-orthogonal", "subject": pair.replace("|", " + "),
+        ceil = ceiling_of(results, p["domains"])
+        out.append({"claim": "deltas near-orthogonal", "subject": " + ".join(p["domains"]),
                     "verdict": orthogonality_verdict(p["rms"], p["null"]["mean"], ceil),
                     "evidence": f"RMS {p['rms']:.4f}; random null {p['null']['mean']:.4f}; same-domain ceiling "
                                 + ("none" if ceil is None else f"{ceil:.4f}")})

@@ -133,6 +133,16 @@ class Catalog:
         return [m for m in self.models.values() if m.kind == kind]
 
 
+def eval_domains(m: Model, domains: list[str], scope: str, best_single: bool, unlearning: bool) -> list[str]:
+    """The domains whose test sets a model is evaluated on: all of them, or with scope "own" its subset's. Still
+    everywhere with "own": the base model; a fundamental when the best single block of every pair is chosen; the
+    unlearning models and the blocks trained without one domain, which are judged on the removed domain too."""
+    everywhere = (scope == "all" or m.kind in ("base", "unlearn")
+                  or (best_single and m.kind == "adapter" and len(m.subset) == 1)
+                  or (unlearning and m.kind == "adapter" and len(m.subset) == len(domains) - 1))
+    return list(domains) if everywhere else [d for d in domains if d in m.subset]
+
+
 def model_catalog(domains: list[str], level: int, compositions: list[str],
                   unlearn_weights: list[float] = (1.0,)) -> Catalog:
     """Base, an adapter per partition, then per subset of >= 2 domains each asked-for composition's models, then

@@ -21,7 +21,7 @@ from ..relation import relation
 from ..stats import bootstrap_ppl, linear_fit, paired_pct_change
 from .config import ExperimentConfig
 from .findings import claims, findings
-from .grid import COMPOSITIONS, adapter
+from .grid import COMPOSITIONS, adapter, eval_domains
 from .jobs import artifact_path
 from .scores import RunScores, load
 from .unlearning import unlearning_rows
@@ -63,10 +63,16 @@ def mode_body(cfg: ExperimentConfig, plan: dict) -> dict:
             out["null"] = per_seed[0]["null"]  # depends on shapes alone
         return out
 
-    # per-domain perplexity matrix: every model x every domain, plus pooled over all domains
-    matrix = {m: {**{d: ppl(m, [d]) for d in domains}, "pooled": ppl(m, domains)} for m in catalog.models}
+    # per-domain perplexity matrix: every model on each domain it was evaluated on (eval_scope), and pooled over
+    # all domains where it was evaluated on all of them
+    best_single = "best_single" in cfg.compositions
+    matrix = {}
+    for name, m in catalog.models.items():
+        doms = eval_domains(m, domains, cfg.eval_scope, best_single, bool(catalog.of("unlearn")))
+        matrix[name] = {**{d: ppl(name, [d]) for d in doms}, **({"pooled": ppl(name, domains)} if doms == domains
+                                                                else {})}
 
-    pairs = {f"{x}|{y}": sim("pair", (x, y)) for x, y in itertools.combinations(domains, 2)}
+    pairs = {f"{x}|{y}": {"domains": [x, y], **sim("pair", (x, y))} for x, y in itertools.combinations(domains, 2)}
 
     def macro(model: str, doms: list[str]) -> float:
         """Macro mean over the subset's domains of the per-domain perplexities (beside the pooled figure)."""
