@@ -27,7 +27,8 @@ def _minutes(run: Path) -> str:
 
 
 def _label(d: str) -> str:
-    return d if len(d) < 40 else d[:37] + "…]"
+    """A sub-domain spec shortened for a table cell, its `|` escaped for markdown."""
+    return (d if len(d) < 40 else d[:37] + "…]").replace("|", "\\|")
 
 
 def main() -> None:
@@ -89,7 +90,7 @@ def main() -> None:
         L.append(f"| {' + '.join(_label(d) for d in c['subset'])} | {_ci(c['merged'])} | {_ci(c['summed'])} | "
                  f"{p['rms']:.4f} | {p['null']['mean']:.4f} | "
                  f"{(sum(ceil) / 2) if None not in ceil else float('nan'):.4f} | {p['factors']['A']:.3f} | "
-                 f"{_pct(c['pct_change'])} |".replace("|", "\\|").replace("\\| ", "| ").replace(" \\|", " |"))
+                 f"{_pct(c['pct_change'])} |")
     L += ["", "CIs: paired bootstrap over test examples and the 2 training seeds (seed variance is barely estimated "
           "with 2 seeds).", ""]
     comp = q.get("init_comparison") or {}

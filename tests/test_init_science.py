@@ -221,3 +221,16 @@ def test_eval_scope_own_evaluates_each_model_on_its_domains_and_the_report_leave
     md = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
     row = next(line for line in md.splitlines() if line.startswith("| sum[alpha+beta] |"))
     assert row.endswith("|  |  |")  # gamma and pooled left blank
+
+
+def test_the_second_sample_reference_gets_an_init_of_its_own(both_modes):
+    """The same-domain ceiling must not share A with the fundamental in independent mode (else it is inflated)."""
+    run, r = both_modes
+    metas = [json.loads(p.read_text()) for p in run.glob("adapters/*/lorasum.json")]
+    for mode in ("independent", "shared"):
+        fund = next(m for m in metas if m["partition"] == "alpha" and m["init"]["mode"] == mode
+                    and m["data"]["skip"] == {})
+        second = next(m for m in metas if m["partition"] == "alpha" and m["init"]["mode"] == mode
+                      and m["data"]["skip"] == {"train": 24})
+        same = fund["init"]["seed"] == second["init"]["seed"]
+        assert same == (mode == "shared")

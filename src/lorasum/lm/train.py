@@ -98,11 +98,14 @@ def _stable_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "big") % 2**63
 
 
-def init_seed(partition: str, cfg: TrainConfig) -> int:
+def init_seed(partition: str, cfg: TrainConfig, sample: str = "") -> int:
     """The seed of the LoRA initialisation (A ~ kaiming, B = 0). `shared`: `seed` itself, so every adapter trained
     with one seed starts from the same A (what seeding once before get_peft_model does); `independent`: derived from
-    (partition, seed), so two partitions never share A and the summed deltas' row spaces are not tied by init."""
-    return cfg.seed if cfg.init == "shared" else _stable_seed("lorasum-init", partition, cfg.seed)
+    (partition, seed) — and `sample`, naming another sample of the partition's records — so no two adapters share A
+    and the summed deltas' row spaces are not tied by init."""
+    if cfg.init == "shared":
+        return cfg.seed
+    return _stable_seed("lorasum-init", partition, cfg.seed, *((sample,) if sample else ()))
 
 
 def train_stream_seed(cfg: TrainConfig) -> int:
@@ -126,13 +129,14 @@ def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> li
 
 def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: TrainConfig | None = None,
                   data: DataConfig | None = None, overwrite: bool = False,
-                  on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
+                  on_epoch: Callable[[int, float], None] | None = None, sample: str = "") -> TrainResult:
     """Train a LoRA adapter on `partition` (e.g. "math" or "math+medicine") and save it to `out` (a non-empty `out`
     is replaced only with `overwrite`).
 
     The base model is left as it was (LoRA layers are unloaded afterwards), so one loaded model serves many runs.
     `on_epoch(epoch, val_loss)` is called after each epoch's validation; an exception it raises (e.g. a tuning
-    trial pruned) aborts training and nothing is saved.
+    trial pruned) aborts training and nothing is saved. `sample` names a second sample of the partition's records
+    (data.skip), so that it gets an initialisation of its own in `independent` mode.
     """
     cfg = TrainConfig.from_dict(asdict(cfg)) if cfg is not None else TrainConfig()
     data = data or DataConfig()
@@ -154,7 +158,7 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
 
     lcfg = lora_config(cfg, loaded)
     check_targets(loaded.model, list(lcfg.target_modules))
-    a_seed = init_seed(partition, cfg)
+    a_seed = init_seed(partition, cfg, sample)
     set_seed(a_seed)
     try:
         peft_model = get_peft_model(loaded.model, lcfg)

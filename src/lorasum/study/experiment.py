@@ -65,7 +65,9 @@ def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = No
 
     def train_spec(part: str, seed: int, skip: dict | None = None) -> dict:
         tc = replace((train_for or {}).get(part, cfg.train), seed=seed, init=mode)
-        return with_key({**base, "kind": "train", "partition": part, "init_seed": init_seed(part, tc),
+        sample = {"sample": "second"} if skip else {}  # a second sample: an init of its own (independent mode)
+        return with_key({**base, "kind": "train", "partition": part, **sample,
+                         "init_seed": init_seed(part, tc, sample.get("sample", "")),
                          "data": data_part(partition_domains(part), cfg.caps(("train", "validation"), keep_none=True),
                                            skip), "train": asdict(tc)})
 

@@ -95,7 +95,8 @@ def _check_sources(spec: dict, domains) -> None:
 def _run_train(spec: dict, out: Path, loaded: LoadedModel) -> None:
     data = _data(spec)
     _check_sources(spec, [load_domain(d, data) for d in partition_domains(spec["partition"])])
-    train_adapter(loaded, spec["partition"], out, TrainConfig.from_dict(spec["train"]), data, overwrite=True)
+    train_adapter(loaded, spec["partition"], out, TrainConfig.from_dict(spec["train"]), data, overwrite=True,
+                  sample=spec.get("sample", ""))
 
 
 def _run_eval(spec: dict, out: Path, loaded: LoadedModel) -> None:
