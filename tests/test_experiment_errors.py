@@ -129,7 +129,7 @@ def test_out_that_is_a_file(ddir, tmp_path, run_cli):
     f.write_text("x")
     one_line_error(experiment(run_cli, ddir, f), str(f), "exists and is not a folder")
     assert f.read_text() == "x"
-    one_line_error(experiment(run_cli, ddir, f / "run"), str(f / "run"), "cannot create --out")
+    one_line_error(experiment(run_cli, ddir, f / "run"), str(f / "run"), "cannot be created")
 
 
 # --- an existing run folder -------------------------------------------------------------------------------------

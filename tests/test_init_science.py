@@ -57,7 +57,7 @@ def test_independent_adapters_do_not_share_a_and_shared_ones_do(tiny, tmp_path):
 def test_the_two_modes_differ_only_in_the_initial_a(tiny, tmp_path, monkeypatch):
     """With the init seed forced equal, an adapter trained in either mode is the same bits (dropout on)."""
     lm, data = tiny
-    monkeypatch.setattr(train_mod, "init_seed", lambda partition, cfg: 1234)
+    monkeypatch.setattr(train_mod, "init_seed", lambda partition, cfg, sample="": 1234)
     x, y = (load_file(_train(lm, data, "alpha", tmp_path / m, m, dropout=0.1).path + "/adapter_model.safetensors")
             for m in ("independent", "shared"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -135,7 +135,7 @@ def test_a_run_folder_from_before_init_modes_is_refused(tmp_path, run_cli):
     (run / "config.json").write_text(json.dumps({"model": "tiny-gpt2", "domains": ["alpha", "beta"]}))
     before = listing(tmp_path)
     one_line_error(experiment(run_cli, data, run, "--overwrite", domains=("alpha", "beta")),
-                   "made before LoRA initialisation became a recorded choice", "choose a new --out")
+                   "made before LoRA initialisation became a recorded choice", "choose a new run folder")
     assert listing(tmp_path) == before
 
 

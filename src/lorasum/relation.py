@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from lorasum.errors import LorasumError
+from .errors import LorasumError
 
 TIE = 1e-12  # permuted statistics within this of the observed one count as "at least as extreme"
 _CELLS = 2_000_000  # elements per block of permuted index rows (bounds memory for large pair sets)

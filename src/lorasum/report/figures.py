@@ -50,7 +50,8 @@ def rms_scatter(results: dict) -> bytes:
         ax.errorbar(x, y, yerr=[[y - ci[0]], [ci[1] - y]], fmt="o", color="C0", ecolor="C0", capsize=4, zorder=3,
                     label=f"pair (mean over seeds), {level}% CI of %Δ" if i == 0 else None)
         right = x > mid  # labels point inwards, so none runs off the axes
-        ax.annotate(name.replace("|", " + "), (x, y), textcoords="offset points", xytext=(-7 if right else 7, 6),
+        label = " + ".join(results["pairs"].get(name, {}).get("domains") or name.split("|"))  # schema 1: no domains
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(-7 if right else 7, 6),
                     ha="right" if right else "left", fontsize=8)
     if len(pts):
         allx = np.concatenate([pts[:, 0], per_seed[:, 0]]) if len(per_seed) else pts[:, 0]
@@ -89,15 +90,14 @@ def rms_scatter(results: dict) -> bytes:
 def _references(ax, results: dict) -> None:
     """Vertical lines at the random null and at the same-domain ceilings, so each pair's RMS reads between them."""
     nulls = [p["null"]["mean"] for p in results.get("pairs", {}).values() if "null" in p]
-    ceilings = [v.get("split", v.get("seeds")) for v in (results.get("references") or {}).values()]
-    ceilings = [c for c in ceilings if c is not None]
+    ceilings = sorted({p["ceiling"] for p in results.get("pairs", {}).values() if p.get("ceiling") is not None})
     lo, hi = ax.get_xlim()
     if nulls:
         x = float(np.mean(nulls))
         ax.axvline(x, color="grey", ls=":", lw=1, label=f"random null ({x:.4f})")
         lo = min(lo, x)
-    for i, c in enumerate(sorted(ceilings)):
-        ax.axvline(c, color="C2", ls="--", lw=1, label="same-domain ceilings" if i == 0 else None)
+    for i, c in enumerate(ceilings):
+        ax.axvline(c, color="C2", ls="--", lw=1, label="same-domain ceilings of the pairs" if i == 0 else None)
         hi = max(hi, c)
     pad = 0.04 * (hi - lo)
     ax.set_xlim(lo - pad, hi + pad)
@@ -116,7 +116,7 @@ def cosine_heatmap(results: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(min(14, max(6.5, 2.5 + 0.22 * len(layers))), 1.6 + 0.45 * len(labels)))
     lim = max(float(np.abs(data).max()), 1e-6)  # symmetric around 0 (white); real cosines are often ~0.05
     im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    ax.set_yticks(range(len(labels)), [p.replace("|", " / ") for p in labels], fontsize=8)
+    ax.set_yticks(range(len(labels)), [" / ".join(pairs[p].get("domains") or [p]) for p in labels], fontsize=8)
     short = [k.split(".")[-1] for k in kinds]  # self_attn.q_proj -> q_proj, unless that is ambiguous
     if len({short[i] for i in starts}) < len(starts):
         short = kinds
@@ -184,13 +184,14 @@ def perplexity_bars(results: dict) -> bytes:
 
 def unlearning_curve(results: dict) -> bytes:
     """Forgetting vs retention over the subtraction weight λ, one line per removed domain (validation split):
-    x = the other domains' mean perplexity relative to before removal, y = the removed domain's perplexity relative
+    x = the worst other domain's perplexity relative to before removal (the retention rule is per domain), y = the
+    removed domain's perplexity relative
     to the model trained without it (1 = forgotten as if never trained). The chosen λ is ringed."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, u in enumerate(results["unlearning"]):
         before, target = u["validation_reference"]["before"], u["validation_reference"]["without"]
-        xs = [float(np.mean([s["validation_others"][o] / before[o] for o in before])) for s in u["sweep"]]
+        xs = [max(s["validation_others"][o] / before[o] for o in before) for s in u["sweep"]]
         ys = [s["validation_removed"] / target for s in u["sweep"]]
         ax.plot(xs, ys, "o-", color=f"C{i}", label=f"{u['removed']} removed")
         for s, x, y in zip(u["sweep"], xs, ys):
@@ -200,7 +201,7 @@ def unlearning_curve(results: dict) -> bytes:
     tol = 1 + results["config"].get("retention_tolerance", 0.05)
     ax.axvline(tol, color="grey", ls=":", lw=1, label=f"retention limit (1 + δ = {tol:g})")
     ax.axhline(1.0, color="black", lw=0.5)
-    ax.set_xlabel("other domains: perplexity / perplexity before removal (validation)")
+    ax.set_xlabel("worst other domain: perplexity / perplexity before removal (validation)")
     ax.set_ylabel("removed domain: perplexity / model trained without it")
     ax.set_title("Unlearning: forgetting vs retention over λ (chosen λ ringed)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)

@@ -8,7 +8,7 @@ these sections.
 from __future__ import annotations
 
 from .blocks import Note, Paragraph, Section, Table
-from .ordering import by_domain, pair_order
+from .ordering import by_domain, model_order, pair_order
 
 
 def _f(x, fmt: str = "{:.4f}") -> str:
@@ -33,16 +33,15 @@ def references_section(r: dict) -> list[Section]:
     rows = []
     for name in pair_order(r):
         p = pairs[name]
-        ceil = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in p["domains"]]
-        ceiling = sum(ceil) / 2 if None not in ceil else None
         fac = p.get("factors") or {}
         rows.append([" + ".join(p["domains"]), f"{p['rms']:.4f}", f"{p['null']['mean']:.4f} ± {p['null']['sd']:.4f}",
-                     _f(ceiling), _f(fac.get("A"), "{:.3f}"), _f(fac.get("B"), "{:.3f}")])
+                     _f(p.get("ceiling")), _f(fac.get("A"), "{:.3f}"), _f(fac.get("B"), "{:.3f}")])
     blocks: list = [Table(["pair", "RMS cos", "random null (mean ± sd)", "same-domain ceiling", "A row-space sim",
                            "B column-space sim"], rows,
                           "Random null: RMS between two independent random deltas with the same factor shapes. "
                           "Ceiling: mean of the two domains' same-domain RMS (a disjoint second sample of the "
-                          "domain's training records; else the fundamental trained with a second seed). Subspace "
+                          "domain's training records, initialised as the pairs are; else the fundamental trained with "
+                          "a second seed). Subspace "
                           "similarity: mean over layers of the mean squared cosine of the principal angles (1: the "
                           "same row/column space, e.g. a shared LoRA initialisation).")]
     drows = [[d, _f(refs[d].get("split")), _f(refs[d].get("seeds"))] for d in by_domain(r, refs)]
@@ -121,24 +120,30 @@ def table1_section(r: dict) -> list[Section]:
 
 
 def speed_section(r: dict, timings: dict) -> list[Section]:
-    """Compose + apply time of each summed model beside the training time of the merged block it replaces (the
-    paper's 'few seconds'), from timings.json: wall times stay out of results.json."""
-    entries = [t for t in timings.values() if isinstance(t, dict) and isinstance(t.get("wall_s"), (int, float))]
-    train = {(t.get("init"), t.get("partition")): t["wall_s"] for t in entries if t.get("kind") == "train"}
+    """Compose + apply time of each composed model beside the training time of the merged-data block it stands in
+    for (the paper's 'few seconds'), from timings.json: wall times stay out of results.json."""
+    primary = (r.get("init") or {}).get("primary")
+    models = r.get("models", {})
+    entries = [t for t in timings.values() if isinstance(t, dict) and isinstance(t.get("wall_s"), (int, float))
+               and t.get("init") == primary]
+    train: dict = {}
+    for t in entries:
+        if t.get("kind") == "train":
+            train.setdefault(t.get("partition"), []).append(t["wall_s"])  # one per seed
     apply: dict = {}
     for t in entries:
-        if t.get("kind") == "eval" and "apply_s" in t and str(t.get("model", "")).startswith("sum["):
-            apply.setdefault((t.get("init"), t["model"]), []).append(t["apply_s"])
-    primary = (r.get("init") or {}).get("primary")
+        m = models.get(t.get("model"))
+        if t.get("kind") == "eval" and "apply_s" in t and m and m["kind"] not in ("base", "adapter"):
+            apply.setdefault(t["model"], []).append(t["apply_s"])
     rows = []
-    for (mode, model), vals in sorted(apply.items()):
-        if mode != primary:
-            continue
-        part = model[len("sum["):-1]
-        trained = train.get((mode, part))
-        rows.append([model, f"{1000 * sum(vals) / len(vals):.1f} ms", "" if trained is None else f"{trained:.1f} s"])
+    for name in model_order(r, [n for n in models if n in apply]):
+        part = "+".join(models[name]["subset"]) if models[name]["kind"] != "unlearn" else None
+        trained = train.get(part)
+        rows.append([name, f"{1000 * sum(apply[name]) / len(apply[name]):.1f} ms",
+                     "" if not trained else f"{sum(trained) / len(trained):.1f} s"])
     if not rows:
         return []
     return [Section("Speed — composing instead of training", [Table(
-        ["summed model", "compose + apply (mean over its evals)", "training the merged-data block"], rows,
+        ["composed model", "compose + apply (mean over its evals)", "training its subset's merged-data block "
+                                                                    "(mean over seeds)"], rows,
         "Wall times on this machine, from timings.json (not results.json, which stays deterministic).")])]

@@ -112,7 +112,8 @@ def _table3(r: dict, ci: str) -> list:
         ref = paper.TABLE3.get(frozenset(_base(d) for d in c["subset"]))
         matched |= ref is not None
         rows.append([" + ".join(c["subset"]), _ci(c["merged"]), _ci(c["summed"]) if "summed" in c else "",
-                     f"{_num(c.get('merged_macro'))} / {_num(c.get('summed_macro'))}", f"{c['rms']:.4f}",
+                     f"{_num(c.get('merged_macro'))} / {_num(c.get('summed_macro'))}",
+                     f"{r['pairs'].get('|'.join(c['subset']), c)['rms']:.4f}",
                      *(_rms_refs(r, c["subset"]) if refs else ()),
                      _pct(c["pct_change"]) if "pct_change" in c else "", paper.cell(ref)])
     blocks.append(Table(["combination", "ppl merged", "ppl summed", "macro merged / summed", "RMS cos",
@@ -127,10 +128,9 @@ def _table3(r: dict, ci: str) -> list:
 
 def _rms_refs(r: dict, domains: list[str]) -> tuple[str, str]:
     """The random-null RMS of a pair and its same-domain ceiling (see the References section)."""
-    null = r["pairs"].get("|".join(domains), {}).get("null")
-    refs = r.get("references") or {}
-    ceil = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in domains]
-    return (f"{null['mean']:.4f}" if null else "", f"{sum(ceil) / 2:.4f}" if None not in ceil else "")
+    p = r["pairs"].get("|".join(domains), {})
+    null, ceil = p.get("null"), p.get("ceiling")
+    return (f"{null['mean']:.4f}" if null else "", f"{ceil:.4f}" if ceil is not None else "")
 
 
 def _table4(r: dict, ci: str) -> list:
@@ -171,7 +171,8 @@ def _per_layer_sections(r: dict) -> list[Section]:
     for name in pair_order(r):
         p = r["pairs"][name]
         h, rows = _layer_table(p["layers"])
-        blocks.append(Table(h, rows, f"Cosine per layer, {name.replace('|', ' vs ')} (RMS {p['rms']:.4f})"))
+        label = " vs ".join(p["domains"]) if "domains" in p else name.replace("|", " vs ")
+        blocks.append(Table(h, rows, f"Cosine per layer, {label} (RMS {p['rms']:.4f})"))
     out.append(Section("Table 2 — per-layer cosine similarity of fundamental blocks", blocks))
     triples = [c for c in r["compositions"] if c["level"] >= 3]
     blocks = [n for n in (_absent(cfg, 3, None, "each block vs the other two needs a subset of 3 domains"),) if n]
@@ -193,8 +194,11 @@ def _per_layer_sections(r: dict) -> list[Section]:
         for d in by_domain(r, l2p1):
             h, rows = _layer_table(l2p1[d]["layers"])
             null = next((p["null"]["mean"] for p in r["pairs"].values() if "null" in p), None)
+            ref = (r.get("references") or {}).get(d, {})
+            ceil = ref.get("split", ref.get("seeds"))
             blocks.append(Table(h, rows, f"({l2p1[d]['level2']}) block vs {d} block (RMS {l2p1[d]['rms']:.4f}"
-                                + ("" if null is None else f"; random null of these shapes {null:.4f}") + ")"))
+                                + ("" if null is None else f"; random null of these shapes {null:.4f}")
+                                + ("" if ceil is None else f"; {d}'s same-domain ceiling {ceil:.4f}") + ")"))
     out.append(Section("Table 5 — per-layer cosine, level-2 block vs remaining fundamental", blocks))
     return out
 

@@ -157,7 +157,7 @@ def plans(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = N
 def _check_run_dir(cfg: ExperimentConfig, run_dir: Path, overwrite: bool) -> None:
     """Refuse a run folder made with another config (naming the keys), a corrupt one, or a non-folder."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise LorasumError(f"--out {run_dir} exists and is not a folder; choose another --out")
+        raise LorasumError(f"{run_dir} exists and is not a folder; choose another run folder", key="out")
     cfg_path = run_dir / "config.json"
     if cfg_path.is_file():
         try:
@@ -172,7 +172,7 @@ def _check_run_dir(cfg: ExperimentConfig, run_dir: Path, overwrite: bool) -> Non
         if "init_modes" not in old:
             raise LorasumError(f"{run_dir} holds a run made before LoRA initialisation became a recorded choice (its "
                                "adapters all started from one shared A, and its results cannot be extended); "
-                               "choose a new --out")
+                               "choose a new run folder", key="out")
         diff = config_diff(old, json.loads(json.dumps(cfg.to_dict())))
         if diff and not overwrite:
             moved = (f" (data_dir was {old.get('data_dir')}, now {cfg.data_dir}; if only the folder moved, "
@@ -181,7 +181,7 @@ def _check_run_dir(cfg: ExperimentConfig, run_dir: Path, overwrite: bool) -> Non
                                f"{moved}; pass --overwrite to switch it to this config (unchanged jobs are reused) "
                                "or choose another --out")
     elif run_dir.exists() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
-        raise LorasumError(f"{run_dir} exists and is not a lorasum run folder; choose another --out")
+        raise LorasumError(f"{run_dir} exists and is not a lorasum run folder; choose another run folder", key="out")
 
 
 def _check_domains(cfg: ExperimentConfig) -> None:
@@ -221,7 +221,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LorasumError(f"cannot create --out {run_dir}: {e.strerror}; choose another --out") from None
+        raise LorasumError(f"{run_dir} cannot be created ({e.strerror}); choose another run folder", key="out") from None
     try:
         return _run(cfg, run_dir, p, loaded)
     except BaseException:

@@ -4,7 +4,8 @@
 - the RMS → %Δ relation is tested only with at least 8 distinct pairs (fewer cannot decide it), by Spearman's ρ
   with a permutation test over domain labels and an OLS slope whose CI resamples domains (lorasum.relation);
   the fit has one point per pair (its mean over seeds), so n is the number of pairs, not pairs × seeds;
-- a pair is "near-orthogonal" only where its RMS lies closer to the random null than to the same-domain ceiling;
+- a pair is "near-orthogonal" only where its RMS (every seed's) lies closer to the random null than to the
+  same-domain ceiling on a log scale, i.e. below their geometric midpoint;
 - unlearning "restores" a domain only where its perplexity after removal lies within the CI of the model trained
   without that domain.
 Anything else is stated as what it is, most often "inconclusive" or "cannot be decided here".
@@ -40,17 +41,18 @@ def unlearning_verdict(after: float, without_ci: list[float] | tuple[float, floa
     return "restores" if lo <= after <= hi else "does not restore"
 
 
-def ceiling_of(results: dict, domains: list[str]) -> float | None:
-    """The same-domain ceiling of a pair: the mean of its two domains' ceilings (split sample, else seeds)."""
-    refs = results.get("references") or {}
-    vals = [refs.get(d, {}).get("split", refs.get(d, {}).get("seeds")) for d in domains]
-    return float(np.mean(vals)) if all(v is not None for v in vals) else None
-
-
-def orthogonality_verdict(rms: float, null: float | None, ceiling: float | None) -> str:
-    if null is None or ceiling is None:
-        return "cannot be decided (no same-domain ceiling)"
-    return "near-orthogonal" if abs(rms - null) < abs(rms - ceiling) else "not near-orthogonal"
+def orthogonality_verdict(rms_per_seed: list[float], null: float | None, ceiling: float | None) -> str:
+    """'near-orthogonal' where every seed's RMS lies below the geometric midpoint of the random null and the
+    same-domain ceiling (RMS spans orders of magnitude, so 'closer' is judged on a log scale), 'not' where every
+    seed's lies above it; a seed on each side decides nothing."""
+    if null is None or ceiling is None or null <= 0 or ceiling <= null:
+        return "cannot be decided (no same-domain ceiling above the null)"
+    mid = (null * ceiling) ** 0.5
+    if max(rms_per_seed) < mid:
+        return "near-orthogonal"
+    if min(rms_per_seed) > mid:
+        return "not near-orthogonal"
+    return "inconclusive"
 
 
 def relation_evidence(fit: dict) -> str:
@@ -83,11 +85,12 @@ def findings(results: dict) -> list[dict]:
     for pair, p in results.get("pairs", {}).items():
         if "null" not in p:
             continue
-        ceil = ceiling_of(results, p["domains"])
+        ceil = p.get("ceiling")
         out.append({"claim": "deltas near-orthogonal", "subject": " + ".join(p["domains"]),
-                    "verdict": orthogonality_verdict(p["rms"], p["null"]["mean"], ceil),
+                    "verdict": orthogonality_verdict(p["rms_per_seed"], p["null"]["mean"], ceil),
                     "evidence": f"RMS {p['rms']:.4f}; random null {p['null']['mean']:.4f}; same-domain ceiling "
-                                + ("none" if ceil is None else f"{ceil:.4f}")})
+                                + ("none" if ceil is None else f"{ceil:.4f} (log midpoint "
+                                                               f"{(p['null']['mean'] * ceil) ** 0.5:.4f})")})
     fit = results.get("fit", {})
     out.append({"claim": "RMS similarity predicts %Δ perplexity", "subject": "pairs", "verdict": rms_verdict(fit),
                 "evidence": relation_evidence(fit)})
@@ -128,10 +131,20 @@ def claims(results: dict) -> list[dict]:
                       "holds when every pair's RMS is closer to the random null than to the same-domain ceiling"))
     fit = results.get("fit", {})
     rel = fit.get("relation") or {}
-    out.append(_claim("RMS similarity predicts %Δ perplexity linearly",
-                      UNDECIDED if not rel.get("decidable") else
-                      HOLDS if rel["verdict"] == "positive relation" else FAILS,
-                      relation_evidence(fit), rel.get("rule") or "needs at least 8 distinct pairs"))
+    groups = {g: v for g, v in (rel.get("groups") or {}).items() if v.get("decidable")}
+    if not rel.get("decidable"):
+        verdict = UNDECIDED
+    elif any(v["verdict"] != rel["verdict"] for v in groups.values()):
+        verdict = UNDECIDED  # the groups disagree with the whole: clusters may fake (or hide) the slope
+    else:
+        verdict = {"positive relation": HOLDS, "negative relation": FAILS}.get(rel["verdict"], UNDECIDED)
+    group_text = "; ".join(f"{g}: {v['verdict']} (n = {v['n']})" if v.get("decidable") else f"{g}: {v['reason']}"
+                           for g, v in (rel.get("groups") or {}).items())
+    out.append(_claim("RMS similarity predicts %Δ perplexity linearly", verdict,
+                      relation_evidence(fit) + (f"; within groups — {group_text}" if group_text else ""),
+                      (rel.get("rule") or "needs at least 8 distinct pairs") + "; holds only with a positive relation "
+                      "that every decidable group of pairs (within one parent domain, across parents) shares; no "
+                      "detectable relation is not a refutation, so it leaves the claim undecided"))
     by_level = {}
     for c in comps:
         if "pct_change" in c:
@@ -148,9 +161,14 @@ def claims(results: dict) -> list[dict]:
                       "holds when every 3-block sum's %Δ CI lies above the mean %Δ of the 2-block sums"))
     unl = results.get("unlearning", [])
     restored = [f for f in findings_of(results, "unlearning by subtraction (λ = 1)")]
+    chosen = {u["removed"]: (u.get("chosen") or {}).get("weight") for u in unl}
     out.append(_claim("subtracting a block unlearns its domain",
-                      UNDECIDED if not unl else HOLDS if all(f["verdict"] == "restores" for f in restored) else FAILS,
-                      "; ".join(f"{f['subject']}: {f['verdict']}" for f in restored) or "unlearning not run",
+                      UNDECIDED if not unl or not restored else
+                      HOLDS if all(f["verdict"] == "restores" for f in restored) else FAILS,
+                      "; ".join(f"{f['subject']}: {f['verdict']} at λ = 1"
+                                + ("" if chosen.get(f["subject"]) in (None, 1.0) else
+                                   f" (λ chosen on validation: {chosen[f['subject']]:g})") for f in restored)
+                      or "unlearning not run",
                       "holds when, for every removed domain, perplexity after subtraction lies within the CI of the "
                       "model trained without it"))
     return out

@@ -73,6 +73,10 @@ def mode_body(cfg: ExperimentConfig, plan: dict) -> dict:
                                                                 else {})}
 
     pairs = {f"{x}|{y}": {"domains": [x, y], **sim("pair", (x, y))} for x, y in itertools.combinations(domains, 2)}
+    references = {d: ref for d in domains if (ref := _references(cfg, plan, d))}
+    for p in pairs.values():  # the pair's same-domain ceiling: the mean of its two domains' (see _references)
+        ceil = [_ceiling(references.get(d, {})) for d in p["domains"]]
+        p["ceiling"] = float(np.mean(ceil)) if None not in ceil else None
 
     def macro(model: str, doms: list[str]) -> float:
         """Macro mean over the subset's domains of the per-domain perplexities (beside the pooled figure)."""
@@ -133,7 +137,6 @@ def mode_body(cfg: ExperimentConfig, plan: dict) -> dict:
             compositions.append(row)
 
     unlearning = unlearning_rows(cfg, plan, S, ppl)
-    references = {d: ref for d in domains if (ref := _references(cfg, plan, d))}
 
     fundamentals = {d: matrix[adapter([d]).name][d]["mean"] for d in domains}
     recipe = {d: {"base": matrix["base"][d]["mean"], "adapter": fundamentals[d],
@@ -152,6 +155,12 @@ def mode_body(cfg: ExperimentConfig, plan: dict) -> dict:
         "recipe_check": recipe_check,
         "fit": _fit(compositions, level, cfg.bootstrap_seed),
     }
+
+
+def _ceiling(ref: dict) -> float | None:
+    """A domain's ceiling: the second-sample reference, which has the same init relation as the pairs in either
+    mode; the two-seed one only where there is no second sample (in shared mode its A differs, unlike the pairs')."""
+    return ref.get("split", ref.get("seeds"))
 
 
 def _references(cfg: ExperimentConfig, plan: dict, d: str) -> dict:
@@ -226,7 +235,8 @@ def _fit(compositions: list[dict], level: float, seed: int = 0) -> dict:
     per_seed = [[x, y] for c in rows for x, y in zip(c["rms_per_seed"], c["pct_change"]["per_seed"])]
     pairs = [tuple(c["subset"]) for c in rows]
     parents = {d: parse_spec(d)[0] for p in pairs for d in p}
-    groups = {p: f"within {parents[p[0]]}" if parents[p[0]] == parents[p[1]] else "across" for p in pairs}
+    groups = {p: "within one parent domain" if parents[p[0]] == parents[p[1]] else "across parent domains"
+              for p in pairs}
     rel = relation(pairs, [p[0] for p in points], [p[1] for p in points],
                    groups if len(set(groups.values())) > 1 else None, level=level, seed=seed)
     return {**linear_fit([p[0] for p in points], [p[1] for p in points], level), "points": points,
