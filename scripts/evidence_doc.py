@@ -91,8 +91,9 @@ def main() -> None:
                  f"{p['rms']:.4f} | {p['null']['mean']:.4f} | "
                  f"{(sum(ceil) / 2) if None not in ceil else float('nan'):.4f} | {p['factors']['A']:.3f} | "
                  f"{_pct(c['pct_change'])} |")
-    L += ["", "CIs: paired bootstrap over test examples and the 2 training seeds (seed variance is barely estimated "
-          "with 2 seeds).", ""]
+    n_seeds = len(cfg["seeds"])
+    L += ["", f"CIs: paired bootstrap over test examples and the {n_seeds} training seed(s)"
+          + (" (with 2 seeds the seed variance is barely estimated)." if n_seeds == 2 else "."), ""]
     comp = q.get("init_comparison") or {}
     L += ["## Shared vs independent LoRA initialisation (quick, 3 domains)", "",
           "| pair | RMS independent | RMS shared | A sim independent | A sim shared | %Δ independent | %Δ shared |",

@@ -45,10 +45,17 @@ def rms_scatter(results: dict) -> bytes:
     rows = {"|".join(r["subset"]): r for r in results["compositions"] if r["level"] == 2 and "pct_change" in r}
     mid = float(np.mean(pts[:, 0])) if len(pts) else 0.0
     level = int(100 * fit.get("level", 0.95))
-    for i, ((x, y), name) in enumerate(zip(pts, fit.get("pairs") or [])):
+    groups = fit.get("groups") or ["pair"] * len(pts)  # schema 2: within one parent domain / across parents
+    colours = {g: f"C{k}" for k, g in enumerate(dict.fromkeys(sorted(groups)))} if len(set(groups)) > 1 else {}
+    seen: set = set()
+    for i, ((x, y), name, group) in enumerate(zip(pts, fit.get("pairs") or [], groups)):
         ci = rows[name]["pct_change"]["ci"] if name in rows else [y, y]
-        ax.errorbar(x, y, yerr=[[y - ci[0]], [ci[1] - y]], fmt="o", color="C0", ecolor="C0", capsize=4, zorder=3,
-                    label=f"pair (mean over seeds), {level}% CI of %Δ" if i == 0 else None)
+        colour = colours.get(group, "C0")
+        label = (f"{group} (mean over seeds), {level}% CI of %Δ" if colours else
+                 f"pair (mean over seeds), {level}% CI of %Δ") if group not in seen else None
+        seen.add(group)
+        ax.errorbar(x, y, yerr=[[y - ci[0]], [ci[1] - y]], fmt="o", color=colour, ecolor=colour, capsize=4,
+                    zorder=3, label=label)
         right = x > mid  # labels point inwards, so none runs off the axes
         label = " + ".join(results["pairs"].get(name, {}).get("domains") or name.split("|"))  # schema 1: no domains
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(-7 if right else 7, 6),

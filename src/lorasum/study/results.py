@@ -241,7 +241,7 @@ def _fit(compositions: list[dict], level: float, seed: int = 0) -> dict:
                    groups if len(set(groups.values())) > 1 else None, level=level, seed=seed)
     return {**linear_fit([p[0] for p in points], [p[1] for p in points], level), "points": points,
             "pairs": ["|".join(c["subset"]) for c in rows], "points_per_seed": per_seed, "level": level,
-            "relation": rel}
+            "relation": rel, "groups": [groups[p] for p in pairs]}
 
 
 def _data_section(cfg: ExperimentConfig, plan: dict) -> dict:
