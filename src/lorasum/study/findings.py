@@ -128,7 +128,8 @@ def claims(results: dict) -> list[dict]:
                       UNDECIDED if not ortho or any(f["verdict"].startswith("cannot") for f in ortho) else
                       HOLDS if all(f["verdict"] == "near-orthogonal" for f in ortho) else FAILS,
                       "; ".join(f"{f['subject']}: {f['evidence']}" for f in ortho) or "no null or ceiling computed",
-                      "holds when every pair's RMS is closer to the random null than to the same-domain ceiling"))
+                      "holds when every pair's RMS, in every seed, is closer to the random null than to the same-domain "
+                      "ceiling on a log scale (below their geometric midpoint); does not hold when some pair's is not"))
     fit = results.get("fit", {})
     rel = fit.get("relation") or {}
     groups = {g: v for g, v in (rel.get("groups") or {}).items() if v.get("decidable")}
