@@ -102,29 +102,25 @@ def byte_tokenizer():
     )
 
 
-def _tiny_gpt2() -> LoadedModel:
+def _tiny(model_id: str, model_type: str, config_cls, model_cls, **shape) -> LoadedModel:
+    """A 2-layer model of width 64 with random weights from a fixed seed and the byte-level tokenizer."""
     tok = byte_tokenizer()
-    cfg = GPT2Config(
-        vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=4,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
+    cfg = config_cls(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id, **shape)
     with torch.random.fork_rng():
         torch.manual_seed(1234)
-        model = GPT2LMHeadModel(cfg)
-    return LoadedModel(model.eval(), tok, "tiny-gpt2", "gpt2")
+        model = model_cls(cfg)
+    return LoadedModel(model.eval(), tok, model_id, model_type)
+
+
+def _tiny_gpt2() -> LoadedModel:
+    return _tiny("tiny-gpt2", "gpt2", GPT2Config, GPT2LMHeadModel, n_positions=256, n_embd=64, n_layer=2, n_head=4)
 
 
 def _tiny_llama() -> LoadedModel:
-    tok = byte_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(1234)
-        model = LlamaForCausalLM(cfg)
-    return LoadedModel(model.eval(), tok, "tiny-llama", "llama")
+    return _tiny("tiny-llama", "llama", LlamaConfig, LlamaForCausalLM, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 tie_word_embeddings=True)
 
 
 def smollm2_folder() -> Path:
