@@ -360,3 +360,14 @@ def test_non_utf8_line_in_csv_names_file_and_line(tmp_path, ddir, run_cli):
                                   "--out", out), f"{bad}:5", "not valid UTF-8", "re-encode")
     assert not out.exists()
     assert_one_line_error(run_cli("data", "stats", "--model", "tiny-gpt2", "--data-dir", ddir, "latin"), f"{bad}:5")
+
+
+def test_demo_never_replaces_a_folder_it_was_not_told_to(tmp_path, run_cli):
+    """`lorasum demo --out DIR` on a folder holding the user's file: refused in one line, the file kept."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    rc, stdout, err, _ = run_cli("demo", "--model", "tiny-gpt2", "--out", out)
+    assert rc == 2 and stdout == "" and err.count("\n") == 1
+    assert f"--out {out} exists and is not empty" in err and "--overwrite" in err
+    assert (out / "notes.txt").read_text() == "keep me" and [p.name for p in out.iterdir()] == ["notes.txt"]

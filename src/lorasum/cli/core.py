@@ -94,13 +94,14 @@ def demo(args: argparse.Namespace) -> int:
     from ..lm.evaluate import evaluate
     from ..lm.train import TrainConfig, train_adapter
 
-    loaded, domain, out = load(args), args.domain, args.out
+    out = check_out(args.out, overwrite=args.overwrite)  # never replace a folder the user did not name for it
+    loaded, domain = load(args), args.domain
     n_train, n_test = args.train_records, args.test_records
     data = DataConfig(data_dir=args.data_dir, max_records={"train": n_train, "validation": 50, "test": n_test})
     print(f"[1/3] perplexity of {loaded.model_id} on {domain} (test, {n_test} records)")
     base = evaluate(loaded, [domain], [], data)["results"][domain]
     print(f"[2/3] training a LoRA adapter (r=4, alpha=64) on {n_train} {domain} records -> {out}")
-    res = train_adapter(loaded, domain, out, TrainConfig(), data, overwrite=True)
+    res = train_adapter(loaded, domain, out, TrainConfig(), data, overwrite=args.overwrite)
     print("[3/3] perplexity with the adapter")
     tuned = evaluate(loaded, [domain], [out], data)["results"][domain]
     ratio = tuned["perplexity"] / base["perplexity"]
@@ -167,5 +168,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--domain", default="math")
     p.add_argument("--train-records", type=int, default=200)
     p.add_argument("--test-records", type=int, default=200)
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="adapter folder to write (absent or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=demo, parser=p)
