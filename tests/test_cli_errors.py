@@ -371,3 +371,21 @@ def test_demo_never_replaces_a_folder_it_was_not_told_to(tmp_path, run_cli):
     assert rc == 2 and stdout == "" and err.count("\n") == 1
     assert f"--out {out} exists and is not empty" in err and "--overwrite" in err
     assert (out / "notes.txt").read_text() == "keep me" and [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_adapter_files_get_the_usual_permissions(tmp_path):
+    """safetensors writes 0600; a published folder's files follow the umask like every other file lorasum writes."""
+    import os
+
+    import torch
+
+    from lorasum.delta.factors import Adapter, LoraFactors
+    from lorasum.delta.peft_format import save_adapter
+
+    a = Adapter("a", "", {"r": 2, "lora_alpha": 2}, {"m.lin": LoraFactors(torch.ones(2, 3), torch.ones(4, 2), 1.0)})
+    save_adapter(a, tmp_path / "out")
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes == {n: 0o666 & ~mask for n in ("adapter_config.json", "adapter_model.safetensors", "lorasum.json")} \
+        or modes == {n: 0o666 & ~mask for n in ("adapter_config.json", "adapter_model.safetensors")}

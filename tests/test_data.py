@@ -326,3 +326,35 @@ def test_parquet_matches_jsonl(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(LorasumError, match=r"bad\.parquet: cannot read parquet"):
         load_domain("bad", DataConfig(data_dir=str(tmp_path)))
+
+
+def test_a_byte_order_mark_is_read_as_utf8_in_jsonl_and_csv(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "q?", "answer": "a"}).encode()
+                                         + b"\n" + json.dumps({"question": "r?", "answer": "b"}).encode() + b"\n")
+    (tmp_path / "bomc.csv").write_bytes(b"\xef\xbb\xbfquestion,answer\nq?,a\nr?,b\n")
+    for name in ("bom", "bomc"):
+        d = load_domain(name, DataConfig(data_dir=str(tmp_path)))
+        assert sorted(r.question for s in d.records.values() for r in s) == ["q?", "r?"]
+
+
+def test_a_csv_field_larger_than_the_csv_module_default_is_read(tmp_path):
+    long = "x" * 200_000  # the csv module refuses fields over 131,072 characters by default
+    (tmp_path / "long.csv").write_text(f"question,answer\nq?,{long}\n", encoding="utf-8")
+    d = load_domain("long", DataConfig(data_dir=str(tmp_path)))
+    assert [r.answer for s in d.records.values() for r in s] == [long]
+
+
+@pytest.mark.parametrize("make, spec, culprits", [
+    (lambda d: (d / "math.json").write_text('{"question": "q", "answer": "a"}\n'), "math.json",
+     ["math.json", "unsupported data file extension '.json'", ".jsonl"]),
+    (lambda d: (d / "math.json").write_text('{"question": "q", "answer": "a"}\n'), "{d}/math.json",
+     ["unsupported data file extension '.json'"]),
+    (lambda d: (d / "math.jsonl").mkdir(), "math", ["math.jsonl is a folder, not a data file"]),
+    (lambda d: (d / "math.jsonl").mkdir(), "{d}/math.jsonl", ["math.jsonl is a folder, not a data file"]),
+])
+def test_unsupported_or_folder_data_sources_are_named(make, spec, culprits, tmp_path):
+    make(tmp_path)
+    with pytest.raises(LorasumError) as e:
+        load_domain(spec.format(d=tmp_path), DataConfig(data_dir=str(tmp_path)))
+    for c in culprits:
+        assert c in str(e.value)

@@ -94,6 +94,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files: give them the usual permissions
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~_umask())
         if path.exists():
             if not overwrite and any(path.iterdir()):
                 raise LorasumError(f"{path} exists and is not empty; choose a new folder or remove it")

@@ -114,9 +114,11 @@ def resolve_source(source: str, data_dir: str | None) -> str:
         return source
     p = Path(source)
     if p.suffix in EXTENSIONS or os.sep in source:
+        if p.is_dir():
+            raise LorasumError(f"{source} is a folder, not a data file; pass a .jsonl, .csv or .parquet file")
         if not p.is_file():
             raise LorasumError(f"data file not found: {source}")
-        return str(p)
+        return _supported(str(p))
     d = data_dir_from(data_dir)
     if d is None:
         raise LorasumError(f"domain '{source}' needs a data directory: set data_dir (--data-dir DIR) or {DATA_DIR_ENV}")
@@ -125,8 +127,21 @@ def resolve_source(source: str, data_dir: str | None) -> str:
     for ext in EXTENSIONS:
         if (d / f"{source}{ext}").is_file():
             return str(d / f"{source}{ext}")
-    found = sorted({f.stem for f in d.iterdir() if f.suffix in EXTENSIONS})
+        if (d / f"{source}{ext}").is_dir():
+            raise LorasumError(f"{d / f'{source}{ext}'} is a folder, not a data file; rename it or pass another "
+                               "data directory")
+    if (d / source).is_file():
+        return _supported(str(d / source))
+    found = sorted({f.stem for f in d.iterdir() if f.suffix in EXTENSIONS and f.is_file()})
     raise LorasumError(f"unknown domain '{source}' in {d}; found: {', '.join(found) or 'no .jsonl/.csv/.parquet files'}")
+
+
+def _supported(path: str) -> str:
+    """A data file of a format lorasum reads; another extension (e.g. .json) is refused rather than read as empty."""
+    if not path.endswith(EXTENSIONS):
+        raise LorasumError(f"{path}: unsupported data file extension '{Path(path).suffix}'; use .jsonl (one JSON "
+                           "object a line), .csv or .parquet")
+    return path
 
 
 def _read_rows(path: str) -> list[tuple[int, dict]]:
@@ -136,7 +151,7 @@ def _read_rows(path: str) -> list[tuple[int, dict]]:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is allowed
                 except UnicodeDecodeError:
                     raise LorasumError(f"{path}:{lineno}: line is not valid UTF-8; re-encode the file as UTF-8") from None
                 if not line.strip():
@@ -152,10 +167,11 @@ def _read_rows(path: str) -> list[tuple[int, dict]]:
         with open(path, "rb") as f:
             raw = f.read()
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # a byte-order mark is allowed
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
             raise LorasumError(f"{path}:{line}: line is not valid UTF-8; re-encode the file as UTF-8") from None
+        csv.field_size_limit(2**31 - 1)  # long answers are real; the default limit (128 KiB) is not a property of data
         reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = []
         for r in reader:
