@@ -154,9 +154,10 @@ def test_job_in_a_fresh_process_gives_the_same_artifact(smoke_run, tmp_path):
     assert art.read_bytes() == want
 
 
-def _kill_at(args, pause: str, marker: Path, timeout=300) -> str:
+def _kill_at(args, pause: str, marker: Path, timeout=300, meanwhile=None) -> str:
     """Run the experiment in a subprocess paused by the test-only hook (LORASUM_TEST_PAUSE) at `pause`; once its
-    marker file says it is there, SIGKILL it. Returns the marker's text (the temp file held, for a write)."""
+    marker file says it is there, call `meanwhile(pid)` (if given), then SIGKILL it. Returns the marker's text (the
+    temp file held, for a write)."""
     env = {**ENV, "LORASUM_TEST_PAUSE": pause, "LORASUM_TEST_PAUSE_MARKER": str(marker)}
     proc = subprocess.Popen([sys.executable, "-m", "lorasum.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
@@ -167,6 +168,8 @@ def _kill_at(args, pause: str, marker: Path, timeout=300) -> str:
             assert time.time() - t0 < timeout, f"the run did not reach {pause} in {timeout} s"
             time.sleep(0.01)
         assert proc.poll() is None
+        if meanwhile is not None:
+            meanwhile(proc.pid)
         return marker.read_text()
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -178,8 +181,16 @@ def test_sigkill_during_training_and_during_a_write_then_resume_is_byte_identica
     run = tmp_path / "run"
     args = [a if a != str(root / "run") else str(run) for a in args]
 
+    def second_run_is_refused(pid: int) -> None:  # even one that would switch the folder to another config
+        other = subprocess.run([sys.executable, "-m", "lorasum.cli", *args, "--domains", "alpha", "beta", "--overwrite"],
+                               capture_output=True, text=True, env=ENV)
+        assert other.returncode == 2
+        assert other.stderr.startswith(f"lorasum: error: --out {run} is in use by another lorasum run (pid {pid} ")
+        assert len(other.stderr.strip().splitlines()) == 1
+
     # killed after the first optimizer step of the first adapter: nothing of it is saved
-    _kill_at(args, "train", tmp_path / "train.marker")
+    _kill_at(args, "train", tmp_path / "train.marker", meanwhile=second_run_is_refused)
+    assert json.loads((run / "config.json").read_text())["domains"] == ["alpha", "beta", "gamma"]
     assert (run / "checks").is_dir()  # the data-stats job ran before training
     assert not list(run.glob("adapters/*/adapter_model.safetensors"))
     assert not (run / "results.json").exists()
@@ -191,6 +202,9 @@ def test_sigkill_during_training_and_during_a_write_then_resume_is_byte_identica
     assert len(list(run.glob("adapters/*/adapter_model.safetensors"))) == 10  # 7 partitions + 3 split-sample ceilings
     assert not (run / "results.json").exists()
 
-    subprocess.run([sys.executable, "-m", "lorasum.cli", *args], check=True, capture_output=True,
-                   env=ENV)
+    resumed = subprocess.run([sys.executable, "-m", "lorasum.cli", *args], check=True, capture_output=True,
+                             text=True, env=ENV)
+    assert "was killed; resuming from its finished jobs" in resumed.stderr
     assert (run / "results.json").read_bytes() == (root / "run" / "results.json").read_bytes()
+    assert not held.exists()  # the killed write's temp file was removed by the resume
+    assert not [p for p in run.rglob(".*") if p.name != ".lorasum.lock"]

@@ -12,15 +12,17 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..errors import LorasumError
-from ..files import atomic_write_json, sha256_file
+from ..files import atomic_write_json, check_out_path, sha256_file, sweep
 from ..lm.data import SPLITS, load_domain, parse_spec, partition_domains, require_nonempty, resolve_source
 from ..lm.models import load_model, set_threads
 from ..lm.train import init_seed
+from ..lock import LOCK_FILE, folder_lock
 from ..progress import progress
 from ..report.render import write_report
 from ..schema import config_diff
@@ -202,28 +204,38 @@ def _check_domains(cfg: ExperimentConfig) -> None:
 
 def _remove_if_unused(run_dir: Path) -> None:
     """Remove a run folder this call created when the run stopped before any job or tuning study left a result."""
-    leftovers = [p for p in run_dir.iterdir() if p.name not in ("config.json", "timings.json")
+    leftovers = [p for p in run_dir.iterdir() if p.name not in ("config.json", "timings.json", LOCK_FILE)
                  and not (p.name == "tune" and p.is_dir() and not any(p.iterdir()))]
     if not leftovers:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool = False, loaded=None) -> dict:
-    """Run (or resume) the grid, then write results.json, timings.json and the report."""
+    """Run (or resume) the grid, then write results.json, timings.json and the report.
+
+    The run folder is locked for the whole call (a second run on it is refused, naming this one), and the leftovers
+    of an interrupted earlier run (temp files, half-replaced folders) are repaired or removed before any job runs.
+    """
     run_dir = Path(run_dir).resolve()
     # absolute before the comparison with the saved config: a rerun from the same folder with the same relative
     # --data-dir (or LORASUM_DATA_DIR) must resume
     cfg.data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else cfg.data_dir
-    _check_run_dir(cfg, run_dir, overwrite)
-    _check_domains(cfg)
-    p = plans(cfg, run_dir)
+    _check_run_dir(cfg, run_dir, overwrite)  # before the lock file is made: never inside a folder that is not a run
+    check_out_path(run_dir, "--out")
     made = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LorasumError(f"{run_dir} cannot be created ({e.strerror}); choose another run folder", key="out") from None
     try:
-        return _run(cfg, run_dir, p, loaded)
+        with folder_lock(run_dir) as stale:
+            if stale:
+                print(f"lorasum: {run_dir}: the run by pid {stale.get('pid', '?')} was killed; resuming from its "
+                      "finished jobs", file=sys.stderr)
+            sweep(run_dir)
+            _check_run_dir(cfg, run_dir, overwrite)  # again, now that no other run can change it
+            _check_domains(cfg)
+            return _run(cfg, run_dir, plans(cfg, run_dir), loaded)
     except BaseException:
         if made:  # a refused or interrupted first run leaves no folder behind (unless a job finished)
             _remove_if_unused(run_dir)
