@@ -8,6 +8,7 @@ so each weight is touched by one `addmm_`. Every layer is validated before any w
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -46,16 +47,53 @@ def _resolve(model: torch.nn.Module, layers: dict[str, LoraFactors]) -> dict[str
     return out
 
 
-def apply_factors(model: torch.nn.Module, layers: dict[str, LoraFactors], sign: float = 1.0) -> None:
-    """In place W += sign · s · B A per layer (transposed for Conv1D)."""
-    resolved = _resolve(model, layers)
+def _compute_factors(f: LoraFactors, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """A (r, in) and B (out, r) on the weight's device, in the dtype the update is computed in (fp32 at least)."""
+    cd = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+    A, B = f.A, f.B
+    if A.dtype != cd or A.device != w.device or B.dtype != cd or B.device != w.device:
+        A, B = A.to(device=w.device, dtype=cd), B.to(device=w.device, dtype=cd)
+    return A, B, cd
+
+
+def _updated(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, transposed: bool) -> torch.Tensor:
+    """W + alpha · B A (transposed for Conv1D) as a new tensor in W's dtype."""
+    d = alpha * (A.T @ B.T if transposed else B @ A)
+    return (w.to(d.dtype) + d).to(w.dtype)
+
+
+def _may_overflow(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float) -> bool:
+    """Whether |W + alpha·B A| could leave W's range: a cheap bound (max|W| + |alpha| Σₖ max|B₍:,ₖ₎| max|Aₖ|);
+    only where it is not clearly safe is the update computed once more to check it exactly."""
+    limit = torch.finfo(w.dtype).max / 2
+    bound = abs(alpha) * float((B.abs().amax(0).double() * A.abs().amax(1).double()).sum())
+    return not bound + float(w.abs().max()) < limit
+
+
+def _check_finite(resolved: dict, layers: dict[str, LoraFactors], sign: float, what: str) -> None:
+    """Refuse, before any weight changes, a delta that would turn a finite weight into Inf or NaN."""
     with torch.no_grad():
         for layer, f in layers.items():
             w, transposed = resolved[layer]
-            cd = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-            A, B = f.A, f.B  # (r, in), (out, r)
-            if A.dtype != cd or A.device != w.device or B.dtype != cd or B.device != w.device:
-                A, B = A.to(device=w.device, dtype=cd), B.to(device=w.device, dtype=cd)
+            A, B, _ = _compute_factors(f, w)
+            alpha = sign * f.scale
+            if math.isfinite(alpha) and not _may_overflow(w, A, B, alpha):
+                continue
+            new = _updated(w, A, B, alpha, transposed) if math.isfinite(alpha) else None
+            if new is None or (torch.isfinite(w) & ~torch.isfinite(new)).any():
+                raise LorasumError(f"{what} would make the model's weights at layer '{layer}' Inf or NaN "
+                                   f"({str(w.dtype).removeprefix('torch.')} overflows); use a smaller weight")
+
+
+def apply_factors(model: torch.nn.Module, layers: dict[str, LoraFactors], sign: float = 1.0,
+                  what: str = "the adapter delta") -> None:
+    """In place W += sign · s · B A per layer (transposed for Conv1D); `what` names the delta in errors."""
+    resolved = _resolve(model, layers)
+    _check_finite(resolved, layers, sign, what)
+    with torch.no_grad():
+        for layer, f in layers.items():
+            w, transposed = resolved[layer]
+            A, B, cd = _compute_factors(f, w)
             alpha = sign * f.scale
             if cd == w.dtype:
                 if transposed:
@@ -63,24 +101,25 @@ def apply_factors(model: torch.nn.Module, layers: dict[str, LoraFactors], sign: 
                 else:
                     w.addmm_(B, A, alpha=alpha)  # (out, r) @ (r, in)
             else:  # half precision: add in fp32, round once
-                d = alpha * (A.T @ B.T if transposed else B @ A)
-                w.copy_((w.to(cd) + d).to(w.dtype))
+                w.copy_(_updated(w, A, B, alpha, transposed))
 
 
 def apply_adapters(model: torch.nn.Module, adapters: list[tuple[Adapter, float]], sign: float = 1.0) -> None:
     """In place W += sign · Σ wᵢ · sᵢ · Bᵢ Aᵢ over all layers of the adapters (which must share their layers).
 
-    A layer missing in the model, of another type, or of another shape raises LorasumError naming it; no weight is
-    changed in that case.
+    A layer missing in the model, of another type, or of another shape, or a sum that would make a weight Inf or
+    NaN, raises LorasumError naming it; no weight is changed in that case.
     """
     if not adapters:
         return
+    what = "adapters " + " + ".join(f"{w:g}*{a.name}" for a, w in adapters)
     if len(adapters) == 1:
         a, w = adapters[0]
+        what = f"adapter '{a.name}' at weight {w:g}"
         layers = {n: LoraFactors(f.A, f.B, f.scale * float(w), f.fan_in_fan_out) for n, f in a.layers.items()}
     else:
         layers = weighted_sum(adapters).layers
-    apply_factors(model, layers, sign)
+    apply_factors(model, layers, sign, what)
 
 
 def remove_adapters(model: torch.nn.Module, adapters: list[tuple[Adapter, float]]) -> None:

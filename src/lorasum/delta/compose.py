@@ -41,8 +41,24 @@ def weighted_sum(adapters: list[tuple[Adapter, float]], name: str = "sum") -> Ad
     layers = check_compatible([a for a, _ in adapters])
     first = adapters[0][0]
     cache: dict = {}
-    out = {layer: concat_factors([(a.layers[layer], float(w)) for a, w in adapters], cache) for layer in layers}
+    out = {}
+    for layer in layers:
+        terms = [(a.layers[layer], float(w)) for a, w in adapters]
+        out[layer] = concat_factors(terms, cache)
+        if not torch.isfinite(out[layer].B).all():
+            _raise_overflow(adapters, terms, layer)
     return Adapter(name, "", copy.deepcopy(first.config), out, first.base_record())
+
+
+def _raise_overflow(adapters: list[tuple[Adapter, float]], terms: list[tuple[LoraFactors, float]], layer: str):
+    """Name the weight whose w·s·B leaves the factors' precision at `layer` (a sum holding Inf is never made)."""
+    for (a, w), (f, _) in zip(adapters, terms):
+        dtype = torch.promote_types(torch.float32, f.B.dtype)
+        big = w * f.scale
+        if not math.isfinite(big) or not torch.isfinite(f.B.to(dtype) * torch.tensor(big, dtype=dtype)).all():
+            raise LorasumError(f"weight {w:g} for adapter '{a.name}' overflows {str(dtype).removeprefix('torch.')} "
+                               f"at layer '{layer}' (weight × scale × lora_B exceeds its range); use a smaller weight")
+    raise LorasumError(f"the weighted sum overflows at layer '{layer}'; use smaller weights")
 
 
 def truncate_factors(f: LoraFactors, k: int) -> tuple[LoraFactors, float, float]:

@@ -8,18 +8,20 @@ Layer names are the base model's module paths (`transformer.h.0.attn.c_attn`), n
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
+import time
 from pathlib import Path
+
+import regex
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import LorasumError
-from ..files import atomic_dir, atomic_write_json
+from ..files import atomic_dir, atomic_write_json, read_json
 from .factors import Adapter, LoraFactors
 
 CONFIG_FILE = "adapter_config.json"
@@ -49,26 +51,142 @@ _UNSUPPORTED = {
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
-def _pattern_value(patterns: dict, layer: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
-    for key, value in (patterns or {}).items():
+_REGEX_META = frozenset(".^$*+?{}[]\\|()")
+_MATCH_BUDGET_S = 0.5  # all untrusted regular expressions of one adapter config together
+
+
+class _Matcher:
+    """Match untrusted name patterns from an adapter config as PEFT does, but never unboundedly.
+
+    A key made only of literal characters, escaped characters (what save_adapter's `re.escape` writes) and `.` (any
+    character) is matched by a linear scan with PEFT's meaning; anything else runs as a regular expression with a
+    time budget shared by the whole config, and a pattern that exhausts it is refused by name.
+    """
+
+    def __init__(self, where: str, budget_s: float = _MATCH_BUDGET_S):
+        self.where, self.left = where, budget_s  # seconds the regular-expression engine may still run
+
+    def suffix(self, key: str, layer: str, field: str) -> bool:
+        """PEFT's rank/alpha pattern rule: `re.match(rf"(.*\\.)?({key})$", layer)`."""
+        chars = _plain_chars(key)
+        if chars is not None:
+            n = len(chars)
+            if n > len(layer) or not _chars_match(chars, layer[len(layer) - n:]):
+                return False
+            head = layer[:len(layer) - n]
+            return head == "" or head.endswith(".")
+        return self._regex(rf"(.*\.)?({key})$", layer, key, field, full=False)
+
+    def full(self, pattern: str, layer: str, field: str) -> bool:
+        """PEFT's target_modules-as-a-string rule: `re.fullmatch(pattern, layer)`."""
+        chars = _plain_chars(pattern)
+        if chars is not None:
+            return len(chars) == len(layer) and _chars_match(chars, layer)
+        return self._regex(pattern, layer, pattern, field, full=True)
+
+    def _regex(self, pattern: str, text: str, key: str, field: str, full: bool) -> bool:
         try:
-            if re.match(rf"(.*\.)?({key})$", layer):
-                return value
-        except re.error:
-            raise LorasumError(f"rank/alpha pattern '{key}' in the adapter config is not a valid regular expression; "
-                               "fix adapter_config.json") from None
+            compiled = regex.compile(pattern)
+            re.compile(pattern)  # PEFT matches with `re`: a pattern `re` rejects is invalid for it too
+        except (re.error, regex.error, RecursionError, OverflowError):
+            raise LorasumError(f"{self.where}: {field} pattern {key!r} is not a valid regular expression; "
+                               "use the layer's name") from None
+        start = time.monotonic()
+        try:
+            if self.left <= 0:
+                raise TimeoutError
+            found = (compiled.fullmatch if full else compiled.match)(text, timeout=self.left)
+        except TimeoutError:
+            raise LorasumError(f"{self.where}: {field} pattern {key!r:.80} takes too long to match the layer names "
+                               "(a backtracking regular expression); use the layers' names") from None
+        finally:
+            self.left -= time.monotonic() - start
+        return found is not None
+
+
+def _plain_chars(pattern: str) -> list[str | None] | None:
+    """The pattern as one entry per matched character (None for `.`, any character), or None if it is a real
+    regular expression (quantifiers, groups, classes, anchors, escapes such as \\d)."""
+    out: list[str | None] = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            if i + 1 >= len(pattern) or pattern[i + 1].isalnum() or pattern[i + 1] == "_":
+                return None  # \d, \w, \1 ...: a character class or reference, not a literal
+            out.append(pattern[i + 1])
+            i += 2
+            continue
+        if c == ".":
+            out.append(None)
+        elif c in _REGEX_META or c.isspace():
+            return None  # whitespace could be a verbose-mode pattern's; leave it to the regex engine
+        else:
+            out.append(c)
+        i += 1
+    return out
+
+
+def _chars_match(chars: list[str | None], text: str) -> bool:
+    return all(c is None or c == t for c, t in zip(chars, text)) and "\n" not in text
+
+
+def _pattern_value(patterns: dict, layer: str, default, matcher: _Matcher, field: str):
+    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key, in the config's
+    order, whose pattern matches the layer's name or a dotted suffix of it."""
+    for key, value in patterns.items():
+        if matcher.suffix(key, layer, field):
+            return value
     return default
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _finite_positive(value) -> bool:
+    """A JSON number that is > 0 and finite as a float (a 400-digit integer is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LorasumError(f"cannot read {what} {path}: {str(e).splitlines()[0]}; re-save the adapter") from None
-    if not isinstance(obj, dict):
-        raise LorasumError(f"{what} {path} is not a JSON object; re-save the adapter")
-    return obj
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:
+        return False
+
+
+def _patterns(config: dict, field: str, where: str) -> dict:
+    """rank_pattern/alpha_pattern: a mapping of name patterns to positive numbers (whole numbers for ranks)."""
+    patterns = config.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise LorasumError(f"{where}: '{field}' must be a mapping of layer-name patterns to numbers, "
+                           f"got {patterns!r:.60}; fix adapter_config.json")
+    for key, value in patterns.items():
+        whole = field != "rank_pattern" or isinstance(value, int)
+        if not _finite_positive(value) or not whole:
+            kind = "a whole number ≥ 1" if field == "rank_pattern" else "a positive number"
+            raise LorasumError(f"{where}: '{field}' key {key!r:.80} must map to {kind}, got {value!r:.40}; "
+                               "fix adapter_config.json")
+    return patterns
+
+
+def _target_covers(config: dict, layer: str, matcher: _Matcher) -> bool:
+    """Whether the config's target_modules (PEFT's rule: a list of names or dotted suffixes, or one regular
+    expression matched in full) name `layer`; no target_modules at all covers everything."""
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return matcher.full(targets, layer, "target_modules")
+    return any(layer == t or layer.endswith("." + t) for t in targets)
+
+
+def _check_targets_field(config: dict, where: str) -> None:
+    targets = config.get("target_modules")
+    if targets is None or isinstance(targets, str):
+        return
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise LorasumError(f"{where}: 'target_modules' must be a list of module names or one regular expression, "
+                           f"got {targets!r:.60}; fix adapter_config.json")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    return read_json(path, what, "re-save the adapter")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -99,8 +217,24 @@ def check_config(config: dict, where: str) -> None:
         raise LorasumError(f"{where}: use_rslora with rank_pattern/alpha_pattern is not supported by PEFT either")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise LorasumError(f"{where}: '{key}' must be a positive number, got {value!r}")
+        if not _finite_positive(value):
+            raise LorasumError(f"{where}: '{key}' must be a positive number, got {value!r:.40}")
+    _patterns(config, "rank_pattern", where)
+    _patterns(config, "alpha_pattern", where)
+    _check_targets_field(config, where)
+
+
+def _layer_rank(A: torch.Tensor, B: torch.Tensor, config: dict, layer: str, w_path: Path) -> int:
+    """The layer's rank, from its tensors (never from a rank_pattern): lora_A's rows, which lora_B's columns and,
+    without a rank_pattern, the config's r must equal."""
+    r = int(A.shape[0])
+    if r < 1 or B.shape[1] != r:
+        raise LorasumError(f"{w_path}: layer '{layer}' has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                           "whose ranks disagree; re-save the adapter")
+    if not config.get("rank_pattern") and r != config["r"]:
+        raise LorasumError(f"{w_path}: layer '{layer}' has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                           f"but the config says rank {config['r']}; re-save the adapter")
+    return r
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
@@ -129,6 +263,9 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
                    "embedding LoRA" if "lora_embedding" in key else
                    "a trained bias" if key.endswith(".bias") else "not a lora_A/lora_B weight")
             raise LorasumError(f"{w_path}: tensor '{key}' is {why}; only LoRA on Linear/Conv1D layers can be summed")
+        if not t.dtype.is_floating_point:
+            raise LorasumError(f"{w_path}: tensor '{key}' is {str(t.dtype).removeprefix('torch.')}; LoRA factors "
+                               "must be floating point (float32, bfloat16, float16), re-save the adapter")
         if not torch.isfinite(t).all():
             raise LorasumError(f"{w_path}: tensor '{key}' contains NaN or Inf; retrain or replace the adapter")
         if t.ndim != 2:
@@ -139,18 +276,20 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         raise LorasumError(f"{w_path} holds no LoRA tensors; re-save the adapter")
 
     fan = bool(config.get("fan_in_fan_out", False))
+    matcher = _Matcher(str(cfg_path))
+    alphas = config.get("alpha_pattern") or {}
     layers: dict[str, LoraFactors] = {}
     for layer in sorted(pairs):
         ab = pairs[layer]
         if set(ab) != {"A", "B"}:
             raise LorasumError(f"{w_path}: layer '{layer}' lacks lora_{'B' if 'A' in ab else 'A'}; re-save the adapter")
         A, B = ab["A"], ab["B"]  # (r, in), (out, r)
-        r = A.shape[0]
-        want_r = _pattern_value(config.get("rank_pattern"), layer, config["r"])
-        if B.shape[1] != r or r != want_r:
-            raise LorasumError(f"{w_path}: layer '{layer}' has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
-                               f"but the config says rank {want_r}; re-save the adapter")
-        alpha = _pattern_value(config.get("alpha_pattern"), layer, config["lora_alpha"])
+        r = _layer_rank(A, B, config, layer, w_path)
+        if not _target_covers(config, layer, matcher):
+            raise LorasumError(f"{cfg_path}: 'target_modules' {config['target_modules']!r:.120} does not cover layer "
+                               f"'{layer}' of {WEIGHTS_FILE}; the config does not belong to these weights, "
+                               "re-save the adapter")
+        alpha = float(_pattern_value(alphas, layer, config["lora_alpha"], matcher, "alpha_pattern"))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         # B column-major: Bᵀ rows are what the Gram products and rank concatenation read (similarity, compose)
         layers[layer] = LoraFactors(A, B.T.contiguous().T, float(scale), fan)
@@ -173,6 +312,10 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, extra_meta: dict | No
         tensors[f"base_model.model.{name}.lora_A.weight"] = f.A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = (f.B * f.scale).contiguous()
         ranks[name] = f.rank
+    bad = next((k for k, t in tensors.items() if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise LorasumError(f"cannot write adapter {out}: tensor '{bad}' would hold Inf or NaN (its factors times "
+                           "their weights overflow float32); use smaller weights")
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
     config = copy.deepcopy(adapter.config)

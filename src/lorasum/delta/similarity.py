@@ -59,20 +59,24 @@ def layer_norms(a: Adapter) -> dict[str, float]:
 
 
 def norm_ratios(a: Adapter, b: Adapter) -> dict[str, float]:
-    """Per-layer ‖ΔW_a‖ / ‖ΔW_b‖ (inf where only b's delta is zero, 1 where both are)."""
-    layers, g = _pair_gram(a, b)
+    """Per-layer ‖ΔW_a‖ / ‖ΔW_b‖ (inf where only b's delta is zero, 1 where both are); the scales' ratio is taken
+    apart from the unscaled norms', so huge weights do not overflow it."""
+    layers, g, s = unit_gram_matrices([a, b])
     out = {}
     for i, n in enumerate(layers):
         na, nb = math.sqrt(max(float(g[i, 0, 0]), 0.0)), math.sqrt(max(float(g[i, 1, 1]), 0.0))
-        out[n] = (na / nb) if nb > 0 else (1.0 if na == 0 else math.inf)
+        sa, sb = abs(float(s[i, 0])), abs(float(s[i, 1]))
+        if nb * sb == 0:
+            out[n] = 1.0 if na * sa == 0 else math.inf
+        else:
+            out[n] = (sa / sb) * (na / nb)
     return out
 
 
 def layer_cosines(a: Adapter, b: Adapter) -> dict[str, float]:
-    """Per-layer cos θ between the two deltas."""
-    layers, g = _pair_gram(a, b)
-    g = g.tolist()
-    return {n: cosine_from_gram(g[i][0][1], g[i][0][0], g[i][1][1]) for i, n in enumerate(layers)}
+    """Per-layer cos θ between the two deltas (see cosine_matrices)."""
+    layers, cos = cosine_matrices([a, b])
+    return {n: float(cos[i, 0, 1]) for i, n in enumerate(layers)}
 
 
 def _as_delta(x: Adapter | list[tuple[Adapter, float]]) -> Adapter:
@@ -93,13 +97,26 @@ def gram_matrices(adapters: list[Adapter], dtype: torch.dtype = torch.float64,
                   compute_dtype: torch.dtype | None = None) -> tuple[list[str], torch.Tensor]:
     """All pairwise per-layer inner products: (layers, G) with G (L, N, N), G[l, i, j] = ⟨ΔW_i, ΔW_j⟩ at layer l.
 
+    G = sᵢ sⱼ · unit_gram (see unit_gram_matrices); an inner product beyond float64's range is ±inf, as it truly is.
+    """
+    layers, gram, scales = unit_gram_matrices(adapters, dtype, compute_dtype)
+    gram *= scales[:, :, None] * scales[:, None, :]
+    return layers, gram
+
+
+def unit_gram_matrices(adapters: list[Adapter], dtype: torch.dtype = torch.float64,
+                       compute_dtype: torch.dtype | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(layers, Ĝ, S): Ĝ (L, N, N) the Gram of the unscaled deltas Bᵢ Aᵢ, S (L, N) the scales sᵢ (weights included),
+    so that ⟨ΔW_i, ΔW_j⟩ = sᵢ sⱼ Ĝᵢⱼ. Kept apart, a huge weight never overflows a cosine (scale-invariant).
+
     Layers of equal (out, in, ranks) are stacked layer-major: Btcat (L, R, out) holds B₁ᵀ … B_Nᵀ and Acat (L, R, in)
     holds A₁ … A_N, so H = (Btcat Btcatᵀ) ∘ (Acat Acatᵀ) is (L, R, R) with R = Σ rᵢ; summing each (adapter, adapter)
-    rank block of H (Pᵀ H P, P the (R, N) block indicator) gives the unscaled Gram, then G[l, i, j] *= sᵢ sⱼ.
+    rank block of H (Pᵀ H P, P the (R, N) block indicator) gives Ĝ.
     The two Gram products run in `compute_dtype` (default: the factors' own precision, at least float32 — reading
-    and converting the factors is what costs); the small Hadamard products, block sums and scales run in `dtype`.
-    With fp32 factors the cosines agree with a float64 dense reference to ~1e-9 (tests hold them to 1e-6; the dense
-    fp32 way: ~1e-7); compute_dtype=torch.float64 gives agreement to float64 round-off at about twice the cost.
+    and converting the factors is what costs; float64 where float32 overflows); the small Hadamard products and
+    block sums run in `dtype`. With fp32 factors the cosines agree with a float64 dense reference to ~1e-9 (tests
+    hold them to 1e-6; the dense fp32 way: ~1e-7); compute_dtype=torch.float64 gives agreement to float64 round-off
+    at about twice the cost.
     """
     layers = check_compatible(adapters)
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -112,29 +129,42 @@ def gram_matrices(adapters: list[Adapter], dtype: torch.dtype = torch.float64,
     gram = torch.empty(len(layers), n, n, dtype=dtype)
     scales = torch.tensor([[a.layers[m].scale for a in adapters] for m in layers], dtype=dtype)  # (L, N)
     for ((out, inp), ranks), idx in groups.items():
-        names, L, R = [layers[i] for i in idx], len(idx), sum(ranks)
-        # loaded factors hold B column-major, so each Bᵀ is a contiguous block and the concatenation is a memcpy
-        Bt = torch.cat([a.layers[m].B.T for m in names for a in adapters]).to(compute_dtype).view(L, R, out)
-        A = torch.cat([a.layers[m].A for m in names for a in adapters]).to(compute_dtype).view(L, R, inp)
-        H = torch.bmm(Bt, Bt.mT).to(dtype) * torch.bmm(A, A.mT).to(dtype)  # (L, R, R)
-        if len(set(ranks)) == 1:  # equal ranks: block sums by a reshape
-            r = ranks[0]
-            gram[idx] = H.view(L, n, r, n, r).sum(dim=(2, 4))
-        else:
-            P = torch.zeros(R, n, dtype=dtype)  # (R, N) block indicator
-            P[torch.arange(R), torch.repeat_interleave(torch.arange(n), torch.tensor(ranks))] = 1.0
-            gram[idx] = P.T @ H @ P  # (L, N, N)
-    gram *= scales[:, :, None] * scales[:, None, :]
-    return layers, gram
+        names = [layers[i] for i in idx]
+        gram[idx] = _group_gram(adapters, names, out, inp, ranks, dtype, compute_dtype)
+    return layers, gram, scales
+
+
+def _group_gram(adapters: list[Adapter], names: list[str], out: int, inp: int, ranks: tuple[int, ...],
+                dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
+    """Ĝ (L, N, N) of one group of equal-shape layers; redone in float64 if the Gram products overflow float32."""
+    n, L, R = len(adapters), len(names), sum(ranks)
+    # loaded factors hold B column-major, so each Bᵀ is a contiguous block and the concatenation is a memcpy
+    Bt = torch.cat([a.layers[m].B.T for m in names for a in adapters]).to(compute_dtype).view(L, R, out)
+    A = torch.cat([a.layers[m].A for m in names for a in adapters]).to(compute_dtype).view(L, R, inp)
+    H = torch.bmm(Bt, Bt.mT).to(dtype) * torch.bmm(A, A.mT).to(dtype)  # (L, R, R)
+    if compute_dtype != torch.float64 and not torch.isfinite(H).all():
+        return _group_gram(adapters, names, out, inp, ranks, torch.float64, torch.float64).to(dtype)
+    if len(set(ranks)) == 1:  # equal ranks: block sums by a reshape
+        r = ranks[0]
+        return H.view(L, n, r, n, r).sum(dim=(2, 4))
+    P = torch.zeros(R, n, dtype=dtype)  # (R, N) block indicator
+    P[torch.arange(R), torch.repeat_interleave(torch.arange(n), torch.tensor(ranks))] = 1.0
+    return P.T @ H @ P  # (L, N, N)
 
 
 def cosine_matrices(adapters: list[Adapter]) -> tuple[list[str], torch.Tensor]:
-    """Per-layer pairwise cosines (L, N, N) (zero deltas give 0, see module doc)."""
-    layers, gram = gram_matrices(adapters)
-    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # (L, N)
+    """Per-layer pairwise cosines (L, N, N) (zero deltas give 0, see module doc), from the unscaled Gram and the
+    scales' signs: exactly invariant to positive weights, sign-flipped by negative ones, however large."""
+    layers, gram, scales = unit_gram_matrices(adapters)
+    return layers, _cosines(gram, torch.sign(scales))
+
+
+def _cosines(gram: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Cosines from a Gram (L, N, N) and per-delta signs (L, N) (0 for a zero scale: a zero delta)."""
+    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt() * signs.abs()  # (L, N)
     den = norms[:, :, None] * norms[:, None, :]
     cos = torch.where(den > 0, gram / torch.where(den > 0, den, 1.0), torch.zeros_like(gram))
-    return layers, cos.clamp(-1.0, 1.0)
+    return (cos * signs[:, :, None] * signs[:, None, :]).clamp(-1.0, 1.0)
 
 
 def rms_matrix(adapters: list[Adapter]) -> torch.Tensor:
