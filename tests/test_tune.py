@@ -269,3 +269,28 @@ def test_existing_study_with_another_space_or_setup_is_refused(ddir, tmp_path, r
     one_line_error(run_cli(*tune_args(ddir, out, 2, "--study", "s1", "--r", "8")), "train.r")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert len(load_study(out, "s1").trials) == 1
+
+
+def test_a_failed_tune_removes_only_the_study_it_created_and_no_trial_finished_in(ddir, tmp_path, run_cli,
+                                                                                    monkeypatch):
+    import lorasum.tune.search as search
+
+    def diverges(*a, **k):
+        raise LorasumError("loss became NaN at step 3; lower it", key="lr")
+
+    real = search.train_adapter
+    monkeypatch.setattr(search, "train_adapter", diverges)
+    one_line_error(run_cli(*tune_args(ddir, tmp_path / "new", 2)), "lr loss became NaN")
+    assert not (tmp_path / "new").exists()  # this call made the folder and the study; no trial finished
+
+    out = tmp_path / "kept"
+    monkeypatch.setattr(search, "train_adapter", real)
+    assert run_cli(*tune_args(ddir, out, 1))[0] == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = out / f".trial.{dead.pid}.k2j4h5g6.tmp"  # the temp folder of a trial whose process was killed
+    (leftover / "adapter").mkdir(parents=True)
+    monkeypatch.setattr(search, "train_adapter", diverges)
+    one_line_error(run_cli(*tune_args(ddir, out, 2)), "lr loss became NaN")
+    assert len(load_study(out).trials) == 2  # the finished trial and the failed one: the study is kept
+    assert not leftover.exists()

@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from ..errors import LorasumError
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text, sweep
 from ..lm.data import DataConfig, load_domain, partition_domains, require_nonempty
 from ..lm.train import TrainConfig, train_adapter
 from ..progress import progress
@@ -189,19 +189,26 @@ def tune(loaded, partitions: str | list[str], out: str | Path, trials: int, spac
     name = study_name or f"tune:{partition}"
     made_out = not out.exists()
     url = storage or f"sqlite:///{out / 'study.db'}"
+    made_db = storage is None and not (out / "study.db").exists()
     label = storage_label(url)
-    if storage is None:
-        out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep(out)  # a killed trial's temp folder
+
+    def forget() -> None:
+        """After a failure: remove the SQLite study this call created if no trial finished in it (and the folder if
+        this call made it and nothing else is in it), so a retry starts clean rather than from an empty study."""
+        if made_db and (study is None or finished(study) == 0):
+            (out / "study.db").unlink(missing_ok=True)
+        if made_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+    study = None
     try:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         study = open_study(open_storage(url, heartbeat), name, label, space, setup, seed, trials)
     except BaseException:
-        if made_out and storage is None:  # leave nothing behind
-            (out / "study.db").unlink(missing_ok=True)
-            if out.is_dir() and not any(out.iterdir()):
-                out.rmdir()
+        forget()
         raise
-    out.mkdir(parents=True, exist_ok=True)
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def objective(trial) -> float:
@@ -221,33 +228,37 @@ def tune(loaded, partitions: str | list[str], out: str | Path, trials: int, spac
             if epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: best val loss {best[0]:.4f}")
 
-        with tempfile.TemporaryDirectory(prefix="lorasum-trial-") as tmp:  # the adapter itself is not kept
+        with tempfile.TemporaryDirectory(prefix=f".trial.{os.getpid()}.", suffix=".tmp", dir=out) as tmp:  # not kept
             res = train_adapter(loaded, partition, Path(tmp) / "adapter", cfg, data, on_epoch=on_epoch)
         trial.set_user_attr("best_epoch", res.best_epoch)
         trial.set_user_attr("val_losses", [e["val_loss"] for e in res.epochs])
         return min(e["val_loss"] for e in res.epochs)
 
-    done, waiting = finished(study), False
-    with progress(total=trials, desc=f"tune {name}", unit="trial", initial=min(done, trials)) as bar:
-        while done < trials:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL, then retried
-            running = count_states(study).get("RUNNING", 0)
-            if done + running >= trials:  # the last slots are being worked on elsewhere: wait for them
-                if not waiting:
-                    bar.write(f"waiting for {running} trial(s) running elsewhere (a dead worker's trial is failed "
-                              f"after {2 * heartbeat} s without a heartbeat, then retried)", file=sys.stderr)
-                waiting = True
-                time.sleep(min(2.0, heartbeat))
-            else:
-                waiting = False
-                study.optimize(objective, n_trials=1, catch=(_Surplus,), gc_after_trial=False)
-                _write_best(study, out, name, label, base, space, trials)
-            done = finished(study)
-            bar.update(min(done, trials) - bar.n)
-            if _has_complete(study):
-                bar.set_postfix(best=f"{study.best_value:.4f}", refresh=False)
+    try:
+        done, waiting = finished(study), False
+        with progress(total=trials, desc=f"tune {name}", unit="trial", initial=min(done, trials)) as bar:
+            while done < trials:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL, then retried
+                running = count_states(study).get("RUNNING", 0)
+                if done + running >= trials:  # the last slots are being worked on elsewhere: wait for them
+                    if not waiting:
+                        bar.write(f"waiting for {running} trial(s) running elsewhere (a dead worker's trial is failed "
+                                  f"after {2 * heartbeat} s without a heartbeat, then retried)", file=sys.stderr)
+                    waiting = True
+                    time.sleep(min(2.0, heartbeat))
+                else:
+                    waiting = False
+                    study.optimize(objective, n_trials=1, catch=(_Surplus,), gc_after_trial=False)
+                    _write_best(study, out, name, label, base, space, trials)
+                done = finished(study)
+                bar.update(min(done, trials) - bar.n)
+                if _has_complete(study):
+                    bar.set_postfix(best=f"{study.best_value:.4f}", refresh=False)
+    except BaseException:
+        forget()
+        raise
     best = _write_best(study, out, name, label, base, space, trials)
     atomic_write_text(out / "space.yaml", space_yaml(space))
     write_summary(study, out, best)
