@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 import random
 import re
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..errors import LorasumError
-from ..files import sha256_file
+from ..files import parse_json, sha256_file
 
 SPLITS = ("train", "validation", "test")
 SPLIT_BOUNDS = (0.8, 0.9)  # train < 0.8 <= validation < 0.9 <= test
@@ -39,6 +38,12 @@ ANSWER_TEMPLATE = " {answer}"
 MIN_LENGTH = 8  # tokens: shorter records cannot hold the template's prompt and an answer token
 
 _SPEC_RE = re.compile(r"^(?P<source>[^\[\]]+?)(?:\[(?P<filters>[^\[\]]*)\])?$")
+# A domain that names a run's partitions and models (experiments, job specs) is plain: its name becomes part of
+# partition, model and folder names and of the report's text and figures. Filter fields and values likewise (values
+# may hold spaces).
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+VALUE_RULE = re.compile(r"[A-Za-z0-9_.-][A-Za-z0-9_. -]{0,63}")
+NAME_RULE_TEXT = "letters, digits, '_', '.' and '-', starting with a letter or digit, at most 64 characters"
 
 
 @dataclass(frozen=True)
@@ -70,13 +75,15 @@ class Domain:
     source_sha256: str | None
     records: dict[str, list[Record]]  # split -> records (capped)
     available: dict[str, int]  # split -> records before capping
+    skipped_empty: dict[str, int] = field(default_factory=dict)  # split -> records left out: empty question/answer
 
     def sizes(self) -> dict[str, int]:
         return {s: len(self.records[s]) for s in SPLITS}
 
     def fingerprint(self) -> dict:
         return {"spec": self.spec, "source": os.path.basename(self.source), "sha256": self.source_sha256,
-                "split_sizes": self.sizes(), "available": dict(self.available)}
+                "split_sizes": self.sizes(), "available": dict(self.available),
+                "skipped_empty": {s: self.skipped_empty.get(s, 0) for s in SPLITS}}
 
 
 def split_key(question: str, answer: str, split_seed: int) -> float:
@@ -101,6 +108,20 @@ def parse_spec(spec: str) -> tuple[str, dict[str, set[str]]]:
         k, v = part.split("=", 1)
         filters[k.strip()] = {x.strip() for x in v.split("|")}
     return m["source"].strip(), filters
+
+
+def check_domain(spec: str, key: str | None = None) -> None:
+    """A domain of a run is NAME or NAME[field=value|value,...] with plain names, fields and values (NAME_RULE):
+    no path, no hub id, nothing a file name or the report could choke on."""
+    name, filters = parse_spec(spec)
+    if not NAME_RULE.fullmatch(name):
+        raise LorasumError(f"names domain {name!r}: a domain name is {NAME_RULE_TEXT}; rename the data file to "
+                           "match", key=key)
+    for fld, values in filters.items():
+        for v in (fld, *values):
+            if not VALUE_RULE.fullmatch(v):
+                raise LorasumError(f"names domain {spec!r}, whose filter field or value {v!r} is not {NAME_RULE_TEXT} "
+                                   "(values may also hold spaces)", key=key)
 
 
 def data_dir_from(data_dir: str | None) -> Path | None:
@@ -156,10 +177,7 @@ def _read_rows(path: str) -> list[tuple[int, dict]]:
                     raise LorasumError(f"{path}:{lineno}: line is not valid UTF-8; re-encode the file as UTF-8") from None
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LorasumError(f"{path}:{lineno}: invalid JSON ({e.msg}); one JSON object per line") from None
+                row = parse_json(line, f"{path}:{lineno}", "write one JSON object per line")
                 if not isinstance(row, dict):
                     raise LorasumError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
                 rows.append((lineno, row))
@@ -213,27 +231,57 @@ def load_domain(spec: str, config: DataConfig | None = None) -> Domain:
     source, filters = parse_spec(spec)
     path = resolve_source(source, config.data_dir)
     qf, af = config.question_field, config.answer_field
+    rows = _read_rows(path)
+    _check_filter_fields(spec, path, filters, rows)
     by_split: dict[str, list[Record]] = {s: [] for s in SPLITS}
-    n_rows = 0
-    for n_rows, (lineno, row) in enumerate(_read_rows(path), 1):
-        for fld in (qf, af):
-            if not isinstance(row.get(fld), str):
-                raise LorasumError(f"{path}:{lineno}: record has no text field '{fld}'; "
-                                   f"set the field name with --question-field/--answer-field")
+    skipped = dict.fromkeys(SPLITS, 0)
+    matched = 0
+    for lineno, row in rows:
+        q, a = (_text(row, fld, path, lineno) for fld in (qf, af))
         if filters and not all(str(row.get(k)) in vals for k, vals in filters.items()):
             continue
-        key = split_key(row[qf], row[af], config.split_seed)
-        by_split[split_of(key)].append(Record(row[qf], row[af], spec, key))
-    if filters and not any(by_split.values()):
+        matched += 1
+        key = split_key(q, a, config.split_seed)
+        if not q.strip() or not a.strip():  # nothing to learn or to score: left out, and counted
+            skipped[split_of(key)] += 1
+            continue
+        by_split[split_of(key)].append(Record(q, a, spec, key))
+    if filters and not matched:
         raise LorasumError(f"domain '{spec}' selects no records in {path} (0 train, 0 validation, 0 test of "
-                           f"{n_rows} records); check the filter's field and values")
+                           f"{len(rows)} records); check the filter's field and values")
     available = {s: len(v) for s, v in by_split.items()}
     for s in SPLITS:
         by_split[s].sort(key=lambda r: r.key)  # capping keeps a content-defined subset, independent of file order
         cap, skip = config.max_records.get(s), config.skip.get(s, 0)
         by_split[s] = by_split[s][skip:None if cap is None else skip + cap]
     sha = None if path.startswith("hf:") else sha256_file(path)
-    return Domain(spec, path, sha, by_split, available)
+    return Domain(spec, path, sha, by_split, available, skipped)
+
+
+def _text(row: dict, fld: str, path: str, lineno: int) -> str:
+    """A record's question or answer: a string that is text (a lone UTF-16 surrogate, which JSON's `\\ud800`
+    escape can produce, would only fail later, in the tokenizer or a file write)."""
+    value = row.get(fld)
+    if not isinstance(value, str):
+        raise LorasumError(f"{path}:{lineno}: record has no text field '{fld}'; "
+                           f"set the field name with --question-field/--answer-field")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LorasumError(f"{path}:{lineno}: field '{fld}' holds a lone UTF-16 surrogate "
+                           f"({ascii(value[e.start])} at character {e.start}), which is not text; write the "
+                           "character itself or a valid surrogate pair") from None
+    return value
+
+
+def _check_filter_fields(spec: str, path: str, filters: dict, rows: list[tuple[int, dict]]) -> None:
+    """A filter on a field that no record has would compare every record's missing value (`None`) and could select
+    them all: refuse it, listing the fields the records do have."""
+    present = {str(k) for _, row in rows for k in row}
+    for name in filters:
+        if name not in present:
+            raise LorasumError(f"domain '{spec}' filters on field '{name}', which no record of {path} has; fields "
+                               f"present: {', '.join(sorted(present)) or 'none'}")
 
 
 def partition_domains(partition: str) -> list[str]:
@@ -257,8 +305,10 @@ def partition_records(domains: list[Domain], split: str, seed: int = 0, shuffle:
 def require_nonempty(domains: list[Domain], split: str) -> None:
     for d in domains:
         if not d.records[split]:
+            empty = d.skipped_empty.get(split, 0)
+            left_out = f", {empty} left out for an empty question or answer" if empty else ""
             raise LorasumError(f"domain '{d.spec}' has an empty {split} split ({d.available[split]} records before "
-                               f"caps, from {d.source}); add records or raise the cap")
+                               f"caps{left_out}, from {d.source}); add records or raise the cap")
 
 
 # --- formatting and tokenization -----------------------------------------------------------------------------------

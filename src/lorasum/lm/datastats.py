@@ -13,7 +13,8 @@ def _norm(text: str) -> str:
 
 
 def domain_stats(domain: Domain, tokenizer, max_length: int) -> list[dict]:
-    """One row per split: records, tokens, truncation, answer-token share, answers cut off, cross-split duplicates."""
+    """One row per split: records (and those left out as empty), tokens, truncation, answer-token share, answers
+    cut off, cross-split duplicates."""
     questions = {s: {_norm(r.question) for r in domain.records[s]} for s in SPLITS}
     rows = []
     for split in SPLITS:
@@ -24,7 +25,9 @@ def domain_stats(domain: Domain, tokenizer, max_length: int) -> list[dict]:
         others = set().union(*(questions[s] for s in SPLITS if s != split))
         n = len(records)
         rows.append({
-            "domain": domain.spec, "split": split, "records": n, "tokens": tokens,
+            "domain": domain.spec, "split": split, "records": n,
+            "skipped_empty": domain.skipped_empty.get(split, 0),  # left out: an empty question or answer
+            "tokens": tokens,
             "mean_tokens_before_truncation": sum(e.full_length for e in ex) / n if n else 0.0,
             "truncated_share": sum(e.truncated for e in ex) / n if n else 0.0,
             "answer_token_share": answer_tokens / tokens if tokens else 0.0,
