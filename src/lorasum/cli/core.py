@@ -43,7 +43,10 @@ def evaluate(args: argparse.Namespace) -> int:
         raise LorasumError(f"must be at least 1, got {args.batch_size}", key="batch_size")
     check_max_length(args.max_length)
     if args.per_example:
-        check_out_path(args.per_example, "--per-example", folder=False)
+        path = check_out_path(args.per_example, "--per-example", folder=False)
+        if path.exists() and not args.overwrite:
+            raise LorasumError(f"{path} already exists; choose a new file, or pass --overwrite to replace it",
+                               key="per_example")
     res = evaluate(load(args), expand_domains(args.data), [parse_term(a) for a in args.adapter], data_config(args),
                    args.split, args.max_length, args.batch_size, args.loss_on, args.per_example)
     if args.json:
@@ -137,6 +140,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--loss-on", choices=("all", "answer"), default="all")
     p.add_argument("--per-example", default=None, metavar="FILE", help="write per-example NLL and tokens (JSONL)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --per-example file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=evaluate, parser=p)
 

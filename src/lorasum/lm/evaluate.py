@@ -16,7 +16,7 @@ from ..progress import progress
 from .adapters import adapters_for
 from .data import SPLITS, DataConfig, Example, collate, load_domain, require_nonempty, require_predicted_tokens, \
     tokenize_records
-from .models import LoadedModel
+from .models import LoadedModel, check_positions
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,20 @@ def summarize(rows: list[ExampleNLL], domains: list[str]) -> dict[str, dict]:
     return result
 
 
+def check_finite_nll(rows: list[ExampleNLL], adapters: list) -> None:
+    """A loss that is Inf or NaN is refused, not reported: it comes from weights pushed out of range (a huge
+    adapter weight) or a base model that overflows in its precision."""
+    bad = next((r for r in rows if not math.isfinite(r.nll)), None)
+    if bad is None:
+        return
+    where = f"example {bad.index} of domain '{bad.domain}'"
+    if adapters:
+        terms = " + ".join(f"{w:g}*{a.name}" for a, w in adapters)
+        raise LorasumError(f"the loss is {bad.nll} on {where} with adapters {terms}: the weighted deltas push the "
+                           "model's activations out of range; use smaller weights")
+    raise LorasumError(f"the base model's loss is {bad.nll} on {where}; with --dtype float16/bfloat16, try float32")
+
+
 def example_rows(rows: list[ExampleNLL]) -> list[dict]:
     return [asdict(r) for r in rows]
 
@@ -113,6 +127,7 @@ def evaluate(loaded: LoadedModel, domains: list[str], adapters=None, data: DataC
         raise LorasumError("eval needs at least one domain")
     if len(set(domains)) != len(domains):
         raise LorasumError(f"a domain is named twice: {', '.join(domains)}", key="data")
+    check_positions(loaded, max_length)
     data = data or DataConfig()
     loaded_domains = [load_domain(d, data) for d in domains]
     require_nonempty(loaded_domains, split)
@@ -121,6 +136,7 @@ def evaluate(loaded: LoadedModel, domains: list[str], adapters=None, data: DataC
     adapters = adapters_for(loaded, adapters or [])
     with applied(loaded.model, adapters), loaded.autocast():
         rows = per_example_nll(loaded.model, examples, loaded.tokenizer.pad_token_id, batch_size, loss_on)
+    check_finite_nll(rows, adapters)
     if per_example:
         atomic_write_text(per_example, "".join(json.dumps(r) + "\n" for r in example_rows(rows)))
     return {

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..delta.apply import applied
 from ..errors import LorasumError
 from .adapters import adapters_for
 from .data import PROMPT_TEMPLATE
-from .models import LoadedModel
+from .models import LoadedModel, max_positions
+from .train import check_seed
 
 
 def build_prompt(tokenizer, question: str, template: str = "lorasum") -> str:
@@ -21,6 +25,44 @@ def build_prompt(tokenizer, question: str, template: str = "lorasum") -> str:
     return PROMPT_TEMPLATE.format(question=question)
 
 
+class _FiniteScores(LogitsProcessor):
+    """Stop generation when the next-token scores hold NaN or +Inf (a delta that pushed activations out of range):
+    greedy decoding would print the first token of the vocabulary, sampling would fail inside torch."""
+
+    def __init__(self, adapters: list):
+        self.adapters = adapters
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():
+            terms = " + ".join(f"{w:g}*{a.name}" for a, w in self.adapters)
+            cause = f"with adapters {terms}: the weighted deltas push the model's activations out of range; use " \
+                "smaller weights" if terms else "from the base model; with --dtype float16/bfloat16, try float32"
+            raise LorasumError(f"the next-token scores are NaN or Inf {cause}")
+        return scores
+
+
+MIN_TEMPERATURE = 1e-3  # below it logits/temperature overflow float32 and sampling fails
+
+
+def check_temperature(temperature: float) -> None:
+    """0 is greedy; otherwise a finite temperature no smaller than MIN_TEMPERATURE (NaN and Inf are refused)."""
+    if not (temperature == 0 or (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)):
+        raise LorasumError(f"must be 0 (greedy) or a finite number ≥ {MIN_TEMPERATURE:g}, got {temperature}",
+                           key="temperature")
+
+
+def check_generation_length(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    """The prompt and the new tokens together fit the model's positions."""
+    limit = max_positions(loaded.model)
+    if limit is None or prompt_tokens + max_new_tokens <= limit:
+        return
+    if prompt_tokens >= limit:
+        raise LorasumError(f"the prompt is {prompt_tokens} tokens, as long as or longer than the {limit} positions of "
+                           f"model '{loaded.model_id}'; shorten it")
+    raise LorasumError(f"{max_new_tokens} plus the prompt's {prompt_tokens} tokens exceeds the {limit} positions of "
+                       f"model '{loaded.model_id}'; use at most {limit - prompt_tokens}", key="max_new_tokens")
+
+
 @torch.no_grad()
 def generate(loaded: LoadedModel, question: str, adapters=None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, template: str = "lorasum") -> str:
@@ -28,18 +70,20 @@ def generate(loaded: LoadedModel, question: str, adapters=None, max_new_tokens: 
     (as for evaluate) applied; the model is restored afterwards."""
     if max_new_tokens < 1:
         raise LorasumError(f"must be at least 1, got {max_new_tokens}", key="max_new_tokens")
-    if not temperature >= 0:
-        raise LorasumError(f"must be >= 0 (0 is greedy), got {temperature}", key="temperature")
+    check_temperature(temperature)
+    check_seed(seed, "seed")
     if not 0 < top_p <= 1:
         raise LorasumError(f"must be in (0, 1], got {top_p}", key="top_p")
     tok, model = loaded.tokenizer, loaded.model
     adapters = adapters_for(loaded, adapters or [])
     prompt = build_prompt(tok, question, template)
     enc = tok(prompt, return_tensors="pt", add_special_tokens=template != "chat").to(next(model.parameters()).device)
+    check_generation_length(loaded, enc["input_ids"].shape[1], max_new_tokens)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    finite = LogitsProcessorList([_FiniteScores(adapters)])
     with applied(model, adapters), loaded.autocast():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, **sampling)
+                             eos_token_id=tok.eos_token_id, logits_processor=finite, **sampling)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

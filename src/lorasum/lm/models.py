@@ -80,6 +80,24 @@ def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
                            f"are named e.g. {', '.join(leaves[:8])}", key="targets")
 
 
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model takes (config n_positions / max_position_embeddings), None if it has none."""
+    cfg = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_positions(loaded: "LoadedModel", length: int, key: str = "max_length") -> None:
+    """Records of `length` tokens fit the model's positions; else a LorasumError keyed by `key` naming its limit."""
+    limit = max_positions(loaded.model)
+    if limit is not None and length > limit:
+        raise LorasumError(f"{length} is longer than the {limit} positions of model '{loaded.model_id}'; "
+                           f"use at most {limit}", key=key)
+
+
 def set_threads(n: int | None) -> None:
     """torch's intra-op threads (None: torch's choice)."""
     if n is None:
@@ -167,6 +185,8 @@ def _load_pretrained(spec: str) -> LoadedModel:
     if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
         raise LorasumError(f"{spec} is a folder without config.json; pass a transformers model folder "
                            "(config.json, weights, tokenizer), a .gguf file, a hub id or a built-in name", key="model")
+    if os.path.isdir(spec):
+        _check_weight_files(Path(spec))
     try:
         with quiet_hub_logging(bars=not os.path.isdir(spec)):  # a hub id may download: show its progress
             tok = AutoTokenizer.from_pretrained(spec)
@@ -175,6 +195,18 @@ def _load_pretrained(spec: str) -> LoadedModel:
         raise LorasumError(f"cannot load model '{spec}': {_first_line(e)}") from None
     model_id = Path(spec).name if os.path.isdir(spec) else spec
     return LoadedModel(model.eval(), tok, model_id, model.config.model_type)
+
+
+def _check_weight_files(folder: Path) -> None:
+    """A local model folder must hold safetensors weights: pickled checkpoints can run code when loaded."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise LorasumError(f"{folder} holds only a pickle checkpoint ({', '.join(pickles[:3])}), which lorasum never "
+                           "loads; convert it to safetensors (load it where you trust it and save_pretrained writes "
+                           "model.safetensors)",
+                           key="model")
 
 
 def _first_line(e: BaseException) -> str:

@@ -29,10 +29,27 @@ from ..provenance import provenance
 from .data import DataConfig, Example, check_max_length, collate, load_domain, partition_domains, partition_records, \
     require_nonempty, require_predicted_tokens, tokenize_records
 from .evaluate import Perplexity, per_example_nll
-from .models import LoadedModel, check_targets, targets_for, weights_fingerprint
+from .models import LoadedModel, check_positions, check_targets, targets_for, weights_fingerprint
 
 
 INIT_MODES = ("independent", "shared")
+SEED_LIMIT = 2**63  # seeds are 0 ≤ seed < 2⁶³: torch, random and numpy all accept them
+
+
+def check_seed(value, key: str = "seed") -> int:
+    """The one rule for every seed lorasum takes (training, generation, experiments): a whole number in
+    [0, 2⁶³). Returns it; a LorasumError keyed by `key` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise LorasumError(f"must be a whole number from 0 to 2**63 - 1, got {value!r:.40}", key=key)
+    return value
+
+
+def _check_number(name: str, value: float, low: float, high: float | None = None, low_open: bool = False) -> None:
+    """`value` is finite, ≥ low (> low with `low_open`) and, with `high`, < high; else a LorasumError keyed by name."""
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        rule = f"in [{low:g}, {high:g})" if high is not None else f"{'>' if low_open else '≥'} {low:g}"
+        raise LorasumError(f"must be a finite number {rule}, got {value}", key=name)
 
 
 @dataclass
@@ -68,6 +85,11 @@ class TrainConfig:
             raise LorasumError(f"must be 'all' or 'answer', got '{self.loss_on}'", key="loss_on")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise LorasumError(f"must be a positive number, got {self.lr}", key="lr")
+        _check_number("alpha", self.alpha, 0, low_open=True)  # the delta's scale alpha/r: > 0, as load_adapter's
+        _check_number("warmup_ratio", self.warmup_ratio, 0, 1)
+        _check_number("weight_decay", self.weight_decay, 0)
+        _check_number("max_grad_norm", self.max_grad_norm, 0, low_open=True)
+        check_seed(self.seed, "seed")
         if self.init not in INIT_MODES:
             raise LorasumError(f"must be {' or '.join(INIT_MODES)}, got {self.init!r}", key="init")
 
@@ -139,6 +161,7 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     (data.skip), so that it gets an initialisation of its own in `independent` mode.
     """
     cfg = TrainConfig.from_dict(asdict(cfg)) if cfg is not None else TrainConfig()
+    check_positions(loaded, cfg.max_length)
     data = data or DataConfig()
     out = Path(out)
     domains = [load_domain(d, data) for d in partition_domains(partition)]
@@ -199,9 +222,23 @@ def _sort_target_modules(config_file: Path) -> None:
         config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def check_finite_loss(loss: float, lr: float | None, step: int, epoch: int, what: str = "training loss") -> None:
+    """Stop, before anything is saved, when the loss leaves the finite numbers (the update diverged)."""
+    if math.isfinite(loss):
+        return
+    where = f"at step {step} of epoch {epoch}" if step else f"after epoch {epoch}"
+    if step == 1 and epoch == 1:  # before any update: the base model itself, not the learning rate
+        raise LorasumError(f"the base model's {what} is {loss} {where}, before any update; nothing was saved "
+                           "(with --dtype float16/bfloat16, try float32)")
+    if lr is None:
+        raise LorasumError(f"the {what} became {loss} {where}; nothing was saved")
+    raise LorasumError(f"{lr:g} made the {what} {loss} {where}; lower it (nothing was saved)", key="lr")
+
+
 def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoch: int = 1,
-                autocast=contextlib.nullcontext) -> dict:
-    """One pass of AdamW steps over collated batches; returns summed loss, steps and tokens seen.
+                autocast=contextlib.nullcontext, lr: float | None = None) -> dict:
+    """One pass of AdamW steps over collated batches; returns summed loss, steps and tokens seen. A loss that is
+    not finite raises a LorasumError naming `lr` (the cause when the loss diverges) before its step is taken.
 
     `autocast` wraps the forward pass only (backward, clipping and the optimizer step run in fp32).
     """
@@ -213,6 +250,7 @@ def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoc
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast():
             loss = model(**batch).loss
+        check_finite_loss(float(loss.detach()), lr, steps + 1, epoch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
@@ -243,7 +281,11 @@ def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg
     for epoch in range(1, cfg.epochs + 1):
         t_epoch = time.perf_counter()
         batches = (collate(b, pad_id, cfg.loss_on) for b in _batches(train_ex, cfg.batch_size, rng))
-        stats = train_epoch(model, batches, opt, sched, cfg.max_grad_norm, bar, epoch, autocast)
+        try:
+            stats = train_epoch(model, batches, opt, sched, cfg.max_grad_norm, bar, epoch, autocast, cfg.lr)
+        except LorasumError:
+            bar.close()
+            raise
         train_s += time.perf_counter() - t_epoch  # validation time is excluded from throughput
         tokens += stats["tokens"]
         running, seen = stats["loss_sum"], stats["steps"]
@@ -251,6 +293,9 @@ def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg
             rows = per_example_nll(model, {"validation": val_ex}, pad_id, cfg.eval_batch_size, cfg.loss_on,
                                    desc="val")
         val = Perplexity(sum(r.nll for r in rows), sum(r.tokens for r in rows))
+        if not math.isfinite(val.loss):
+            bar.close()
+            check_finite_loss(val.loss, cfg.lr, 0, epoch, "validation loss")
         result.epochs.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val.loss,
                               "val_perplexity": val.perplexity})
         bar.set_postfix(epoch=epoch, val_loss=f"{val.loss:.3f}")
