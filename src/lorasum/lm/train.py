@@ -23,7 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .. import schema
 from ..errors import LorasumError
-from ..files import atomic_dir, atomic_write_json, pause_for_test
+from ..files import atomic_dir, atomic_write_json, pause_for_test, read_json
 from ..progress import progress
 from ..provenance import provenance
 from .data import DataConfig, Example, check_max_length, collate, load_domain, partition_domains, partition_records, \
@@ -215,8 +215,7 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
 def _sort_target_modules(config_file: Path) -> None:
     """PEFT stores target_modules as a set, so its order in adapter_config.json follows the process's string hash
     seed; sorted, the file is the same bytes in every process (`lorasum job` reproduces it)."""
-    text = config_file.read_text(encoding="utf-8")
-    cfg = json.loads(text)
+    cfg = read_json(config_file, "adapter config", "re-run training")
     if isinstance(cfg.get("target_modules"), list):
         cfg["target_modules"] = sorted(cfg["target_modules"])
         config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
