@@ -319,3 +319,29 @@ def test_read_json_accepts_a_byte_order_mark_and_checks_the_top_level_type(tmp_p
     path.write_bytes(b'{"a": "\xff"}')
     with pytest.raises(LorasumError, match=r"is not UTF-8 text \(byte 7\)"):
         read_json(path, "config", "fix it")
+
+
+def test_reading_an_adapter_whose_replacement_was_killed_between_renames_completes_it(tmp_path):
+    from lorasum.delta.peft_format import load_adapter, save_adapter
+    from test_fuzz_readers import _valid, _write_adapter
+
+    config, tensors = _valid([2, 2], [4, 4], 0)
+    old = load_adapter(_write_adapter(tmp_path / "src", config, tensors))
+    target = tmp_path / "out" / "adapter"
+    save_adapter(old, target)
+    new = load_adapter(_write_adapter(tmp_path / "src2", *_valid([3, 3], [4, 4], 1)))
+    script = (f"import sys; from lorasum import files; files.EXCHANGE = False\n"
+              f"from lorasum.delta.peft_format import load_adapter, save_adapter\n"
+              f"save_adapter(load_adapter({str(tmp_path / 'src2')!r}), {str(target)!r}, overwrite=True)\n")
+    marker = tmp_path / "aside.marker"
+    env = {**os.environ, files.PAUSE_ENV: f"aside:{target.name}", files.PAUSE_MARKER_ENV: str(marker)}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    while not marker.exists():
+        assert proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()
+    got = load_adapter(target)  # the next command on it rolls the replacement forward
+    assert {k: f.rank for k, f in got.layers.items()} == {k: f.rank for k, f in new.layers.items()}
+    assert _hidden(target.parent) == []

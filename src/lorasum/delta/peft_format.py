@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import LorasumError
-from ..files import atomic_dir, atomic_write_json, read_json
+from ..files import atomic_dir, atomic_write_json, read_json, recover
 from .factors import Adapter, LoraFactors
 
 CONFIG_FILE = "adapter_config.json"
@@ -240,6 +240,8 @@ def _layer_rank(A: torch.Tensor, B: torch.Tensor, config: dict, layer: str, w_pa
 def load_adapter(path: str | os.PathLike) -> Adapter:
     """Load a stock PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into per-layer factors."""
     folder = Path(path)
+    if not folder.exists():
+        recover(folder)  # a replacement of this folder killed between its two renames is completed from its journal
     if not folder.is_dir():
         raise LorasumError(f"adapter folder not found: {folder}; "
                            f"pass a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}")
