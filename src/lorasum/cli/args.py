@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LorasumError
-from ..files import check_out_path
+from ..files import check_out_path, read_json
 
 SPLITS = ("train", "validation", "test")
 
@@ -112,11 +112,8 @@ def read_params(params_file: str | None) -> dict:
     """`--params FILE`: a JSON object of training parameters, or {"params": {...}} (a tuning best.json)."""
     if not params_file:
         return {}
-    try:
-        with open(params_file, encoding="utf-8") as f:
-            params = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise LorasumError(f"cannot read --params {params_file}: {e}") from None
+    params = read_json(params_file, "--params", "pass a JSON object of training parameters (or a tuning best.json)",
+                       kind=None)
     params = params.get("params", params) if isinstance(params, dict) else params
     if not isinstance(params, dict):
         raise LorasumError(f"--params {params_file} must hold a JSON object of training parameters")

@@ -52,8 +52,9 @@ def tune(args: argparse.Namespace) -> int:
     fixed = {k: getattr(args, k) for k in ("r", "alpha", "max_length", "seed", "init", "loss_on", "targets")
              if getattr(args, k) is not None}
     base = train_config(args.params, fixed)
+    heartbeat = HEARTBEAT_S if args.heartbeat is None else args.heartbeat  # 0 is refused by tune, not defaulted
     best = tune(load(args), args.data, args.out, args.trials, space, args.storage, args.study,
-                data_config(args), base, base.seed, args.heartbeat or HEARTBEAT_S)
+                data_config(args), base, base.seed, heartbeat)
     if best:
         tuned = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["tuned"].items())
         print(f"best trial {best['trial']}: val loss {best['value']:.4f} ({tuned}); "
@@ -75,6 +76,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--domains", nargs="+", default=None, help="override the config's domains")
     p.add_argument("--model", default=None, help="override the config's model")
     p.add_argument("--overwrite", action="store_true", help="switch an existing run folder to this config")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the config's "
+                   "`threads`, else torch's choice); a runtime setting, not part of the config")
     p.set_defaults(func=experiment, parser=p)
 
     p = sub.add_parser("report", help="re-render report.md/report.html from RUN_DIR/results.json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,14 +13,25 @@ import yaml
 
 from .. import schema
 from ..errors import LorasumError
-from ..lm.data import SPLITS, DataConfig
-from ..lm.train import INIT_MODES, TrainConfig
+from ..files import read_json
+from ..lm.data import SPLITS, DataConfig, check_domain
+from ..lm.train import INIT_MODES, TrainConfig, check_seed
 from ..tune.search import HEARTBEAT_S
 from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
 from .grid import COMPOSITIONS
 
 TUNE_MODES = ("shared", "per_partition")
 EVAL_SCOPES = ("all", "own")
+MAX_BOOTSTRAP = 100_000  # resamples: more would only exhaust memory after the whole grid has run
+MAX_THREADS = 1024
+MAX_RECORDS = 10**9  # record caps and minimums: a bigger number means "all" and only overflows the work estimate
+MAX_HEARTBEAT_S = 86_400
+
+
+def _show(value) -> str:
+    """A number as the error shows it: a huge integer by its first digits and length, not thousands of digits."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
 
 
 @dataclass
@@ -41,8 +53,10 @@ class TuneSettings:
         if self.storage is not None and "://" not in self.storage:
             raise LorasumError(f"must be an SQLAlchemy URL (e.g. postgresql://host/db) or null, got {self.storage!r}",
                                key="storage")
-        if self.heartbeat < 1:
-            raise LorasumError(f"must be a whole number of seconds >= 1, got {self.heartbeat!r}", key="heartbeat")
+        if not 1 <= self.heartbeat <= MAX_HEARTBEAT_S:
+            raise LorasumError(f"must be a whole number of seconds in [1, {MAX_HEARTBEAT_S}], got "
+                               f"{_show(self.heartbeat)}", key="heartbeat")
+        check_seed(self.seed, "seed")
         self.space = space_dict(parse_space(self.space or DEFAULT_SPACE, "tune.space"))
 
 
@@ -108,25 +122,38 @@ class ExperimentConfig:
             raise LorasumError(f"names {', '.join(dup)} more than once", key="domains")
         if any("+" in d for d in self.domains):
             raise LorasumError("lists single domains; partitions (a+b) are built by the grid", key="domains")
+        for d in self.domains:
+            check_domain(d, key="domains")
         if self.max_level is not None and not 2 <= self.max_level <= len(self.domains):
             raise LorasumError(f"must be between 2 (singletons and pairs) and {len(self.domains)} (the number of "
-                               f"domains), or null for all; got {self.max_level}", key="max_level")
+                               f"domains), or null for all; got {_show(self.max_level)}", key="max_level")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise LorasumError("must be a non-empty list of distinct integers", key="seeds")
+        for key, values in (("seeds", self.seeds), ("split_seed", [self.split_seed]),
+                            ("bootstrap_seed", [self.bootstrap_seed])):
+            for v in values:
+                check_seed(v, key)
         for c in self.compositions:
             if c not in COMPOSITIONS:
                 raise LorasumError(f"names unknown composition '{c}'; known: {', '.join(COMPOSITIONS)}",
                                    key="compositions")
         for k in ("max_train", "max_validation", "max_test"):
             v = getattr(self, k)
-            if v is not None and v < 1:
-                raise LorasumError(f"must be at least 1 (or null for all), got {v}", key=k)
-        if self.threads is not None and self.threads < 1:
-            raise LorasumError(f"must be at least 1 (or null for torch's choice), got {self.threads}", key="threads")
+            if v is not None and not 1 <= v <= MAX_RECORDS:
+                raise LorasumError(f"must be in [1, {MAX_RECORDS:.0e}] (or null for all), got {_show(v)}", key=k)
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise LorasumError(f"must be at least 1 and at most {MAX_THREADS} (or null for torch's choice), got "
+                               f"{_show(self.threads)}", key="threads")
+        if self.eval_batch_size < 1:
+            raise LorasumError(f"must be at least 1, got {_show(self.eval_batch_size)}", key="eval_batch_size")
+        if self.max_ppl_ratio is not None and not self.max_ppl_ratio > 0:
+            raise LorasumError(f"must be a ratio > 0 (or null for no recipe check), got {self.max_ppl_ratio}",
+                               key="max_ppl_ratio")
         if not 0 < self.ci_level < 1:
             raise LorasumError(f"must be in (0, 1), got {self.ci_level}", key="ci_level")
-        if self.bootstrap_samples < 100:
-            raise LorasumError(f"must be at least 100, got {self.bootstrap_samples}", key="bootstrap_samples")
+        if not 100 <= self.bootstrap_samples <= MAX_BOOTSTRAP:
+            raise LorasumError(f"must be in [100, {MAX_BOOTSTRAP}], got {_show(self.bootstrap_samples)}",
+                               key="bootstrap_samples")
         if self.eval_loss_on not in ("all", "answer"):
             raise LorasumError(f"must be 'all' or 'answer', got '{self.eval_loss_on}'", key="eval_loss_on")
         if self.init_modes is not None:
@@ -143,9 +170,11 @@ class ExperimentConfig:
         if self.eval_scope not in EVAL_SCOPES:
             raise LorasumError(f"must be one of {', '.join(EVAL_SCOPES)}, got {self.eval_scope!r}", key="eval_scope")
         for split, n in (self.min_records or {}).items():
-            if split not in SPLITS or isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise LorasumError(f"must map splits ({', '.join(SPLITS)}) to whole numbers >= 0, got "
-                                   f"{self.min_records!r}", key="min_records")
+            if split not in SPLITS:
+                raise LorasumError(f"names unknown split {split!r:.40}; use {', '.join(SPLITS)}", key="min_records")
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_RECORDS:
+                raise LorasumError(f"{split!r} must be a whole number in [0, {MAX_RECORDS:.0e}], got {_show(n)}",
+                                   key="min_records")
         if not self.retention_tolerance >= 0:
             raise LorasumError(f"must be >= 0, got {self.retention_tolerance}", key="retention_tolerance")
         self.tune = tune_section(self.tune)
@@ -215,19 +244,32 @@ def load_config(path: str | None = None, preset: str | None = None, overrides: d
     where = "config"
     if path:
         where = path
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise LorasumError(f"cannot read config {path}: {e.strerror}") from None
-        try:
-            data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
-        except (yaml.YAMLError, json.JSONDecodeError) as e:
-            raise LorasumError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise LorasumError(f"{path}: expected a mapping of config keys")
-        merged = _merge(merged, data)
+        merged = _merge(merged, read_config_file(path))
     merged = _merge(merged, overrides or {})
     return ExperimentConfig.from_dict(merged, where)
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML or (`.json`) JSON config file as a mapping; unreadable, invalid or too deeply nested text is one
+    error naming the file."""
+    fix = "write the config as one mapping of config keys"
+    if path.endswith(".json"):
+        return read_json(path, "config", fix)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LorasumError(f"config {path} not found; check the --config path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LorasumError(f"cannot read config {path}: {getattr(e, 'strerror', None) or e}; {fix}") from None
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise LorasumError(f"{path}: YAML nested too deeply to read; {fix}") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer beyond the interpreter's digit limit
+        raise LorasumError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); {fix}") from None
+    if not isinstance(data, dict):
+        raise LorasumError(f"{path}: expected a mapping of config keys; {fix}")
+    return data
 
 
 def _merge(a: dict, b: dict) -> dict:

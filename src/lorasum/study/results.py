@@ -7,14 +7,14 @@ so an interrupted-and-resumed run gives a byte-identical results.json. Wall time
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from ..delta.peft_format import load_adapter
-from ..files import atomic_write_json
+from ..errors import LorasumError
+from ..files import atomic_write_json, read_json
 from ..lm.data import parse_spec
 from ..provenance import provenance
 from ..relation import relation
@@ -27,6 +27,7 @@ from .scores import RunScores, load
 from .unlearning import unlearning_rows
 
 SCHEMA = "lorasum.results/2"
+_FLOAT_MAX = int(np.finfo(float).max)  # a larger integer in a results file cannot be formatted as a number
 
 
 def _mean_layers(per_seed: list[dict]) -> dict:
@@ -248,7 +249,8 @@ def _data_section(cfg: ExperimentConfig, plan: dict) -> dict:
     """Split sizes (from the training metadata) and truncation statistics per domain (a cached job)."""
     meta = {}
     for d in cfg.domains:
-        lj = json.loads((artifact_path(plan["train"][(d, cfg.seeds[0])]) / "lorasum.json").read_text(encoding="utf-8"))
+        lj = read_json(artifact_path(plan["train"][(d, cfg.seeds[0])]) / "lorasum.json", "adapter metadata",
+                       "rerun the experiment: it removes the damaged adapter and trains it again")
         meta[d] = lj["data"]["domains"][0]
     return {"domains": meta, "stats": load(plan["data_stats"])["rows"]}
 
@@ -262,3 +264,18 @@ def _clean(obj):
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
     return obj
+
+
+def check_numbers(results, where: str) -> None:
+    """Every number of a results file fits a float, as the report formats them: an integer beyond float range (a
+    count of 10**400) is refused naming its field, instead of overflowing halfway through rendering."""
+    stack = [("", results)]
+    while stack:  # iterative: a results file nested as deeply as the JSON reader allows is walked without recursion
+        path, obj = stack.pop()
+        if isinstance(obj, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in obj.items())
+        elif isinstance(obj, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(obj))
+        elif isinstance(obj, int) and not isinstance(obj, bool) and abs(obj) > _FLOAT_MAX:
+            raise LorasumError(f"{where}: '{path}' holds an integer too large for a number ({len(str(abs(obj)))} "
+                               "digits); regenerate the file with `lorasum experiment`")

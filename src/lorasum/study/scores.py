@@ -3,17 +3,18 @@ bootstrap, and any artifact's JSON."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
+from ..files import read_json
 from ..stats import Scores
 from .config import ExperimentConfig
 from .jobs import artifact_path
 
 
 def load(spec: dict) -> dict:
-    return json.loads(artifact_path(spec).read_text(encoding="utf-8"))
+    """A finished job's JSON artifact; a damaged one is one error naming it (a rerun removes and recomputes it)."""
+    return read_json(artifact_path(spec), "finished-job artifact", "rerun the experiment: it removes the damaged "
+                     "artifact and runs its job again")
 
 
 class RunScores:

@@ -15,7 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..errors import LorasumError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_json
 from ..lm.models import load_model, set_threads
 from ..lm.train import TrainConfig
 from ..tune.search import tune
@@ -59,7 +59,8 @@ def run_tuning(cfg: ExperimentConfig, run_dir: Path, loaded, sources: dict) -> t
                 raise LorasumError(f"tuning {part}: no trial completed (all were pruned or failed); see "
                                    f"{folder / 'summary.md'}, then rerun to continue the study")
             atomic_write_text(folder / "experiment_key", key + "\n")
-        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        summary = read_json(folder / "summary.json", "tuning summary", "remove that study's folder and rerun to tune "
+                            "again")
         studies[part] = {"value": best["value"], "trial": best["trial"], "tuned": best["tuned"],
                          "study": best["study"], "folder": str(folder.relative_to(run_dir)),
                          "history": summary["history"], "importances": summary["importances"],
@@ -76,11 +77,15 @@ def _cached(folder: Path, key: str) -> dict | None:
     try:
         if (folder / "experiment_key").read_text(encoding="utf-8").strip() != key:
             return None
-        best = json.loads((folder / "best.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        best = read_json(folder / "best.json", "tuning result", "")
+    except (OSError, UnicodeDecodeError, LorasumError):  # absent or damaged: the study is continued, which rewrites it
         return None
-    done = best.get("trials", {})
-    return best if done.get("complete", 0) + done.get("pruned", 0) >= done.get("requested", 1) else None
+    done = best.get("trials")
+    counts = [done.get(k, d) for k, d in (("complete", 0), ("pruned", 0), ("requested", 1))] if isinstance(done, dict) \
+        else None
+    if not counts or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        return None
+    return best if counts[0] + counts[1] >= counts[2] else None
 
 
 def _load(cfg: ExperimentConfig):
