@@ -76,8 +76,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--domains", nargs="+", default=None, help="override the config's domains")
     p.add_argument("--model", default=None, help="override the config's model")
     p.add_argument("--overwrite", action="store_true", help="switch an existing run folder to this config")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the config's "
-                   "`threads`, else torch's choice); a runtime setting, not part of the config")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; a "
+                   "config that sets `threads` takes precedence); a runtime setting, not part of the config")
     p.set_defaults(func=experiment, parser=p)
 
     p = sub.add_parser("report", help="re-render report.md/report.html from RUN_DIR/results.json")
