@@ -130,7 +130,7 @@ def test_experiment_threads_is_runtime_only(run_copy, finished, run_cli, monkeyp
 
     before = (run_copy / "config.json").read_text()
     ran: list = []
-    monkeypatch.setattr("lorasum.study.experiment.run_job", lambda spec, loaded=None, timings=None: ran.append(spec))
+    monkeypatch.setattr("lorasum.study.executors.run_job", lambda spec, loaded=None, timings=None: ran.append(spec))
     threads = torch.get_num_threads()
     try:
         rc, out, err, _ = run_cli("experiment", "--preset", "smoke", "--domains", "colors", "shapes", "--data-dir",

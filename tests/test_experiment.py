@@ -106,7 +106,7 @@ def test_rerun_recomputes_nothing(smoke_run, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a job ran again")
 
-    monkeypatch.setattr("lorasum.study.experiment.run_job", boom)
+    monkeypatch.setattr("lorasum.study.executors.run_job", boom)
     assert main(args) == 0
     assert (root / "run" / "results.json").read_bytes() == before
 

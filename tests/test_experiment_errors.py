@@ -74,7 +74,7 @@ def test_bad_domains(domains, culprits, ddir, tmp_path, run_cli, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the domains were checked")
 
-    monkeypatch.setattr("lorasum.study.experiment.load_model", no_model)
+    monkeypatch.setattr("lorasum.study.executors.load_model", no_model)
     before = listing(tmp_path)
     one_line_error(experiment(run_cli, ddir, tmp_path / "run", domains=domains), *culprits)
     assert listing(tmp_path) == before  # no run folder, no config.json, no timings.json
@@ -129,7 +129,7 @@ def test_out_that_is_a_file(ddir, tmp_path, run_cli):
     f.write_text("x")
     one_line_error(experiment(run_cli, ddir, f), str(f), "exists and is not a folder")
     assert f.read_text() == "x"
-    one_line_error(experiment(run_cli, ddir, f / "run"), str(f / "run"), "cannot be created")
+    one_line_error(experiment(run_cli, ddir, f / "run"), str(f / "run"), f"{f} is a file, not a folder")
 
 
 # --- an existing run folder -------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def run_copy(finished, tmp_path) -> Path:
 
 def no_jobs(monkeypatch) -> list[str]:
     ran: list[str] = []
-    monkeypatch.setattr("lorasum.study.experiment.run_job", lambda spec, loaded=None, timings=None: ran.append(spec["kind"]))
+    monkeypatch.setattr("lorasum.study.executors.run_job", lambda spec, loaded=None, timings=None: ran.append(spec["kind"]))
     return ran
 
 
@@ -187,8 +187,8 @@ def test_different_config_is_refused_then_accepted_with_overwrite(finished, run_
                    "--overwrite")
     assert listing(run_copy) == before
     ran = []
-    real = __import__("lorasum.study.experiment", fromlist=["run_job"]).run_job
-    monkeypatch.setattr("lorasum.study.experiment.run_job", lambda spec, loaded=None, timings=None: (ran.append(spec["kind"]),
+    real = __import__("lorasum.study.executors", fromlist=["run_job"]).run_job
+    monkeypatch.setattr("lorasum.study.executors.run_job", lambda spec, loaded=None, timings=None: (ran.append(spec["kind"]),
                                                                                     real(spec, loaded))[1])
     rc, _, err, _ = experiment(run_cli, data, run_copy, "--overwrite", config={"max_test": 5})
     assert rc == 0, err
@@ -256,7 +256,7 @@ def test_report_on_a_damaged_results_json(damage, culprit, run_copy, run_cli):
 
 
 @pytest.mark.parametrize("text, culprits", [
-    ("not json", ["is not valid JSON"]),
+    ("not json", ["not valid JSON"]),
     ("[1, 2]", ["expected a JSON object", "got list"]),
     ('{"kind": "bake", "run_dir": "r"}', ["'kind' must be one of", "'bake'"]),
     ('{"kind": "eval", "run_dir": "r", "domain": "colors"}', ["an eval job spec needs model, adapters, data"]),

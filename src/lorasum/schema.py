@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 from .errors import LorasumError
 
 T = TypeVar("T")
+_FLOAT_MAX = sys.float_info.max
 
 
 class Mismatch(Exception):
@@ -83,7 +85,9 @@ def convert(tp: Any, v: Any, where: str | None = "config", prefix: str = "", str
         if isinstance(v, bool):
             raise Mismatch
         x = v if strict else number(v)
-        if not isinstance(x, (int, float)) or not math.isfinite(x):
+        if not isinstance(x, (int, float)) or (isinstance(x, float) and not math.isfinite(x)):
+            raise Mismatch
+        if isinstance(x, int) and abs(x) > _FLOAT_MAX:  # 10**400 is an int but no float (nor any sane value)
             raise Mismatch
         if tp is int:
             if isinstance(x, float) and not x.is_integer():  # `1e3` (YAML string) or 1000.0 mean 1000

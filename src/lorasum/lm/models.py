@@ -98,12 +98,16 @@ def check_positions(loaded: "LoadedModel", length: int, key: str = "max_length")
                            f"use at most {limit}", key=key)
 
 
+MAX_THREADS = 1024
+
+
 def set_threads(n: int | None) -> None:
     """torch's intra-op threads (None: torch's choice)."""
     if n is None:
         return
-    if n < 1:
-        raise LorasumError(f"must be at least 1, got {n}", key="threads")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_THREADS:
+        shown = str(n) if len(str(n)) <= 12 else f"{str(n)[:12]}... ({len(str(n))} digits)"
+        raise LorasumError(f"must be a whole number from 1 to {MAX_THREADS}, got {shown}", key="threads")
     torch.set_num_threads(n)
 
 

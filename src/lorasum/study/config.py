@@ -16,6 +16,7 @@ from ..errors import LorasumError
 from ..files import read_json
 from ..lm.data import SPLITS, DataConfig, check_domain
 from ..lm.train import INIT_MODES, TrainConfig, check_seed
+from ..lm.models import MAX_THREADS
 from ..tune.search import HEARTBEAT_S
 from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
 from .grid import COMPOSITIONS
@@ -23,7 +24,6 @@ from .grid import COMPOSITIONS
 TUNE_MODES = ("shared", "per_partition")
 EVAL_SCOPES = ("all", "own")
 MAX_BOOTSTRAP = 100_000  # resamples: more would only exhaust memory after the whole grid has run
-MAX_THREADS = 1024
 MAX_RECORDS = 10**9  # record caps and minimums: a bigger number means "all" and only overflows the work estimate
 MAX_HEARTBEAT_S = 86_400
 

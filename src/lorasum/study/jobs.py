@@ -312,7 +312,7 @@ def _readable(artifact: Path, files: list[Path]) -> bool:
 def run_job(spec: dict, loaded: LoadedModel | None = None, timings: dict | None = None) -> Path:
     """Run one job and return its artifact path; `loaded` reuses an in-process model (else it is loaded). Timings
     the job measures itself (e.g. compose + apply) are added to `timings`."""
-    kind = JOB_KINDS.get(spec.get("kind"))
+    kind = JOB_KINDS.get(spec["kind"]) if isinstance(spec.get("kind"), str) else None
     if kind is None:
         raise LorasumError(f"job spec: 'kind' must be one of {', '.join(JOB_KINDS)}, got {spec.get('kind')!r}")
     out = artifact_path(spec)
@@ -331,7 +331,7 @@ def check_spec(spec, where: str) -> None:
     fix = "write it again from the plan (experiment.plan) or rerun the experiment"
     if not isinstance(spec, dict):
         raise LorasumError(f"{where}: expected a JSON object (a job spec), got {type(spec).__name__}; {fix}")
-    kind = JOB_KINDS.get(spec.get("kind"))
+    kind = JOB_KINDS.get(spec["kind"]) if isinstance(spec.get("kind"), str) else None
     if kind is None:
         raise LorasumError(f"{where}: 'kind' must be one of {', '.join(JOB_KINDS)}, got {spec.get('kind')!r}")
     missing = [k for k in ("run_dir", *kind.required) if k not in spec]
