@@ -13,22 +13,21 @@ import itertools
 import json
 import shutil
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..errors import LorasumError
 from ..files import atomic_write_json, check_out_path, sha256_file, sweep
 from ..lm.data import SPLITS, load_domain, parse_spec, partition_domains, require_nonempty, resolve_source
-from ..lm.models import load_model, set_threads
 from ..lm.train import init_seed
 from ..lock import LOCK_FILE, folder_lock
 from ..progress import progress
 from ..report.render import write_report
 from ..schema import config_diff
 from .config import ExperimentConfig
+from .executors import ExecutorOptions, run_ray, run_serial
 from .grid import adapter, eval_domains, model_catalog, partition_name, subsets
-from .jobs import JOB_KINDS, is_done, run_job, with_key
+from .jobs import JOB_KINDS, is_done, with_key
 from .results import assemble
 from .tuning import run_tuning
 
@@ -210,12 +209,16 @@ def _remove_if_unused(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool = False, loaded=None) -> dict:
-    """Run (or resume) the grid, then write results.json, timings.json and the report.
+def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool = False, loaded=None,
+                   executor: ExecutorOptions | None = None, placements: list | None = None) -> dict:
+    """Run (or resume) the grid on `executor` (default: serial, in this process), then write results.json,
+    timings.json and the report. With Ray, `placements` collects where and when each job ran.
 
     The run folder is locked for the whole call (a second run on it is refused, naming this one), and the leftovers
     of an interrupted earlier run (temp files, half-replaced folders) are repaired or removed before any job runs.
     """
+    executor = executor or ExecutorOptions()
+    executor.check()
     run_dir = Path(run_dir).resolve()
     # absolute before the comparison with the saved config: a rerun from the same folder with the same relative
     # --data-dir (or LORASUM_DATA_DIR) must resume
@@ -235,7 +238,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
             sweep(run_dir)
             _check_run_dir(cfg, run_dir, overwrite)  # again, now that no other run can change it
             _check_domains(cfg)
-            return _run(cfg, run_dir, plans(cfg, run_dir), loaded)
+            return _run(cfg, run_dir, plans(cfg, run_dir), loaded, executor, placements)
     except BaseException:
         if made:  # a refused or interrupted first run leaves no folder behind (unless a job finished)
             _remove_if_unused(run_dir)
@@ -260,8 +263,10 @@ def _jobs(p: dict) -> list[dict]:
             *p["checks"].values(), *p["evals"].values()]
 
 
-def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded) -> dict:
-    """The planned run in an existing folder: config.json, tuning, the missing jobs, results and report."""
+def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded, executor: ExecutorOptions,
+         placements: list | None) -> dict:
+    """The planned run in an existing folder: config.json, tuning, the missing jobs (on `executor`), results and
+    report."""
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     tuning = None
     if cfg.tune:  # tuned parameters replace cfg.train in the train jobs (and so in their keys)
@@ -276,21 +281,21 @@ def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded) -> d
     except (UnicodeDecodeError, json.JSONDecodeError):
         timings = {}
     timings = timings if isinstance(timings, dict) else {}
-    if pending and loaded is None and any(JOB_KINDS[j["kind"]].needs_model for j in pending):
-        set_threads(cfg.threads)
-        loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
     labels = _labels(ps)
     total = sum(JOB_KINDS[j["kind"]].work(j) for j in pending)
     with progress(total=round(total), desc="grid", unit="u") as bar:
-        for i, job in enumerate(pending, 1):
-            label = job.get("partition") or job.get("domain") or job["key"]
-            bar.set_postfix_str(f"job {i}/{len(pending)} {job['kind']} {label}")
-            t0 = time.perf_counter()
-            entry = {"kind": job["kind"], **labels.get(job["key"], {})}
-            run_job(job, loaded, entry)
-            timings[job["key"]] = {**entry, "wall_s": round(time.perf_counter() - t0, 3)}
+        def on_done(job: dict, measured: dict, wall_s: float) -> None:
+            timings[job["key"]] = {"kind": job["kind"], **labels.get(job["key"], {}), **measured,
+                                   "wall_s": round(wall_s, 3)}
             atomic_write_json(timings_path, timings)
+            label = job.get("partition") or job.get("domain") or job["key"]
+            bar.set_postfix_str(f"done {len(timings)}/{len(jobs)} {job['kind']} {label}")
             bar.update(round(JOB_KINDS[job["kind"]].work(job)))
+
+        if executor.kind == "ray" and pending:
+            run_ray(pending, run_dir, cfg.threads or 1, executor, on_done, placements)
+        else:
+            run_serial(pending, loaded, cfg.threads, on_done)
     results = assemble(cfg, ps, run_dir, tuning)
     write_report(run_dir, results)
     return results

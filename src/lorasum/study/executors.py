@@ -1,0 +1,267 @@
+"""Where the grid's jobs run: in this process one after another (`serial`), or fanned out over Ray workers (`ray`).
+
+Executors are runtime choices, never part of the config, its hash or the results: a job's artifact depends only on
+its spec and the thread count it ran with, so a run started serially resumes on Ray and the other way round, and
+both give byte-identical results at the same threads per job.
+
+Ray assumes no shared filesystem. The driver ships each job the data files and adapters it reads (through Ray's
+object store), a worker runs it in a private temporary run folder, sends the artifact's bytes back, and the driver
+publishes it atomically in the real run folder. Each worker is an actor that loads the base model once and keeps it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LorasumError
+from ..files import atomic_dir, atomic_write_bytes
+from ..lm.data import partition_domains, resolve_source
+from ..lm.models import LoadedModel, load_model, set_threads
+from .jobs import JOB_KINDS, adapter_dir, artifact_path, run_job
+
+EXECUTORS = ("serial", "ray")
+RETRIES = 3  # a job whose worker died is run again elsewhere this many times
+OnDone = Callable[[dict, dict, float], None]  # (spec, timings the job measured, wall seconds)
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """How to run the jobs (not what they compute)."""
+
+    kind: str = "serial"
+    workers: int | None = None  # ray: worker processes (default: the cluster's CPUs ÷ threads per job)
+    address: str | None = None  # ray: join this cluster (HOST:PORT) instead of starting a local one
+
+    def check(self) -> None:
+        if self.kind not in EXECUTORS:
+            raise LorasumError(f"must be one of {', '.join(EXECUTORS)}, got {self.kind!r}", key="executor")
+        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
+            raise LorasumError(f"must be at least 1, got {self.workers}", key="workers")
+        if self.kind == "serial" and (self.workers is not None or self.address):
+            raise LorasumError("--workers and --address apply to --executor ray only", key="executor")
+        if self.address is not None:
+            host, _, port = self.address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise LorasumError(f"must be HOST:PORT (e.g. 127.0.0.1:6379), got {self.address!r}", key="address")
+
+
+def needed_adapters(spec: dict) -> list[str]:
+    """The train keys whose adapters a job reads, in a stable order."""
+    kind = JOB_KINDS[spec["kind"]]
+    keys = [t["train_key"] for field in kind.terms for t in spec[field]]
+    keys += list(spec.get("all", []))
+    return list(dict.fromkeys(keys))
+
+
+def needed_sources(spec: dict) -> list[str]:
+    """The local data files a job reads (hub datasets are fetched by the worker itself)."""
+    names = []
+    if "partition" in spec:
+        names += partition_domains(spec["partition"])
+    if "domain" in spec:
+        names.append(spec["domain"])
+    names += list(spec.get("domains", []))
+    files = []
+    for name in dict.fromkeys(names):
+        path = resolve_source(name.split("[", 1)[0], spec.get("data_dir"))
+        if not path.startswith("hf:"):
+            files.append(path)
+    return files
+
+
+def run_serial(jobs: list[dict], loaded: LoadedModel | None, threads: int | None, on_done: OnDone) -> None:
+    """Today's path: every job in this process, in the given order (which respects what each reads)."""
+    for job in jobs:
+        if loaded is None and JOB_KINDS[job["kind"]].needs_model:
+            set_threads(threads)
+            loaded = load_model(job["model"], job.get("device"), job.get("dtype"), job.get("autocast"))
+        t0 = time.perf_counter()
+        measured: dict = {}
+        run_job(job, loaded, measured)
+        on_done(job, measured, time.perf_counter() - t0)
+
+
+# --- the worker side ------------------------------------------------------------------------------------------------
+def run_detached(spec: dict, sources: dict[str, bytes], adapters: dict[str, dict[str, bytes]],
+                 loaded: LoadedModel | None) -> tuple[dict[str, bytes], dict]:
+    """Run one job in a private temporary run folder from shipped inputs; returns its artifact's files (relative
+    path → bytes; one entry "" for a JSON artifact) and the timings it measured."""
+    with tempfile.TemporaryDirectory(prefix="lorasum-job-") as tmp:
+        run_dir, data_dir = Path(tmp) / "run", Path(tmp) / "data"
+        data_dir.mkdir()
+        for name, data in sources.items():
+            (data_dir / name).write_bytes(data)
+        for key, files in adapters.items():
+            folder = adapter_dir(run_dir, key)
+            folder.mkdir(parents=True)
+            for rel, data in files.items():
+                (folder / rel).write_bytes(data)
+        local = {**spec, "run_dir": str(run_dir), **({"data_dir": str(data_dir)} if sources else {})}
+        measured: dict = {}
+        out = run_job(local, loaded, measured)
+        return read_artifact(out), measured
+
+
+def read_artifact(path: Path) -> dict[str, bytes]:
+    if path.is_dir():
+        return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {"": path.read_bytes()}
+
+
+def publish(spec: dict, files: dict[str, bytes]) -> None:
+    """Write a worker's artifact into the driver's run folder, atomically."""
+    path = artifact_path(spec)
+    if set(files) == {""}:
+        atomic_write_bytes(path, files[""])
+        return
+    with atomic_dir(path, overwrite=True) as tmp:
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+
+
+class Worker:
+    """One Ray actor: loads each base model once and runs jobs on it with a fixed thread count."""
+
+    def __init__(self, threads: int):
+        set_threads(threads)
+        self.models: dict[tuple, LoadedModel] = {}
+
+    def where(self) -> dict:
+        import ray
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id()}
+
+    def run(self, spec: dict, source_names: list[str], adapter_keys: list[str], *blobs):
+        """Run `spec`; `blobs` are the sources' bytes then the adapters' files (Ray resolves them from the object
+        store), in the order of the two name lists."""
+        sources = dict(zip(source_names, blobs[:len(source_names)]))
+        adapters = dict(zip(adapter_keys, blobs[len(source_names):]))
+        loaded = None
+        if JOB_KINDS[spec["kind"]].needs_model:
+            key = (spec["model"], spec.get("device"), spec.get("dtype"), spec.get("autocast"))
+            if key not in self.models:
+                self.models[key] = load_model(*key)
+            loaded = self.models[key]
+        t0 = time.time()
+        files, measured = run_detached(spec, sources, adapters, loaded)
+        return files, measured, {**self.where(), "start": t0, "end": time.time()}
+
+
+# --- the driver side ------------------------------------------------------------------------------------------------
+LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0",  # no usage reports
+             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local runtime: every component on the loopback address
+
+
+def import_ray(local: bool):
+    """Ray, imported on demand (an optional extra); a local runtime is pinned to 127.0.0.1 before the import."""
+    if local:
+        for k, v in LOCAL_ENV.items():
+            os.environ.setdefault(k, v)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        raise LorasumError("--executor ray needs Ray: pip install 'lorasum[ray]' (or pip install ray) on the driver "
+                           "and every node", key="executor") from None
+    return ray
+
+
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """Refuse within seconds an address where nothing listens (ray.init would retry for a minute)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise LorasumError(f"{address}: no Ray cluster answers ({e.strerror or e}); start one with `ray start --head "
+                           f"--port {port}` on that machine, or omit --address to run a local one",
+                           key="address") from None
+
+
+def connect(opts: ExecutorOptions, threads: int, env: dict | None = None):
+    """Join the cluster at --address, or start a local runtime with room for --workers × threads; returns (ray,
+    whether this call started it)."""
+    ray = import_ray(local=opts.address is None)
+    if ray.is_initialized():
+        return ray, False
+    runtime_env = {"env_vars": {k: v for k, v in {**os.environ, **(env or {})}.items() if k.startswith("LORASUM_")}}
+    kw = dict(log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
+    if opts.address:
+        _probe(opts.address)
+        ray.init(address=opts.address, **kw)
+    else:
+        ray.init(num_cpus=(opts.workers or max(1, (os.cpu_count() or 1) // threads)) * threads,
+                 include_dashboard=False, _node_ip_address="127.0.0.1", **kw)
+    return ray, True
+
+
+def run_ray(jobs: list[dict], run_dir: Path, threads: int, opts: ExecutorOptions, on_done: OnDone,
+            placements: list | None = None) -> None:
+    """Run `jobs` on Ray workers, each job as soon as the adapters it reads exist; publish each artifact here.
+
+    A worker that dies mid-job is replaced and the job runs again (up to RETRIES times); a job's own error stops the
+    run after the jobs already finished are published. `placements` collects where and when each job ran.
+    """
+    ray, started = connect(opts, threads)
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", threads))
+        n = opts.workers or max(1, cpus // threads)
+        actor = ray.remote(num_cpus=threads, max_restarts=0)(Worker)
+        idle = [actor.remote(threads) for _ in range(n)]
+        blobs: dict[str, object] = {}  # path or train key -> object ref, shipped once
+
+        def blob(name: str, read: Callable[[], object]):
+            if name not in blobs:
+                blobs[name] = ray.put(read())
+            return blobs[name]
+
+        def ready(job: dict) -> bool:
+            return all((adapter_dir(run_dir, k) / "adapter_model.safetensors").is_file() for k in needed_adapters(job))
+
+        def submit(job: dict, worker, tries: int) -> None:
+            sources = needed_sources(job)
+            keys = needed_adapters(job)
+            refs = [blob(p, lambda p=p: Path(p).read_bytes()) for p in sources]
+            refs += [blob(k, lambda k=k: read_artifact(adapter_dir(run_dir, k))) for k in keys]
+            in_flight[worker.run.remote(job, [Path(p).name for p in sources], keys, *refs)] = (job, worker, tries)
+
+        queue, in_flight = list(jobs), {}
+        while queue or in_flight:
+            for job in [j for j in queue if ready(j)][:len(idle)]:
+                queue.remove(job)
+                submit(job, idle.pop(), 0)
+            if not in_flight:
+                raise LorasumError(f"{len(queue)} job(s) wait for adapters no job makes (first: {queue[0]['key']}); "
+                                   "rerun the experiment to re-plan")
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            job, worker, tries = in_flight.pop(ref)
+            try:
+                files, measured, where = ray.get(ref)
+            except ray.exceptions.RayActorError:  # the worker process died: replace it, run the job again
+                if tries >= RETRIES:
+                    raise LorasumError(f"job {job['key']} lost its worker {tries + 1} times; check the nodes' "
+                                       "memory and logs (ray logs) and rerun to resume") from None
+                replacement = actor.remote(threads)
+                submit(job, replacement, tries + 1)
+                continue
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, LorasumError):
+                    raise LorasumError(f"job {job['key']}: {cause}", key=cause.key) from None
+                raise cause if isinstance(cause, BaseException) else e
+            publish(job, files)
+            idle.append(worker)
+            on_done(job, measured, where["end"] - where["start"])
+            if placements is not None:
+                placements.append({"key": job["key"], **where})
+    finally:
+        if started:
+            ray.shutdown()
