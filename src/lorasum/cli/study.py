@@ -14,6 +14,7 @@ from .args import add_data_args, add_model_args, data_config, load, train_config
 def experiment(args: argparse.Namespace) -> int:
     from ..errors import LorasumError
     from ..study.config import PRESETS, load_config
+    from ..study.executors import ExecutorOptions
     from ..study.experiment import run_experiment
 
     if not args.preset and not args.config:
@@ -22,8 +23,10 @@ def experiment(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or os.environ.get("LORASUM_DATA_DIR")
     if data_dir:
         overrides["data_dir"] = data_dir
+    executor = ExecutorOptions(args.executor, args.workers, args.address, args.threads)
+    executor.check()
     cfg = load_config(args.config, args.preset, overrides)
-    res = run_experiment(cfg, args.out, args.overwrite)
+    res = run_experiment(cfg, args.out, args.overwrite, executor=executor)
     for f in res["findings"]:
         print(f"{f['claim']} — {f['subject']}: {f['verdict']} ({f['evidence']})")
     print(f"report: {os.path.join(args.out, 'report.html')}")
@@ -78,6 +81,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="switch an existing run folder to this config")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; a "
                    "config that sets `threads` takes precedence); a runtime setting, not part of the config")
+    p.add_argument("--executor", choices=("serial", "ray"), default="serial", help="where the jobs run: serial (this "
+                   "process, one after another) or ray (Ray workers; pip install 'lorasum[ray]'); results are "
+                   "identical at the same threads per job, and a run resumes on either")
+    p.add_argument("--workers", type=int, default=None, help="ray: worker processes (default: CPUs ÷ threads per "
+                   "job; each worker loads the model once and runs jobs with the config's threads, else --threads, "
+                   "else 1)")
+    p.add_argument("--address", default=None, metavar="HOST:PORT", help="ray: join this running cluster (started with "
+                   "`ray start --head`) instead of starting a local one")
     p.set_defaults(func=experiment, parser=p)
 
     p = sub.add_parser("report", help="re-render report.md/report.html from RUN_DIR/results.json")

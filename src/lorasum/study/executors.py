@@ -11,6 +11,7 @@ publishes it atomically in the real run folder. Each worker is an actor that loa
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import tempfile
@@ -26,6 +27,7 @@ from ..lm.models import LoadedModel, load_model, set_threads
 from .jobs import JOB_KINDS, adapter_dir, artifact_path, run_job
 
 EXECUTORS = ("serial", "ray")
+_NO_RAY = "ray needs Ray installed: pip install 'lorasum[ray]' (or pip install ray) on the driver and every node"
 RETRIES = 3  # a job whose worker died is run again elsewhere this many times
 OnDone = Callable[[dict, dict, float], None]  # (spec, timings the job measured, wall seconds)
 
@@ -37,6 +39,7 @@ class ExecutorOptions:
     kind: str = "serial"
     workers: int | None = None  # ray: worker processes (default: the cluster's CPUs ÷ threads per job)
     address: str | None = None  # ray: join this cluster (HOST:PORT) instead of starting a local one
+    threads: int | None = None  # ray: torch threads per job when the config leaves them to torch (default 1)
 
     def check(self) -> None:
         if self.kind not in EXECUTORS:
@@ -49,6 +52,15 @@ class ExecutorOptions:
             host, _, port = self.address.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise LorasumError(f"must be HOST:PORT (e.g. 127.0.0.1:6379), got {self.address!r}", key="address")
+        if self.kind == "ray":
+            try:
+                found = importlib.util.find_spec("ray") is not None
+            except ValueError:  # a module entry without a spec (e.g. blocked in sys.modules)
+                found = False
+            if not found:
+                raise LorasumError(_NO_RAY, key="executor")
+            if self.address is not None:
+                _probe(self.address)
 
 
 def needed_adapters(spec: dict) -> list[str]:
@@ -156,6 +168,7 @@ class Worker:
 
 # --- the driver side ------------------------------------------------------------------------------------------------
 LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0",  # no usage reports
+             "RAY_AUTH_MODE": "token",  # token authentication, chosen explicitly (Ray warns when left implicit)
              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local runtime: every component on the loopback address
 
 
@@ -169,8 +182,7 @@ def import_ray(local: bool):
     try:
         import ray
     except ImportError:
-        raise LorasumError("--executor ray needs Ray: pip install 'lorasum[ray]' (or pip install ray) on the driver "
-                           "and every node", key="executor") from None
+        raise LorasumError(_NO_RAY, key="executor") from None
     return ray
 
 
@@ -195,7 +207,6 @@ def connect(opts: ExecutorOptions, threads: int, env: dict | None = None):
     runtime_env = {"env_vars": {k: v for k, v in {**os.environ, **(env or {})}.items() if k.startswith("LORASUM_")}}
     kw = dict(log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
     if opts.address:
-        _probe(opts.address)
         ray.init(address=opts.address, **kw)
     else:
         ray.init(num_cpus=(opts.workers or max(1, (os.cpu_count() or 1) // threads)) * threads,

@@ -293,7 +293,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded, exec
             bar.update(round(JOB_KINDS[job["kind"]].work(job)))
 
         if executor.kind == "ray" and pending:
-            run_ray(pending, run_dir, cfg.threads or 1, executor, on_done, placements)
+            run_ray(pending, run_dir, cfg.threads or executor.threads or 1, executor, on_done, placements)
         else:
             run_serial(pending, loaded, cfg.threads, on_done)
     results = assemble(cfg, ps, run_dir, tuning)

@@ -1,0 +1,177 @@
+"""The grid on Ray: byte-identical results to the serial executor at the same threads per job, jobs really spread over
+two workers (and over two nodes of a real cluster pinned to 127.0.0.1), a killed worker's job retried elsewhere, a
+killed driver resumed without recomputing finished jobs, and bad executor options refused in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lorasum.study.executors import LOCAL_ENV
+
+for _k, _v in LOCAL_ENV.items():  # before Ray is imported anywhere in this process: every address on 127.0.0.1
+    os.environ.setdefault(_k, _v)
+
+ray = pytest.importorskip("ray", reason="the Ray extra is not installed: pip install 'lorasum[ray]'")
+
+from conftest import write_smoke_domains  # noqa: E402
+
+from lorasum.cli.main import main  # noqa: E402
+from lorasum.study.config import load_config  # noqa: E402
+from lorasum.study.executors import ExecutorOptions  # noqa: E402
+from lorasum.study.experiment import run_experiment  # noqa: E402
+
+ENV = {**os.environ, "LORASUM_PROGRESS": "0"}
+DOMAINS = ["alpha", "beta", "gamma"]
+
+
+def _args(data: Path, out: Path, *extra) -> list[str]:
+    """The CLI run matching the `serial` fixture: one thread per job, set in the config (so recorded with it)."""
+    return ["experiment", "--preset", "smoke", "--config", str(data.parent / "threads.yaml"), "--domains", *DOMAINS,
+            "--data-dir", str(data), "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    """The smoke grid run serially with one thread per job: the reference bytes."""
+    root = tmp_path_factory.mktemp("executors")
+    write_smoke_domains(root / "data")
+    (root / "threads.yaml").write_text("threads: 1\n")
+    cfg = load_config(None, "smoke", {"domains": DOMAINS, "data_dir": str(root / "data"), "threads": 1})
+    run_experiment(cfg, root / "serial")
+    return root, (root / "serial" / "results.json").read_bytes()
+
+
+def _overlap(spans: list[tuple[float, float]]) -> bool:
+    spans = sorted(spans)
+    return any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
+def test_ray_with_two_workers_gives_the_serial_results_byte_for_byte(serial):
+    root, want = serial
+    cfg = load_config(None, "smoke", {"domains": DOMAINS, "data_dir": str(root / "data"), "threads": 1})
+    placements: list[dict] = []
+    run_experiment(cfg, root / "ray", executor=ExecutorOptions("ray", workers=2), placements=placements)
+    assert (root / "ray" / "results.json").read_bytes() == want
+    pids = {p["pid"] for p in placements}
+    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes, not the driver
+    assert _overlap([(p["start"], p["end"]) for p in placements])  # at the same time, not one after another
+    assert not ray.is_initialized()  # the local runtime this run started is gone
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_results_are_identical(serial, tmp_path):
+    root, want = serial
+    marker = tmp_path / "train.marker"
+    env = {**ENV, "LORASUM_TEST_PAUSE": "train", "LORASUM_TEST_PAUSE_MARKER": str(marker)}
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lorasum.cli", *_args(root / "data", out, "--executor", "ray",
+                                                                          "--workers", "2")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() - t0 < 240
+        time.sleep(0.05)
+    worker = int(marker.read_text())
+    assert worker != proc.pid
+    os.kill(worker, signal.SIGKILL)  # the actor's process, inside its first training job
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    assert (out / "results.json").read_bytes() == want
+
+
+def test_a_killed_driver_resumes_on_either_executor_without_recomputing_finished_jobs(serial, tmp_path):
+    root, want = serial
+    marker = tmp_path / "write.marker"
+    out = tmp_path / "run"
+    env = {**ENV, "LORASUM_TEST_PAUSE": "write:/evals/", "LORASUM_TEST_PAUSE_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "lorasum.cli", *_args(root / "data", out, "--executor", "ray",
+                                                                          "--workers", "2")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    while not marker.exists():
+        assert proc.poll() is None
+        assert time.time() - t0 < 240
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the driver, while publishing its first eval artifact
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("adapters/*/adapter_model.safetensors")}
+    assert len(finished) == 10 and not (out / "results.json").exists()
+    time.sleep(2)  # Ray's processes notice their driver is gone
+    res = subprocess.run([sys.executable, "-m", "lorasum.cli", *_args(root / "data", out)], env=ENV,
+                         capture_output=True, text=True)  # resumed serially
+    assert res.returncode == 0, res.stderr
+    assert (out / "results.json").read_bytes() == want
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # no adapter was trained again
+
+
+def test_the_grid_spreads_over_two_nodes_of_a_real_cluster_all_on_127_0_0_1(serial):
+    from ray.cluster_utils import Cluster
+
+    root, want = serial
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                             "node_ip_address": "127.0.0.1"})
+    try:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        cluster.wait_for_nodes()
+        nodes = ray.nodes()
+        assert len(nodes) == 2
+        assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
+        assert ray.util.get_node_ip_address() == "127.0.0.1"  # the driver too
+        cfg = load_config(None, "smoke", {"domains": DOMAINS, "data_dir": str(root / "data"), "threads": 1})
+        placements: list[dict] = []
+        run_experiment(cfg, root / "cluster", executor=ExecutorOptions("ray", address=cluster.address),
+                       placements=placements)
+        assert {p["node"] for p in placements} == {n["NodeID"] for n in nodes}
+        assert (root / "cluster" / "results.json").read_bytes() == want
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra,culprits", [
+    (["--executor", "ray", "--address", "127.0.0.1:{port}"], ["--address 127.0.0.1:{port}: no Ray cluster answers"]),
+    (["--executor", "ray", "--workers", "0"], ["--workers must be at least 1, got 0"]),
+    (["--workers", "2"], ["--workers and --address apply to --executor ray only"]),
+    (["--executor", "ray", "--address", "nohost"], ["--address must be HOST:PORT"]),
+])
+def test_bad_executor_options_are_one_line_within_seconds(serial, tmp_path, capsys, extra, culprits):
+    root, _ = serial
+    port = _closed_port()
+    t0 = time.time()
+    rc = main(_args(root / "data", tmp_path / "run", *[a.format(port=port) for a in extra]))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    for c in culprits:
+        assert c.format(port=port) in err
+    assert time.time() - t0 < 10
+    assert not (tmp_path / "run").exists()
+
+
+def test_ray_not_installed_says_how_to_install_it(serial, tmp_path, capsys, monkeypatch):
+    root, _ = serial
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    assert main(_args(root / "data", tmp_path / "run", "--executor", "ray")) == 2
+    assert "pip install 'lorasum[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_worker_that_cannot_load_the_model_stops_the_run_naming_the_job(serial, tmp_path, capsys):
+    root, _ = serial
+    rc = main(_args(root / "data", tmp_path / "run", "--executor", "ray", "--workers", "1", "--model",
+                    str(tmp_path / "no-such-model")))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("lorasum: error: job ") and "no-such-model" in err, err
