@@ -72,7 +72,7 @@ def test_registries_are_plain_dicts_keyed_by_name():
     assert [k for k, j in JOB_KINDS.items() if not j.needs_model] == ["similarity"]
     assert list(grid.COMPOSITIONS) == ["sum", "mean", "best_single", "level2_plus_one", "unlearning"]
     assert set(BLOCK_KINDS) == {"paragraph", "note", "table", "figures"}
-    assert list(SECTIONS)[:2] == ["claims", "findings"] and list(SECTIONS)[-1] == "provenance"
+    assert list(SECTIONS)[:3] == ["claims", "tables_3_4", "figures"] and list(SECTIONS)[-1] == "provenance"
 
 
 def test_model_names_come_from_the_typed_value():
@@ -87,8 +87,8 @@ def test_model_names_come_from_the_typed_value():
     assert cat.find("mean", ("math", "finance")) is None and not cat.of("unlearn")
 
 
-def test_templates_escape_html_only(monkeypatch):
-    """The same blocks through both templates: HTML autoescaped, markdown verbatim (only `|` in cells escaped)."""
+def test_templates_escape_html_only_and_markdown_escapes_its_own(monkeypatch):
+    """The same blocks through both templates: HTML autoescaped, markdown escaped as markdown (text stays text)."""
     from lorasum.report import render
     from lorasum.report.blocks import Figures, Note, Paragraph, Section, Table
 
@@ -96,11 +96,11 @@ def test_templates_escape_html_only(monkeypatch):
                                   Table(["<th>", "b"], [["x|y", "<td>"]], "cap & <i>"), Figures(("fig",))])]
     monkeypatch.setattr(render, "sections", lambda r: blocks)
     md = render.render_md({})
-    assert md == ("# lorasum experiment report\n\n## <h> & co\n\n"
-                  "a <script>x</script> **bold**\n\n*n < m*\n\n"
-                  "| <th> | b |\n|---|---|\n| x\\|y | <td> |\n*cap & <i>*\n\n![fig](figures/fig.png)\n")
+    assert md == ("# lorasum experiment report\n\n## \\<h\\> & co\n\n"
+                  "a \\<script\\>x\\</script\\> \\*\\*bold\\*\\*\n\n*n \\< m*\n\n*cap & \\<i\\>*\n\n"
+                  "| \\<th\\> | b |\n|---|---|\n| x\\|y | \\<td\\> |\n\n![fig](figures/fig.png)\n\n*fig*\n")
     html = render.render_html({}, {"fig": b"\x89PNG"})
-    assert "<h2>&lt;h&gt; &amp; co</h2>" in html and "<p>a &lt;script&gt;x&lt;/script&gt; bold</p>" in html
+    assert "<h2>&lt;h&gt; &amp; co</h2>" in html and "<p>a &lt;script&gt;x&lt;/script&gt; **bold**</p>" in html
     assert "<th>&lt;th&gt;</th>" in html and "<td>x|y</td><td>&lt;td&gt;</td>" in html
     assert '<p class=cap>cap &amp; &lt;i&gt;</p>' in html and "<script>" not in html
     assert 'src="data:image/png;base64,iVBORw=="' in html and "<figcaption>fig</figcaption>" in html

@@ -1,4 +1,5 @@
-"""The report's figures as PNG bytes: RMS vs %Δ perplexity (paper Fig. 1), per-layer cosine heatmap, perplexity bars."""
+"""The report's figures as PNG bytes: RMS vs %Δ perplexity (paper Fig. 1), per-layer cosine heatmap, perplexity bars,
+the unlearning curve; and each figure's alt text and caption (`figure_text`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from matplotlib.ticker import LogFormatter, ScalarFormatter
 from ..charts import png, pyplot
 from ..stats import fit_band
 from .ordering import find_model, pair_order
+from .paper import FIT
 
 
 def split_layer(name: str) -> tuple[int, str]:
@@ -229,3 +231,56 @@ def available(results: dict) -> list[str]:
     """The figures this results file can draw (the unlearning curve needs the λ sweep of schema 2)."""
     sweep = any("sweep" in u for u in results.get("unlearning", []))
     return [n for n in FIGURES if n != "unlearning_curve" or sweep]
+
+
+def _fit_text(results: dict) -> str:
+    fit = results["fit"]
+    if fit.get("slope") is None:
+        return "Too few points for a fit."
+    unit = "pairs (each the mean over seeds)" if len(results["config"]["seeds"]) > 1 else "pairs"
+    return (f"Fit over {fit['n']} {unit}: y = {fit['slope']:.2f}x {fit['intercept']:+.2f}, r² {fit['r2']:.3f}"
+            + (f", slope CI [{fit['slope_ci'][0]:.1f}, {fit['slope_ci'][1]:.1f}]." if fit.get("slope_ci")
+               else ", too few points for a slope CI."))
+
+
+def _span(xs: list[float], fmt: str) -> str:
+    return "none" if not xs else fmt.format(xs[0]) if min(xs) == max(xs) else \
+        f"{fmt.format(min(xs))} to {fmt.format(max(xs))}"
+
+
+def figure_text(results: dict, name: str) -> tuple[str, str]:
+    """(alt text, caption) of a report figure: what it shows, with its numbers, and how to read it."""
+    level = int(100 * results["config"].get("ci_level", 0.95))
+    if name == "rms_vs_pct_change":
+        rows = [c for c in results["compositions"] if c["level"] == 2 and "pct_change" in c]
+        pts = "; ".join(f"{' + '.join(c['subset'])}: RMS {results['pairs'].get('|'.join(c['subset']), c)['rms']:.4f}"
+                        f", {c['pct_change']['mean']:+.1f}%" for c in rows)
+        nulls = [p["null"]["mean"] for p in results["pairs"].values() if "null" in p]
+        ceils = [p["ceiling"] for p in results["pairs"].values() if p.get("ceiling") is not None]
+        return (f"Scatter of % change in perplexity (summed vs merged) against RMS cosine similarity for {len(rows)} "
+                f"pairs ({pts or 'none'}); random null RMS {_span(nulls, '{:.4f}')}, same-domain ceilings "
+                f"{_span(ceils, '{:.4f}')}.",
+                f"Headline: each point is a pair of fundamental blocks; x = how similar their deltas are (RMS of the "
+                f"per-layer cosines), y = how much worse (above 0) or better (below 0) their sum does than the "
+                f"block trained on the pair's merged data, with its {level}% CI. Dotted line: the RMS of two unrelated "
+                f"random deltas; dashed: the RMS of two adapters of the same domain. {_fit_text(results)} Paper (GPT-2 small, their "
+                f"data): {FIT}.")
+    if name == "perplexity_bars":
+        return ("Grouped bar chart of test perplexity per domain for the base model, each fundamental block, the "
+                "block trained on all domains' merged data, their sum and their mean, with confidence intervals.",
+                f"Lower is better. Per domain, compare the sum with the merged-data block and with that domain's own "
+                f"block; error bars: {level}% CI.")
+    if name == "cosine_heatmap":
+        pairs = results["pairs"]
+        vals = [v for p in pairs.values() for v in p["layers"].values()]
+        return (f"Heatmap of the cosine similarity between the deltas of {len(pairs)} pairs of fundamental blocks at "
+                f"each of {max((len(p['layers']) for p in pairs.values()), default=0)} layers; cosines "
+                f"{_span(vals, '{:+.2f}')}.",
+                "One row per pair, one column per layer (grouped by module, deeper to the right). White: "
+                "orthogonal (cosine 0); red: the deltas point the same way; blue: opposite ways.")
+    if name == "unlearning_curve":
+        return ("Line chart, one line per removed domain, of forgetting against retention as the subtraction "
+                "weight λ grows, on the validation split; the chosen λ is ringed.",
+                "y = 1: the removed domain is forgotten as if never trained; left of the dotted line: every other "
+                "domain keeps its perplexity within the tolerance. The ringed λ is the one chosen on validation.")
+    return name.replace("_", " "), name.replace("_", " ")

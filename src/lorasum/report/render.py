@@ -1,5 +1,5 @@
 """report.md and a self-contained report.html (figures embedded) from results.json alone, through the jinja2
-templates beside this module (autoescaping on for the HTML only).
+templates beside this module: autoescaping for the HTML, markdown escaping (text.md) for report.md.
 
 `lorasum report RUN_DIR` re-renders without recomputing anything.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 from pathlib import Path
 
 import jinja2
@@ -15,29 +16,49 @@ import jinja2
 from ..errors import LorasumError
 from ..files import atomic_write_bytes, atomic_write_text
 from .figures import FIGURES, available
+from .overview import run_facts
 from .science import speed_section
 from .sections import sections
+from .text import cell_html, md, slug, tone
 from .tuning import tuning_pngs
 
 _TEMPLATES = Path(__file__).with_name("templates")
 
 
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's header, so the page keeps each figure's box before it is decoded."""
+    return struct.unpack(">II", data[16:24]) if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 else (0, 0)
+
+
 def _env(autoescape: bool) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=autoescape, trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    env.filters["md_cell"] = lambda c: c.replace("|", "\\|")
-    env.filters["b64"] = lambda data: base64.b64encode(data).decode()
+    env.filters.update(md=md, md_alt=lambda s: md(s).replace("[", "\\[").replace("]", "\\]"), cell=cell_html,
+                       tone=tone, b64=lambda data: base64.b64encode(data).decode(), png_size=_png_size,
+                       short=lambda h: h.split(" — ")[0])
     return env
 
 
+def _ids(secs: list) -> list[str]:
+    taken: set[str] = set()
+    return [slug(s.heading.split(" — ")[0], taken) for s in secs]
+
+
 def render_md(r: dict) -> str:
-    return _env(autoescape=False).get_template("report.md.j2").render(sections=sections(r))
+    """report.md: the same sections in the same order as report.html, every text markdown-escaped; detail sections
+    folded in <details> (GitHub and GitLab draw them collapsed). Deterministic: no wall times."""
+    return _env(autoescape=False).get_template("report.md.j2").render(sections=sections(r), facts=run_facts(r))
 
 
 def render_html(r: dict, pngs: dict[str, bytes], timings: dict | None = None) -> str:
-    """The HTML report; with `timings` (timings.json) also the wall-time sections, which report.md leaves out."""
+    """The HTML report; with `timings` (timings.json) also the compute time and the speed section, which report.md
+    leaves out. The speed section goes before the first collapsed section (the detail)."""
+    secs = sections(r)
     extra = speed_section(r, timings) if timings else []
-    return _env(autoescape=True).get_template("report.html.j2").render(sections=sections(r) + extra, pngs=pngs)
+    at = next((i for i, s in enumerate(secs) if s.summary), len(secs))
+    secs = secs[:at] + extra + secs[at:]
+    return _env(autoescape=True).get_template("report.html.j2").render(
+        sections=secs, ids=_ids(secs), pngs=pngs, facts=run_facts(r, timings))
 
 
 def figure_pngs(r: dict) -> dict[str, bytes]:
@@ -96,8 +117,9 @@ def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
         results = read_results(run_dir)
     try:
         pngs = figure_pngs(results)
-        md, html = render_md(results), render_html(results, pngs, _timings(run_dir))
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, jinja2.TemplateError) as e:
+        md_text, html = render_md(results), render_html(results, pngs, _timings(run_dir))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, ZeroDivisionError,
+            jinja2.TemplateError) as e:
         if not from_file:
             raise
         raise LorasumError(f"{run_dir / 'results.json'} is not a lorasum results file ({type(e).__name__}: {_first_line(e)}); "
@@ -105,6 +127,6 @@ def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
                            f"--out {run_dir}`") from None
     for name, png in pngs.items():
         atomic_write_bytes(run_dir / "figures" / f"{name}.png", png)
-    atomic_write_text(run_dir / "report.md", md)
+    atomic_write_text(run_dir / "report.md", md_text)
     atomic_write_text(run_dir / "report.html", html)
     return run_dir / "report.html"

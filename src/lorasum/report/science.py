@@ -1,4 +1,4 @@
-"""The report's answer to the paper's question: the claims, where each pair's RMS sits between the random null
+"""The report's science beyond the main tables: where each pair's RMS sits between the random null
 and the same-domain ceiling, the effect of the LoRA initialisation, the unlearning sweep, Table 1 and speed.
 
 All of it reads results.json (schema 2); a results file of schema 1 has none of these keys and gets none of
@@ -9,19 +9,11 @@ from __future__ import annotations
 
 from .blocks import Note, Paragraph, Section, Table
 from .ordering import by_domain, model_order, pair_order
+from .text import ci, num
 
 
 def _f(x, fmt: str = "{:.4f}") -> str:
     return "" if x is None else fmt.format(x)
-
-
-def claims_section(r: dict) -> list[Section]:
-    if not r.get("claims"):
-        return []
-    rows = [[c["claim"], c["verdict"], c["evidence"], c["rule"]] for c in r["claims"]]
-    return [Section("Claims of the paper", [Table(["claim", "verdict", "evidence", "rule"], rows,
-                                                  "Each claim decided by the rule beside it; 'cannot be decided "
-                                                  "here' where this run's design or sample cannot decide it.")])]
 
 
 def references_section(r: dict) -> list[Section]:
@@ -47,7 +39,9 @@ def references_section(r: dict) -> list[Section]:
     drows = [[d, _f(refs[d].get("split")), _f(refs[d].get("seeds"))] for d in by_domain(r, refs)]
     missing = [d for d in r["config"]["domains"] if "split" not in refs.get(d, {})]
     if drows:
-        blocks.append(Table(["domain", "RMS: two disjoint samples", "RMS: two seeds"], drows, ""))
+        blocks.append(Table(["domain", "RMS: two disjoint samples", "RMS: two seeds"], drows,
+                            "Each domain's same-domain RMS: between two adapters of that domain (two disjoint samples "
+                            "of its records, or two seeds), the ceiling a pair's RMS is judged against."))
     if missing:
         blocks.append(Note(f"no split-sample ceiling for {', '.join(missing)}: it needs twice the training records a "
                            "fundamental uses (max_train)."))
@@ -90,21 +84,21 @@ def unlearning_sweep_section(r: dict) -> list[Section]:
         chosen = u["chosen"]["weight"]
         for s in u["sweep"]:
             rows.append([u["removed"], f"{s['weight']:g}" + (" ← chosen" if s["weight"] == chosen else ""),
-                         f"{s['validation_removed']:.2f}",
-                         ", ".join(f"{o} {v:.2f}" for o, v in s["validation_others"].items()),
-                         f"{s['removed']['mean']:.2f} [{s['removed']['ci'][0]:.2f}, {s['removed']['ci'][1]:.2f}]",
-                         f"{s['others']['mean']:.2f}"])
+                         num(s["validation_removed"]),
+                         ", ".join(f"{o} {num(v)}" for o, v in s["validation_others"].items()),
+                         ci(s["removed"]), num(s["others"]["mean"])])
         ref = u["validation_reference"]
         notes.append(f"{u['removed']}: {u['chosen']['rule']} (trained without it: validation ppl "
-                     f"{ref['without']:.2f}; before removal: "
-                     + ", ".join(f"{o} {v:.2f}" for o, v in ref["before"].items()) + ").")
+                     f"{num(ref['without'])}; before removal: "
+                     + ", ".join(f"{o} {num(v)}" for o, v in ref["before"].items()) + ").")
     if not rows:
         return []
     return [Section("Subtraction weight λ — unlearning with λ chosen on validation", [
         Table(["removed", "λ", "val ppl removed", "val ppl others (before: see note)", "test ppl removed",
                "test ppl others (pooled)"], rows,
-              "base + all-domain block − λ · fundamental. λ is chosen on the validation split, then reported on "
-              "test."), *(Paragraph(n) for n in notes)])]
+              "base + all-domain block − λ · fundamental for each λ: perplexity on the removed domain should fall "
+              "towards the block trained without it while the others stay put; λ is chosen on the validation "
+              "split, then reported on test."), *(Paragraph(n) for n in notes)])]
 
 
 def table1_section(r: dict) -> list[Section]:
@@ -116,7 +110,9 @@ def table1_section(r: dict) -> list[Section]:
              f"{x['scale']:g}"] for x in t["layers"]]
     return [Section("Table 1 — sample LoRA layers", [Table(
         ["layer", "A (r × in)", "B (out × r)", "A[0, :3]", "B[0, :3]", "scale α/r"], rows,
-        f"Three layers of {t['adapter']} (seed {t['seed']}); ΔW = scale · B A (transposed for Conv1D, paper eq. 1).")])]
+        f"Three layers of {t['adapter']} (seed {t['seed']}): factor shapes and first values, where ΔW = scale · B A "
+        "(transposed for Conv1D, paper eq. 1).")],
+        summary=f"{len(rows)} layers of {t['adapter']}: shapes and first values of A and B")]
 
 
 def speed_section(r: dict, timings: dict) -> list[Section]:
@@ -143,7 +139,12 @@ def speed_section(r: dict, timings: dict) -> list[Section]:
                      "" if not trained else f"{sum(trained) / len(trained):.1f} s"])
     if not rows:
         return []
+    applied = [1000 * sum(v) / len(v) for v in apply.values()]
+    trains = [sum(v) / len(v) for v in train.values()]
     return [Section("Speed — composing instead of training", [Table(
         ["composed model", "compose + apply (mean over its evals)", "training its subset's merged-data block "
                                                                     "(mean over seeds)"], rows,
-        "Wall times on this machine, from timings.json (not results.json, which stays deterministic).")])]
+        "What composing a model costs beside training the block it stands in for: wall times on this machine, "
+        "from timings.json (not results.json, which stays deterministic).")],
+        summary=f"{len(rows)} composed models: {min(applied):.1f} to {max(applied):.1f} ms to compose and apply"
+                + (f"; training a block: {min(trains):.1f} to {max(trains):.1f} s" if trains else ""))]

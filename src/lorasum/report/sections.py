@@ -1,5 +1,6 @@
 """The report's sections, built from what results.json carries (never from the study's code): each a function of
-the results in SECTIONS, in reading order, returning Sections of typed blocks (see blocks.py).
+the results in SECTIONS, in reading order (the answer, the main tables, the other figures, then the detail),
+returning Sections of typed blocks (see blocks.py).
 
 Adding a section is one function and one line in SECTIONS.
 """
@@ -8,52 +9,20 @@ from __future__ import annotations
 
 from . import paper
 from .blocks import Figures, Note, Paragraph, Section, Table
-from .figures import available, kind_key, split_layer
-from .ordering import by_domain, model_order, pair_order
-from .science import claims_section, init_section, references_section, table1_section, unlearning_sweep_section
+from .detail import L2P1_NEEDS, absent as _absent, per_layer_sections, weight_space_section
+from .figures import available, figure_text
+from .ordering import by_domain, model_order
+from .overview import HEADLINE, answer_section
+from .science import init_section, references_section, table1_section, unlearning_sweep_section
+from .text import ci as _ci, num as _num, pct as _pct
 from .tuning import tuning_blocks
 
-
-L2P1_NEEDS = "a level-2 block + fundamental needs a subset of 3 domains"
-
-
-def _ci(x: dict, fmt: str = "{:.2f}") -> str:
-    return f"{fmt.format(x['mean'])} [{fmt.format(x['ci'][0])}, {fmt.format(x['ci'][1])}]"
-
-
-def _pct(x: dict) -> str:
-    return f"{x['mean']:+.1f}% [{x['ci'][0]:+.1f}, {x['ci'][1]:+.1f}]"
-
-
-def _num(x, fmt: str = "{:.2f}") -> str:
-    return "n/a" if x is None else fmt.format(x)
+CHANGE_KEY = ("%Δ = (composed − merged)/merged perplexity: above 0 worse than merged, below 0 better (in report.html "
+              "red or green where the whole interval is on that side of 0, grey where it includes 0)")
 
 
 def _base(d: str) -> str:
     return d.split("[")[0]
-
-
-def _layer_table(layers: dict, fmt=lambda v: f"{v:.4f}") -> tuple[list[str], list[list[str]]]:
-    """Per-layer values as rows = block index, columns = module (the paper's Table 2 layout)."""
-    kinds = sorted({split_layer(n)[1] for n in layers}, key=kind_key)
-    idx = sorted({split_layer(n)[0] for n in layers})
-    cell = {split_layer(n): v for n, v in layers.items()}
-    return ["layer", *kinds], [[str(i), *(fmt(cell[(i, k)]) if (i, k) in cell else "" for k in kinds)] for i in idx]
-
-
-def _absent(cfg: dict, need: int, composition: str | None, what: str) -> Note | None:
-    """Why rows formed for subsets of `need` domains (if `composition` is asked for) are missing, or None.
-
-    `what` says in a few words why they need that many domains."""
-    n = len(cfg["domains"])
-    level = cfg.get("max_level") or n
-    if n < need:
-        return Note(f"not applicable: {n} domains ({what}).")
-    if composition and composition not in cfg["compositions"]:
-        return Note(f"skipped: '{composition}' is not in compositions.")
-    if level < need:
-        return Note(f"skipped: max_level {level} < {need} domains ({what}).")
-    return None
 
 
 def _best_label(bs: dict) -> str:
@@ -75,7 +44,8 @@ def _other_compositions(comps: list[dict], ci: str) -> list:
     rows = [[" + ".join(c["subset"]), _ci(c["merged"])]
             + [x for n in names for x in ((_ci(c["baselines"][n]["perplexity"]), _pct(c["baselines"][n]["pct_change"]))
                                           if n in c.get("baselines", {}) else ("", ""))] for c in comps]
-    return [Table(heads, rows, f"Other compositions. Pooled test perplexity, {ci}.")]
+    return [Table(heads, rows, f"Other compositions against the merged-data block: pooled test perplexity ({ci}); "
+                               f"{CHANGE_KEY}.")]
 
 
 def _mean_and_best(comps: list[dict], cfg: dict, ci: str) -> list:
@@ -99,7 +69,8 @@ def _mean_and_best(comps: list[dict], cfg: dict, ci: str) -> list:
     label = _best_label({"chosen_on": "test" if oracle else "validation"})
     return notes + [Table(["combination", "ppl merged", "ppl mean (1/k)", "%Δ mean vs merged", f"{label}: block",
                       f"ppl {label}", "%Δ best single vs merged"], rows,
-                     f"Baselines. Best single block: {chosen}. Pooled test perplexity, {ci}.")]
+                     f"Baselines against the merged-data block: the mean of the blocks (weights 1/k) and the best "
+                     f"single block ({chosen}); pooled test perplexity ({ci}); {CHANGE_KEY}.")]
 
 
 def _table3(r: dict, ci: str) -> list:
@@ -119,8 +90,9 @@ def _table3(r: dict, ci: str) -> list:
     blocks.append(Table(["combination", "ppl merged", "ppl summed", "macro merged / summed", "RMS cos",
                          *(("random null", "same-domain ceiling") if refs else ()), "%Δ summed",
                     "paper: merged / summed / RMS / %Δ"], rows,
-                   f"Pooled test perplexity (exp ΣNLL/Σtokens over the pair's test sets), {ci}; macro = mean of the "
-                   "per-domain perplexities. %Δ = (summed − merged)/merged. Last column: " + paper.LABEL + "."))
+                   f"Each pair: pooled test perplexity (exp ΣNLL/Σtokens over its test sets) of the block trained on "
+                   f"its merged data and of the sum of its two fundamentals ({ci}), macro = mean of the per-domain "
+                   f"perplexities, the RMS of their per-layer cosines; {CHANGE_KEY}; last column: {paper.LABEL}."))
     if not matched:
         blocks.append(paper.table3_reference())
     return blocks + _baselines(pairs, cfg, ci)
@@ -158,49 +130,12 @@ def _table4(r: dict, ci: str) -> list:
                          _pct(l2["pct_change"]), paper.cell(paper.TABLE4.get(_base(d)) if ok else None)])
     blocks.append(Table(["combination", "ppl merged", "ppl composed", "macro merged / composed", "RMS cos", "%Δ",
                     "paper: merged / summed / RMS / %Δ"], rows,
-                   f"{ci}. RMS for a level-2 block + fundamental is between the two parts; for the sum, over all "
-                   f"pairs of its blocks. Last column: {paper.LABEL}."))
+                   f"The three-domain sum and each level-2 block + the remaining fundamental against the block "
+                   f"trained on all three domains' merged data ({ci}); RMS between the two parts (for the sum: over "
+                   f"all pairs of its blocks); {CHANGE_KEY}; last column: {paper.LABEL}."))
     if not matched:
         blocks.append(paper.table4_reference())
     return blocks + _baselines(triples, cfg, ci)
-
-
-def _per_layer_sections(r: dict) -> list[Section]:
-    """Table 2 (pairs), each block vs the sum of the others, Table 5 (level-2 block vs remaining fundamental)."""
-    cfg, out, blocks = r["config"], [], []
-    for name in pair_order(r):
-        p = r["pairs"][name]
-        h, rows = _layer_table(p["layers"])
-        label = " vs ".join(p["domains"]) if "domains" in p else name.replace("|", " vs ")
-        blocks.append(Table(h, rows, f"Cosine per layer, {label} (RMS {p['rms']:.4f})"))
-    out.append(Section("Table 2 — per-layer cosine similarity of fundamental blocks", blocks))
-    triples = [c for c in r["compositions"] if c["level"] >= 3]
-    blocks = [n for n in (_absent(cfg, 3, None, "each block vs the other two needs a subset of 3 domains"),) if n]
-    for c in triples:
-        bvr = c.get("block_vs_rest", {})
-        for d in by_domain(r, bvr):
-            v = bvr[d]
-            if isinstance(v, dict):
-                h, rows = _layer_table(v["layers"])
-                rest = " + ".join(x for x in c["subset"] if x != d)
-                blocks.append(Table(h, rows, f"{d} block vs the sum ({rest}) (RMS {v['rms']:.4f}); RMS over all block "
-                                        f"pairs of {' + '.join(c['subset'])}: {c['rms']:.4f}"))
-            else:  # results.json written before per-layer cosines were kept
-                blocks.append(Note(f"{d} block vs the sum of the others: RMS {v:.4f} (no per-layer values)."))
-    out.append(Section("Each fundamental block vs the sum of the others", blocks))
-    blocks = [n for n in (_absent(cfg, 3, "level2_plus_one", L2P1_NEEDS),) if n]
-    for c in [c for c in triples if c["level"] == 3]:
-        l2p1 = c.get("level2_plus_one", {})
-        for d in by_domain(r, l2p1):
-            h, rows = _layer_table(l2p1[d]["layers"])
-            null = next((p["null"]["mean"] for p in r["pairs"].values() if "null" in p), None)
-            ref = (r.get("references") or {}).get(d, {})
-            ceil = ref.get("split", ref.get("seeds"))
-            blocks.append(Table(h, rows, f"({l2p1[d]['level2']}) block vs {d} block (RMS {l2p1[d]['rms']:.4f}"
-                                + ("" if null is None else f"; random null of these shapes {null:.4f}")
-                                + ("" if ceil is None else f"; {d}'s same-domain ceiling {ceil:.4f}") + ")"))
-    out.append(Section("Table 5 — per-layer cosine, level-2 block vs remaining fundamental", blocks))
-    return out
 
 
 def _unlearning(r: dict, ci: str) -> list:
@@ -216,32 +151,24 @@ def _unlearning(r: dict, ci: str) -> list:
         rows.append([u["removed"], "in-place check: rel. error vs direct sum",
                      f"{u['inplace_check']['rel_error_weights']:.1e} (weights)",
                      f"{u['inplace_check']['rel_error_delta']:.1e} (delta)"])
-    return [Table(["removed", "model", "ppl on removed domain", "ppl on the others (pooled)"], rows, ci)]
-
-
-def _weight_space(r: dict) -> list:
-    rows = [[" + ".join(c["subset"]), f"{c['weight_space']['mean_cos']:.4f}", f"{c['weight_space']['rms']:.4f}",
-             f"{c['weight_space']['norm_ratio']:.3f}"] for c in r["compositions"]]
-    blocks: list = [Table(["subset", "mean cos(Σ, merged)", "RMS cos", "‖Σ‖/‖merged‖"], rows,
-                     "Summary: cosine between the summed deltas and the delta trained on merged data (mean and RMS "
-                     "over layers); norm ratio over all layers.")]
-    for c in r["compositions"]:
-        h, rows = _layer_table(c["weight_space"]["layers"],
-                               lambda v: f"{v['cos']:.3f} / {_num(v.get('norm_ratio'))}")
-        blocks.append(Table(h, rows, f"{' + '.join(c['subset'])}: per layer, cos(Σ blocks, merged block) / "
-                                "‖Σ‖/‖merged‖"))
-    return blocks
+    return [Table(["removed", "model", "ppl on removed domain", "ppl on the others (pooled)"], rows,
+                  "Per removed domain: test perplexity on it and on the other domains, from the base model to the "
+                  "all-domain block before and after subtracting the domain's block, beside the block trained "
+                  f"without it, which removal should match ({ci}); last row: the in-place removal's error.")]
 
 
 def _ci_label(r: dict) -> str:
     seeds = r["config"]["seeds"]
-    return (f"[{int(100 * r['config']['ci_level'])}% bootstrap CI over test examples"
-            + (" and seeds" if len(seeds) > 1 else "") + "; paired for %Δ]")
+    return (f"in brackets: {int(100 * r['config']['ci_level'])}% bootstrap CI over test examples"
+            + (" and seeds" if len(seeds) > 1 else "") + ", paired for %Δ")
 
 
-def findings_paragraph(items: list[dict]) -> str:
-    """Every verdict as `claim — subject: **verdict** (evidence).`, in one paragraph."""
-    return " ".join(f"{f['claim']} — {f['subject']}: **{f['verdict']}** ({f['evidence']})." for f in items)
+def findings_table(items: list[dict]) -> Table:
+    """Every verdict by subject: claim, subject, verdict (a badge), evidence."""
+    return Table(["claim", "subject", "verdict", "evidence"],
+                 [[f["claim"], f["subject"], f["verdict"], f["evidence"]] for f in items],
+                 "Every verdict behind the claims, one row per pair, composition or removed domain; green agrees with "
+                 "the paper's claim, red contradicts it, grey decides nothing.", verdicts=2, style="findings")
 
 
 def _rules(r: dict) -> str:
@@ -262,12 +189,7 @@ def _rules(r: dict) -> str:
 
 
 def findings_section(r: dict) -> list[Section]:
-    blocks: list = [Paragraph(findings_paragraph(r["findings"])),
-                    Paragraph(_rules(r))]
-    if r.get("tuning") and r["tuning"]["confounded"]:  # per-partition tuning confounds merged vs summed
-        blocks.append(Paragraph("Caution: hyperparameters were tuned per partition (tune: per_partition), so every "
-                                "merged-vs-summed comparison above is confounded by tuning."))
-    return [Section("Findings", blocks)]
+    return [Section("Findings — every verdict by subject", [findings_table(r["findings"]), Paragraph(_rules(r))])]
 
 
 def tuning_section(r: dict) -> list[Section]:
@@ -283,40 +205,43 @@ def tables_3_4(r: dict) -> list[Section]:
 def perplexity_matrix(r: dict) -> list[Section]:
     doms = r["config"]["domains"]
     cell = lambda row, k: _ci(row[k]) if k in row else ""  # noqa: E731  (eval_scope own leaves cells out)
-    rows = [[m, *(cell(r["perplexity"][m], d) for d in doms), cell(r["perplexity"][m], "pooled")]
-            for m in model_order(r)]
-    return [Section("Perplexity of every model on every domain", [Table(["model", *doms, "pooled"], rows,
-                                                                         _ci_label(r))])]
+    order = model_order(r)
+    rows = [[m, *(cell(r["perplexity"][m], d) for d in doms), cell(r["perplexity"][m], "pooled")] for m in order]
+    pooled = {m: r["perplexity"][m]["pooled"]["mean"] for m in order if "pooled" in r["perplexity"][m]}
+    best = min(pooled, key=pooled.get) if pooled else None
+    summary = f"{len(rows)} models × {len(doms)} domains" + (
+        f"; lowest pooled perplexity {_num(pooled[best])} ({best})" if best else "")
+    return [Section("Perplexity of every model on every domain", [Table(
+        ["model", *doms, "pooled"], rows, f"Test perplexity of each model (rows, in the grid's order) on each domain "
+                                          f"and pooled over all of them; lower is better ({_ci_label(r)}).")],
+        summary=summary)]
 
 
 def unlearning_section(r: dict) -> list[Section]:
     return [Section("Unlearning — all-domain block minus one fundamental", _unlearning(r, _ci_label(r)))]
 
 
-def weight_space_section(r: dict) -> list[Section]:
-    return [Section("Weight space — Σ fundamentals vs the merged-data block", _weight_space(r))]
-
-
 def figures_section(r: dict) -> list[Section]:
-    fit = r["fit"]
-    unit = "pairs (each the mean over seeds)" if len(r["config"]["seeds"]) > 1 else "pairs"
-    if fit.get("slope") is None:
-        fit_txt = "Too few points for a fit."
-    else:
-        fit_txt = (f"Fit over {fit['n']} {unit}: y = {fit['slope']:.2f}x {fit['intercept']:+.2f}, r² {fit['r2']:.3f}"
-                   + (f", slope CI [{fit['slope_ci'][0]:.1f}, {fit['slope_ci'][1]:.1f}]." if fit.get("slope_ci")
-                      else ", too few points for a slope CI."))
-    return [Section("Figures", [Paragraph(fit_txt + f" Paper (GPT-2 small, their data): {paper.FIT}."),
-                                Figures(tuple(available(r)))])]
+    """The figures after the headline one (which leads the report)."""
+    names = tuple(n for n in available(r) if n != HEADLINE)
+    texts = [figure_text(r, n) for n in names]
+    return [Section("Figures", [Figures(names, tuple(a for a, _ in texts), tuple(c for _, c in texts))])]
 
 
 def data_section(r: dict) -> list[Section]:
     stats = r["data"].get("stats") or []
     rows = [[s["domain"], s["split"], str(s["records"]), str(s["tokens"]), f"{100 * s['truncated_share']:.1f}%",
              f"{100 * s['answer_token_share']:.1f}%", str(s["answer_cut_off"])] for s in stats]
+    length = r["config"]["train"]["max_length"]
+    cut = sum(s["answer_cut_off"] for s in stats)
+    split = {sp: sum(s["records"] for s in stats if s["split"] == sp) for sp in ("train", "validation", "test")}
+    summary = (f"{len({s['domain'] for s in stats})} domains; " + ", ".join(f"{n} {sp}" for sp, n in split.items())
+               + f" records; {cut} answers cut off at {length} tokens") if stats else "no data statistics"
     return [Section("Data", [Table(["domain", "split", "records", "tokens", "truncated", "answer tokens",
                                     "answer cut off"], rows,
-                                   f"After caps, at max length {r['config']['train']['max_length']}.")])]
+                                   f"Records and tokens per domain and split after caps, at max length {length}: the "
+                                   "share of records truncated, of tokens in answers, and answers cut off entirely.")],
+                    summary=summary)]
 
 
 def provenance_section(r: dict) -> list[Section]:
@@ -325,23 +250,26 @@ def provenance_section(r: dict) -> list[Section]:
             + [["config hash", r["config_hash"]], ["model", cfg["model"]], ["seeds", ", ".join(map(str, cfg["seeds"]))]]
             + ([["tuning", f"{r['tuning']['mode']}, {r['tuning']['trials']} trials"
                  + (" (confounded)" if r["tuning"]["confounded"] else "")]] if r.get("tuning") else []))
-    return [Section("Provenance", [Table(["item", "value"], rows, "")])]
+    summary = ", ".join(f"{k} {str(prov[k])[:12]}" for k in ("lorasum", "git_revision", "torch", "device") if k in prov)
+    return [Section("Provenance", [Table(["item", "value"], rows, "The versions, revision and config this run was "
+                                                                   "made with, to reproduce it.")],
+                    summary=summary or "no provenance")]
 
 
 SECTIONS = {
-    "claims": claims_section,
+    "claims": answer_section,
+    "tables_3_4": tables_3_4,
+    "figures": figures_section,
     "findings": findings_section,
     "tuning": tuning_section,
     "init": init_section,
     "references": references_section,
-    "tables_3_4": tables_3_4,
-    "unlearning_sweep": unlearning_sweep_section,
-    "per_layer": _per_layer_sections,
-    "perplexity": perplexity_matrix,
     "unlearning": unlearning_section,
+    "unlearning_sweep": unlearning_sweep_section,
+    "perplexity": perplexity_matrix,
+    "per_layer": per_layer_sections,
     "weight_space": weight_space_section,
     "table1": table1_section,
-    "figures": figures_section,
     "data": data_section,
     "provenance": provenance_section,
 }

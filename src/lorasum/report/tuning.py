@@ -37,7 +37,15 @@ def tuning_blocks(r: dict) -> list:
              *(_fmt((s.get("tuned") or {}).get(n)) for n in names)] for part, s in _studies(r)]
     space = "; ".join(f"{n} {_range(t['space'][n])}" for n in names)
     blocks.append(Table(["partition", "best val loss", "trial", *names], rows, f"Search space: {space}."))
-    blocks.append(Figures(tuple(tuning_pngs(r, names_only=True))))
+    parts = [part for part, _ in _studies(r)]
+    blocks.append(Figures(tuple(tuning_pngs(r, names_only=True)),
+                          tuple(a for p in parts for a in (f"Optimisation history of the tuning study of {p}: validation "
+                                                           "loss per trial and the best so far.",
+                                                           f"Parameter importances of the tuning study of {p}.")),
+                          tuple(c for p in parts for c in (f"Optimisation history, {p}: dots are complete trials, "
+                                                           "crosses pruned ones; the line is the best loss so far.",
+                                                           f"Parameter importances, {p}: which hyperparameter moved "
+                                                           "the validation loss most."))))
     return blocks
 
 
