@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lorasum.study.executors import LOCAL_ENV
+from lorasum.cluster import LOCAL_ENV
 
 for _k, _v in LOCAL_ENV.items():  # before Ray is imported anywhere in this process: every address on 127.0.0.1
     os.environ.setdefault(_k, _v)
@@ -25,7 +25,7 @@ from conftest import write_smoke_domains  # noqa: E402
 
 from lorasum.cli.main import main  # noqa: E402
 from lorasum.study.config import load_config  # noqa: E402
-from lorasum.study.executors import ExecutorOptions  # noqa: E402
+from lorasum.cluster import ExecutorOptions  # noqa: E402
 from lorasum.study.experiment import run_experiment  # noqa: E402
 
 ENV = {**os.environ, "LORASUM_PROGRESS": "0"}

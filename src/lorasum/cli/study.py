@@ -14,7 +14,7 @@ from .args import add_data_args, add_model_args, data_config, load, train_config
 def experiment(args: argparse.Namespace) -> int:
     from ..errors import LorasumError
     from ..study.config import PRESETS, load_config
-    from ..study.executors import ExecutorOptions
+    from ..cluster import ExecutorOptions
     from ..study.experiment import run_experiment
 
     if not args.preset and not args.config:

@@ -11,56 +11,22 @@ publishes it atomically in the real run folder. Each worker is an actor that loa
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from ..cluster import ExecutorOptions, connect
 from ..errors import LorasumError
 from ..files import atomic_dir, atomic_write_bytes
 from ..lm.data import partition_domains, resolve_source
 from ..lm.models import LoadedModel, load_model, set_threads
 from .jobs import JOB_KINDS, adapter_dir, artifact_path, run_job
 
-EXECUTORS = ("serial", "ray")
-_NO_RAY = "ray needs Ray installed: pip install 'lorasum[ray]' (or pip install ray) on the driver and every node"
 RETRIES = 3  # a job whose worker died is run again elsewhere this many times
 OnDone = Callable[[dict, dict, float], None]  # (spec, timings the job measured, wall seconds)
-
-
-@dataclass(frozen=True)
-class ExecutorOptions:
-    """How to run the jobs (not what they compute)."""
-
-    kind: str = "serial"
-    workers: int | None = None  # ray: worker processes (default: the cluster's CPUs ÷ threads per job)
-    address: str | None = None  # ray: join this cluster (HOST:PORT) instead of starting a local one
-    threads: int | None = None  # ray: torch threads per job when the config leaves them to torch (default 1)
-
-    def check(self) -> None:
-        if self.kind not in EXECUTORS:
-            raise LorasumError(f"must be one of {', '.join(EXECUTORS)}, got {self.kind!r}", key="executor")
-        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
-            raise LorasumError(f"must be at least 1, got {self.workers}", key="workers")
-        if self.kind == "serial" and (self.workers is not None or self.address):
-            raise LorasumError("--workers and --address apply to --executor ray only", key="executor")
-        if self.address is not None:
-            host, _, port = self.address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise LorasumError(f"must be HOST:PORT (e.g. 127.0.0.1:6379), got {self.address!r}", key="address")
-        if self.kind == "ray":
-            try:
-                found = importlib.util.find_spec("ray") is not None
-            except ValueError:  # a module entry without a spec (e.g. blocked in sys.modules)
-                found = False
-            if not found:
-                raise LorasumError(_NO_RAY, key="executor")
-            if self.address is not None:
-                _probe(self.address)
 
 
 def needed_adapters(spec: dict) -> list[str]:
@@ -167,53 +133,6 @@ class Worker:
 
 
 # --- the driver side ------------------------------------------------------------------------------------------------
-LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0",  # no usage reports
-             "RAY_AUTH_MODE": "token",  # token authentication, chosen explicitly (Ray warns when left implicit)
-             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local runtime: every component on the loopback address
-
-
-def import_ray(local: bool):
-    """Ray, imported on demand (an optional extra); a local runtime is pinned to 127.0.0.1 before the import."""
-    if local:
-        for k, v in LOCAL_ENV.items():
-            os.environ.setdefault(k, v)
-    else:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        import ray
-    except ImportError:
-        raise LorasumError(_NO_RAY, key="executor") from None
-    return ray
-
-
-def _probe(address: str, timeout: float = 3.0) -> None:
-    """Refuse within seconds an address where nothing listens (ray.init would retry for a minute)."""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as e:
-        raise LorasumError(f"{address}: no Ray cluster answers ({e.strerror or e}); start one with `ray start --head "
-                           f"--port {port}` on that machine, or omit --address to run a local one",
-                           key="address") from None
-
-
-def connect(opts: ExecutorOptions, threads: int, env: dict | None = None):
-    """Join the cluster at --address, or start a local runtime with room for --workers × threads; returns (ray,
-    whether this call started it)."""
-    ray = import_ray(local=opts.address is None)
-    if ray.is_initialized():
-        return ray, False
-    runtime_env = {"env_vars": {k: v for k, v in {**os.environ, **(env or {})}.items() if k.startswith("LORASUM_")}}
-    kw = dict(log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
-    if opts.address:
-        ray.init(address=opts.address, **kw)
-    else:
-        ray.init(num_cpus=(opts.workers or max(1, (os.cpu_count() or 1) // threads)) * threads,
-                 include_dashboard=False, _node_ip_address="127.0.0.1", **kw)
-    return ray, True
-
-
 def run_ray(jobs: list[dict], run_dir: Path, threads: int, opts: ExecutorOptions, on_done: OnDone,
             placements: list | None = None) -> None:
     """Run `jobs` on Ray workers, each job as soon as the adapters it reads exist; publish each artifact here.

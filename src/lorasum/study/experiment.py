@@ -25,7 +25,8 @@ from ..progress import progress
 from ..report.render import write_report
 from ..schema import config_diff
 from .config import ExperimentConfig
-from .executors import ExecutorOptions, run_ray, run_serial
+from ..cluster import ExecutorOptions
+from .executors import run_ray, run_serial
 from .grid import adapter, eval_domains, model_catalog, partition_name, subsets
 from .jobs import JOB_KINDS, is_done, with_key
 from .results import assemble
