@@ -175,3 +175,41 @@ def test_a_worker_that_cannot_load_the_model_stops_the_run_naming_the_job(serial
                     str(tmp_path / "no-such-model")))
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("lorasum: error: job ") and "no-such-model" in err, err
+
+
+def test_tune_on_two_ray_workers_fills_one_study_in_parallel(tmp_path, capsys):
+    import optuna
+    from conftest import color_rows, write_jsonl
+
+    write_jsonl(tmp_path / "data" / "colors.jsonl", color_rows(80))
+    out = tmp_path / "tune"
+    args = ["tune", "--model", "tiny-gpt2", "--data-dir", str(tmp_path / "data"), "--data", "colors", "--max-train",
+            "24", "--max-validation", "8", "--trials", "4", "--out", str(out)]
+    assert main([*args, "--executor", "ray", "--workers", "2"]) == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="tune:colors", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(done) == 4
+    assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers ran trials
+    spans = [(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in done]
+    assert _overlap(spans)  # at the same time
+    best = __import__("json").loads((out / "best.json").read_text())
+    assert best["trials"]["requested"] == 4 and best["value"] == min(t.value for t in done if t.value is not None)
+    assert main([*args, "--executor", "ray", "--workers", "2"]) == 0  # reached: a rerun adds nothing
+    assert len(optuna.load_study(study_name="tune:colors", storage=study._storage).trials) == len(study.trials)
+    assert not [p for p in out.iterdir() if p.name.startswith(".trial")]
+
+
+def test_tune_on_a_cluster_without_shared_storage_is_refused(tmp_path, capsys):
+    from conftest import color_rows, write_jsonl
+
+    write_jsonl(tmp_path / "data" / "colors.jsonl", color_rows(40))
+    with socket.socket() as s:  # something listening, so the address check passes and the storage rule speaks
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        rc = main(["tune", "--model", "tiny-gpt2", "--data-dir", str(tmp_path / "data"), "--data", "colors",
+                   "--trials", "2", "--out", str(tmp_path / "out"), "--executor", "ray", "--address",
+                   f"127.0.0.1:{s.getsockname()[1]}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tuning on a Ray cluster needs a study every node reaches: pass --storage postgresql://" in err
+    assert not (tmp_path / "out").exists()

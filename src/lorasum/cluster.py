@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .errors import LorasumError
 
 EXECUTORS = ("serial", "ray")
+RETRIES = 3  # work whose Ray worker died is started again elsewhere this many times
 _NO_RAY = "ray needs Ray installed: pip install 'lorasum[ray]' (or pip install ray) on the driver and every node"
 
 

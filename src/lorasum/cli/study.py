@@ -48,16 +48,26 @@ def job(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
+    from ..cluster import ExecutorOptions
     from ..tune.search import HEARTBEAT_S, tune
     from ..tune.space import default_space, load_space
 
+    executor = ExecutorOptions(args.executor, args.workers, args.address, args.threads)
+    executor.check()
     space = load_space(args.space) if args.space else default_space()
     fixed = {k: getattr(args, k) for k in ("r", "alpha", "max_length", "seed", "init", "loss_on", "targets")
              if getattr(args, k) is not None}
     base = train_config(args.params, fixed)
     heartbeat = HEARTBEAT_S if args.heartbeat is None else args.heartbeat  # 0 is refused by tune, not defaulted
-    best = tune(load(args), args.data, args.out, args.trials, space, args.storage, args.study,
-                data_config(args), base, base.seed, heartbeat)
+    kw = dict(space=space, storage=args.storage, study_name=args.study, data=data_config(args), base=base,
+              seed=base.seed, heartbeat=heartbeat)
+    if executor.kind == "ray":
+        from ..tune.fanout import tune_on_ray
+
+        best = tune_on_ray(load(args), (args.model, args.device, args.dtype, args.autocast), args.data, args.out,
+                           args.trials, executor, args.threads or 1, **kw)
+    else:
+        best = tune(load(args), args.data, args.out, args.trials, **kw)
     if best:
         tuned = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["tuned"].items())
         print(f"best trial {best['trial']}: val loss {best['value']:.4f} ({tuned}); "
@@ -119,4 +129,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     for name, typ in (("r", int), ("alpha", float), ("max_length", int), ("seed", int), ("init", str)):
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help="fixed training parameter")
     p.add_argument("--loss-on", choices=("all", "answer"), default=None)
+    p.add_argument("--executor", choices=("serial", "ray"), default="serial", help="ray: trials run in parallel on "
+                   "Ray workers against one study (parallel TPE is not reproducible trial for trial)")
+    p.add_argument("--workers", type=int, default=None, help="ray: parallel trials (default: CPUs ÷ threads)")
+    p.add_argument("--address", default=None, metavar="HOST:PORT", help="ray: join this cluster (needs --storage "
+                   "postgresql://… that every node reaches)")
     p.set_defaults(func=tune, parser=p)

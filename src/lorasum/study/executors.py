@@ -18,14 +18,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..cluster import ExecutorOptions, connect
+from ..cluster import RETRIES, ExecutorOptions, connect
 from ..errors import LorasumError
 from ..files import atomic_dir, atomic_write_bytes
 from ..lm.data import partition_domains, resolve_source
 from ..lm.models import LoadedModel, load_model, set_threads
 from .jobs import JOB_KINDS, adapter_dir, artifact_path, run_job
 
-RETRIES = 3  # a job whose worker died is run again elsewhere this many times
 OnDone = Callable[[dict, dict, float], None]  # (spec, timings the job measured, wall seconds)
 
 

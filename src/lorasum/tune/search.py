@@ -13,6 +13,7 @@ rerun with a different one is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,11 +22,12 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
@@ -53,10 +55,17 @@ def storage_label(url: str) -> str:
 
 def open_storage(url: str, heartbeat: int = HEARTBEAT_S):
     """An RDBStorage with heartbeats; a killed worker's trial is failed after 2x `heartbeat` s and retried.
+    (`journal:///PATH` is Optuna's file journal instead, safe for several processes on one machine; it has no
+    heartbeats, so the Ray driver fails a dead worker's trial itself.)
 
     A bare `postgresql://` (or `postgres://`) URL uses psycopg 3, the driver lorasum installs; a URL naming its
     driver (`postgresql+psycopg2://`) is used as given.
     """
+    if url.startswith("journal:///"):  # one machine, several processes (Ray workers), no server: a file journal
+        path = url.removeprefix("journal:///")
+        if not Path(path).parent.is_dir():
+            raise LorasumError(f"cannot open --storage {url}: {Path(path).parent} is not a folder")
+        return JournalStorage(JournalFileBackend(path))
     kwargs: dict = {"pool_pre_ping": True}
     label = storage_label(url)
     scheme, sep, rest = url.partition("://")
@@ -157,14 +166,29 @@ class _Surplus(Exception):
 
 
 # --- the search ---------------------------------------------------------------------------------------------------
-def tune(loaded, partitions: str | list[str], out: str | Path, trials: int, space: Space | None = None,
-         storage: str | None = None, study_name: str | None = None, data: DataConfig | None = None,
-         base: TrainConfig | None = None, seed: int = 0, heartbeat: int = HEARTBEAT_S) -> dict:
-    """Run (or continue) the study until it holds `trials` finished trials; write OUT/best.json and a summary.
+@dataclass(frozen=True)
+class Search:
+    """What every worker of one study shares: the pooled partition, the space, the fixed training config, the data
+    reading and where the study lives."""
 
-    Several partitions are pooled: trained on their merged training data, scored on their pooled validation split.
-    Returns best.json's content ({} when no trial completed).
-    """
+    partition: str
+    trials: int
+    space: Space
+    base: TrainConfig
+    data: DataConfig
+    setup: dict
+    name: str
+    url: str
+    label: str
+    seed: int
+    heartbeat: int
+
+
+def prepare(model_id: str, partitions: str | list[str], out: Path, trials: int, space: Space | None = None,
+            storage: str | None = None, study_name: str | None = None, data: DataConfig | None = None,
+            base: TrainConfig | None = None, seed: int = 0, heartbeat: int = HEARTBEAT_S,
+            default_store: str = "study.db") -> Search:
+    """Check the inputs and describe the study, before anything is written."""
     if not isinstance(trials, int) or trials < 1:
         raise LorasumError(f"must be at least 1 (the total number of finished trials), got {trials}", key="trials")
     if heartbeat < 1:
@@ -177,39 +201,30 @@ def tune(loaded, partitions: str | list[str], out: str | Path, trials: int, spac
     require_nonempty(domains, "train")
     require_nonempty(domains, "validation")
     partition = "+".join(d.spec for d in domains)
-    out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise LorasumError(f"{out} exists and is not a folder", key="out")
-    setup = {"model": loaded.model_id, "partition": partition,
+    setup = {"model": model_id, "partition": partition,
              "data": {"question_field": data.question_field, "answer_field": data.answer_field,
                       "split_seed": data.split_seed, "max_records": {k: v for k, v in data.max_records.items()
                                                                       if k in ("train", "validation")},
                       "sources": {d.spec: d.source_sha256 for d in domains}},
              "train": {k: v for k, v in asdict(base).items() if k not in space}}
-    name = study_name or f"tune:{partition}"
-    made_out = not out.exists()
-    url = storage or f"sqlite:///{out / 'study.db'}"
-    made_db = storage is None and not (out / "study.db").exists()
-    label = storage_label(url)
-    out.mkdir(parents=True, exist_ok=True)
-    sweep(out)  # a killed trial's temp folder
+    journal = out / "study.journal"
+    url = storage or (f"journal:///{journal}" if journal.exists() or default_store == "study.journal"
+                      else f"sqlite:///{out / 'study.db'}")
+    return Search(partition, trials, space, base, data, setup, study_name or f"tune:{partition}", url,
+                  storage_label(url), seed, heartbeat)
 
-    def forget() -> None:
-        """After a failure: remove the SQLite study this call created if no trial finished in it (and the folder if
-        this call made it and nothing else is in it), so a retry starts clean rather than from an empty study."""
-        if made_db and (study is None or finished(study) == 0):
-            (out / "study.db").unlink(missing_ok=True)
-        if made_out and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
 
-    study = None
-    try:
-        optuna.logging.set_verbosity(optuna.logging.ERROR)
-        study = open_study(open_storage(url, heartbeat), name, label, space, setup, seed, trials)
-    except BaseException:
-        forget()
-        raise
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+def open_search(search: Search):
+    return open_study(open_storage(search.url, search.heartbeat), search.name, search.label, search.space,
+                      search.setup, search.seed, search.trials)
+
+
+def work(loaded, search: Search, study, scratch: Path, worker: str, after_trial=None, bar=None) -> None:
+    """Run trials until the study holds `trials` finished ones (this worker's and others'); `after_trial()` runs
+    after each of this worker's trials, `bar` (a progress bar) follows the count."""
+    trials, space, base = search.trials, search.space, search.base
 
     def objective(trial) -> float:
         running = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
@@ -228,39 +243,89 @@ def tune(loaded, partitions: str | list[str], out: str | Path, trials: int, spac
             if epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: best val loss {best[0]:.4f}")
 
-        with tempfile.TemporaryDirectory(prefix=f".trial.{os.getpid()}.", suffix=".tmp", dir=out) as tmp:  # not kept
-            res = train_adapter(loaded, partition, Path(tmp) / "adapter", cfg, data, on_epoch=on_epoch)
+        with tempfile.TemporaryDirectory(prefix=f".trial.{os.getpid()}.", suffix=".tmp", dir=scratch) as tmp:
+            res = train_adapter(loaded, search.partition, Path(tmp) / "adapter", cfg, search.data,
+                                on_epoch=on_epoch)  # the adapter itself is not kept
         trial.set_user_attr("best_epoch", res.best_epoch)
         trial.set_user_attr("val_losses", [e["val_loss"] for e in res.epochs])
         return min(e["val_loss"] for e in res.epochs)
 
+    done, waiting = finished(study), False
+    while done < trials:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL, then retried
+        running = count_states(study).get("RUNNING", 0)
+        if done + running >= trials:  # the last slots are being worked on elsewhere: wait for them
+            if not waiting and bar is not None:
+                bar.write(f"waiting for {running} trial(s) running elsewhere (a dead worker's trial is failed "
+                          f"after {2 * search.heartbeat} s without a heartbeat, then retried)", file=sys.stderr)
+            waiting = True
+            time.sleep(min(2.0, search.heartbeat))
+        else:
+            waiting = False
+            study.optimize(objective, n_trials=1, catch=(_Surplus,), gc_after_trial=False)
+            if after_trial is not None:
+                after_trial()
+        done = finished(study)
+        if bar is not None:
+            bar.update(min(done, trials) - bar.n)
+            if _has_complete(study):
+                bar.set_postfix(best=f"{study.best_value:.4f}", refresh=False)
+
+
+def tune(loaded, partitions: str | list[str], out: str | Path, trials: int, space: Space | None = None,
+         storage: str | None = None, study_name: str | None = None, data: DataConfig | None = None,
+         base: TrainConfig | None = None, seed: int = 0, heartbeat: int = HEARTBEAT_S) -> dict:
+    """Run (or continue) the study in this process until it holds `trials` finished trials; write OUT/best.json
+    and a summary.
+
+    Several partitions are pooled: trained on their merged training data, scored on their pooled validation split.
+    Returns best.json's content ({} when no trial completed).
+    """
+    out = Path(out).resolve()
+    search = prepare(loaded.model_id, partitions, out, trials, space, storage, study_name, data, base, seed,
+                     heartbeat)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    with opened(search, out) as study:
+        with progress(total=trials, desc=f"tune {search.name}", unit="trial",
+                      initial=min(finished(study), trials)) as bar:
+            work(loaded, search, study, out, worker, lambda: write_best(study, out, search), bar)
+    return finish(study, out, search)
+
+
+@contextlib.contextmanager
+def opened(search: Search, out: Path):
+    """Open (or create) the study with OUT made and swept; after a failure inside the block, remove the local
+    study this call created if no trial finished in it (and OUT if this call made it and it is empty), so a retry
+    starts clean rather than from an empty study."""
+    made_out = not out.exists()
+    local = search.url.removeprefix("sqlite:///").removeprefix("journal:///")
+    made_db = local != search.url and not Path(local).exists()
+    out.mkdir(parents=True, exist_ok=True)
+    sweep(out)  # a killed trial's temp folder
+    study = None
     try:
-        done, waiting = finished(study), False
-        with progress(total=trials, desc=f"tune {name}", unit="trial", initial=min(done, trials)) as bar:
-            while done < trials:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL, then retried
-                running = count_states(study).get("RUNNING", 0)
-                if done + running >= trials:  # the last slots are being worked on elsewhere: wait for them
-                    if not waiting:
-                        bar.write(f"waiting for {running} trial(s) running elsewhere (a dead worker's trial is failed "
-                                  f"after {2 * heartbeat} s without a heartbeat, then retried)", file=sys.stderr)
-                    waiting = True
-                    time.sleep(min(2.0, heartbeat))
-                else:
-                    waiting = False
-                    study.optimize(objective, n_trials=1, catch=(_Surplus,), gc_after_trial=False)
-                    _write_best(study, out, name, label, base, space, trials)
-                done = finished(study)
-                bar.update(min(done, trials) - bar.n)
-                if _has_complete(study):
-                    bar.set_postfix(best=f"{study.best_value:.4f}", refresh=False)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        study = open_search(search)
+        yield study
     except BaseException:
-        forget()
+        if made_db and (study is None or finished(study) == 0):
+            for leftover in (Path(local), Path(local + ".lock")):
+                leftover.unlink(missing_ok=True)
+        if made_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         raise
-    best = _write_best(study, out, name, label, base, space, trials)
-    atomic_write_text(out / "space.yaml", space_yaml(space))
+
+
+def write_best(study, out: Path, search: Search) -> dict:
+    return _write_best(study, out, search.name, search.label, search.base, search.space, search.trials)
+
+
+def finish(study, out: Path, search: Search) -> dict:
+    """best.json, space.yaml and the summary (trials.csv, summary.md, plots) of a finished study."""
+    best = write_best(study, out, search)
+    atomic_write_text(out / "space.yaml", space_yaml(search.space))
     write_summary(study, out, best)
     return best
 
