@@ -252,3 +252,45 @@ def test_a_mangled_config_file_is_refused_in_one_line_or_loads(scratch, override
         _one_line(e)
         return
     json.dumps(cfg.to_dict(), allow_nan=False)  # whatever is accepted can be recorded exactly
+
+
+# --- results files --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from conftest import write_smoke_domains
+
+    from lorasum.study.config import load_config
+    from lorasum.study.experiment import run_experiment
+
+    root = tmp_path_factory.mktemp("fuzzresults")
+    write_smoke_domains(root / "data")
+    cfg = load_config(None, "smoke", {"domains": ["alpha", "beta", "gamma"], "data_dir": str(root / "data")})
+    run_experiment(cfg, root / "run")
+    return root / "run"
+
+
+@settings(FUZZ, max_examples=25)
+@given(data=st.data(), value=json_values, cut=st.integers(0, 400))
+def test_an_edited_or_truncated_results_file_is_refused_and_nothing_is_rewritten(finished_run, scratch, data, value,
+                                                                                cut):
+    from lorasum.cli.main import main
+
+    good = json.loads((finished_run / "results.json").read_text())
+    run = scratch()
+    if data.draw(st.booleans()):
+        path, old = data.draw(st.sampled_from([p for p in _paths(good) if p[0] and p[0][0] != "digest"]))
+        mangled = _json(_mutate(good, path, value)).encode()
+    else:
+        full = (finished_run / "results.json").read_bytes()
+        mangled = full[: max(0, len(full) - 1 - cut)]
+    try:
+        unchanged = json.loads(mangled) == good  # a mutation to the same value, or only the final newline cut
+    except ValueError:
+        unchanged = False
+    (run / "results.json").write_bytes(mangled)
+    rc = main(["report", str(run)])
+    if unchanged:
+        assert rc == 0
+    else:
+        assert rc == 2
+        assert sorted(p.name for p in run.iterdir()) == ["results.json"]  # no figure, no report

@@ -318,6 +318,11 @@ def parse_json(text: str, where: str, fix: str) -> Any:
         raise LorasumError(f"{where}: not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
 
 
+def content_digest(obj: Any) -> str:
+    """sha256 of an object's canonical JSON (sorted keys): what a file lorasum wrote must still hash to."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, allow_nan=False).encode("utf-8")).hexdigest()
+
+
 def read_json(path: str | os.PathLike, what: str, fix: str, kind: type | None = dict) -> Any:
     """Read a JSON file (see `parse_json`); with `kind`, the top level must be of that type."""
     path = Path(path)

@@ -7,14 +7,13 @@ templates beside this module: autoescaping for the HTML, markdown escaping (text
 from __future__ import annotations
 
 import base64
-import json
 import struct
 from pathlib import Path
 
 import jinja2
 
 from ..errors import LorasumError
-from ..files import atomic_write_bytes, atomic_write_text
+from ..files import atomic_write_bytes, atomic_write_text, content_digest, read_json
 from .figures import FIGURES, available
 from .overview import run_facts
 from .science import speed_section
@@ -70,20 +69,15 @@ RESULTS_KEYS = ("schema", "config", "models", "perplexity", "pairs", "compositio
                 "fit", "data", "provenance", "findings")
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [""])[0]
-
-
 def read_results(run_dir: Path) -> dict:
-    """RUN_DIR/results.json, refused in one line when it is missing, unreadable or not a lorasum results file."""
+    """RUN_DIR/results.json, refused in one line when it is missing, unreadable, not a lorasum results file, or
+    changed since lorasum wrote it (its digest no longer matches: the report renders only what lorasum wrote)."""
     path = run_dir / "results.json"
+    fix = (f"regenerate it with `lorasum experiment --config {run_dir / 'config.json'} --out {run_dir}` (finished "
+           "jobs are reused)")
     if not path.is_file():
         raise LorasumError(f"{path} not found; run `lorasum experiment --out {run_dir}` first")
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LorasumError(f"{path} is not a lorasum results file ({type(e).__name__}); regenerate it with "
-                           f"`lorasum experiment --config {run_dir / 'config.json'} --out {run_dir}`") from None
+    results = read_json(path, "results file", fix, kind=None)
     if not isinstance(results, dict):
         what = f"a JSON {type(results).__name__}, not an object"
     else:
@@ -91,19 +85,22 @@ def read_results(run_dir: Path) -> dict:
         ok_schema = str(results.get("schema")).startswith("lorasum.results/")
         what = f"missing {', '.join(missing)}" if missing else "" if ok_schema else f"schema {results['schema']!r}"
     if what:
-        raise LorasumError(f"{path} is not a lorasum results file ({what}); "
-                           f"regenerate it with `lorasum experiment --config {run_dir / 'config.json'} "
-                           f"--out {run_dir}`")
+        raise LorasumError(f"{path} is not a lorasum results file ({what}); {fix}")
+    if "digest" in results and results["digest"] != content_digest({k: v for k, v in results.items()
+                                                                     if k != "digest"}):
+        raise LorasumError(f"{path} was changed after lorasum wrote it (its digest no longer matches its content); "
+                           f"{fix}")
     return results
 
 
 def _timings(run_dir: Path) -> dict:
     """timings.json of the run (wall times), or {} when it is absent or damaged: it only adds the speed table."""
-    try:
-        t = json.loads((run_dir / "timings.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    if not (run_dir / "timings.json").is_file():
         return {}
-    return t if isinstance(t, dict) else {}
+    try:
+        return read_json(run_dir / "timings.json", "timings file", "it is rewritten by the next run")
+    except LorasumError:
+        return {}
 
 
 def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
@@ -112,19 +109,19 @@ def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
     Everything is rendered before the first file is written, so a damaged results.json changes nothing.
     """
     run_dir = Path(run_dir)
-    from_file = results is None
-    if from_file:
+    legacy = False
+    if results is None:
         results = read_results(run_dir)
-    try:
+        legacy = "digest" not in results
+    try:  # a file whose digest matches is what lorasum wrote: a failure to render it is a bug (traceback)
         pngs = figure_pngs(results)
         md_text, html = render_md(results), render_html(results, pngs, _timings(run_dir))
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, ZeroDivisionError,
-            jinja2.TemplateError) as e:
-        if not from_file:
+    except Exception as e:
+        if not legacy:
             raise
-        raise LorasumError(f"{run_dir / 'results.json'} is not a lorasum results file ({type(e).__name__}: {_first_line(e)}); "
-                           f"regenerate it with `lorasum experiment --config {run_dir / 'config.json'} "
-                           f"--out {run_dir}`") from None
+        raise LorasumError(f"{run_dir / 'results.json'} has no digest (written before lorasum signed its results, "
+                           f"so it may have been edited) and does not render ({type(e).__name__}); regenerate it "
+                           f"with `lorasum experiment --config {run_dir / 'config.json'} --out {run_dir}`") from None
     for name, png in pngs.items():
         atomic_write_bytes(run_dir / "figures" / f"{name}.png", png)
     atomic_write_text(run_dir / "report.md", md_text)

@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..errors import LorasumError
-from ..files import atomic_write_json, check_out_path, sha256_file, sweep
+from ..files import atomic_write_json, check_out_path, read_json, sha256_file, sweep
 from ..lm.data import SPLITS, load_domain, parse_spec, partition_domains, require_nonempty, resolve_source
 from ..lm.train import init_seed
 from ..lock import LOCK_FILE, folder_lock
@@ -163,8 +163,8 @@ def _check_run_dir(cfg: ExperimentConfig, run_dir: Path, overwrite: bool) -> Non
     cfg_path = run_dir / "config.json"
     if cfg_path.is_file():
         try:
-            old = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            old = read_json(cfg_path, "run config", "")
+        except LorasumError:
             old = None
         if not isinstance(old, dict):
             if overwrite:
@@ -278,10 +278,9 @@ def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded, exec
     pending = [j for j in jobs if not is_done(j)]
     timings_path = run_dir / "timings.json"
     try:  # wall times only (not results): a damaged file is started afresh
-        timings = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        timings = read_json(timings_path, "timings file", "started afresh") if timings_path.is_file() else {}
+    except LorasumError:
         timings = {}
-    timings = timings if isinstance(timings, dict) else {}
     labels = _labels(ps)
     total = sum(JOB_KINDS[j["kind"]].work(j) for j in pending)
     with progress(total=round(total), desc="grid", unit="u") as bar:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..delta.peft_format import load_adapter
 from ..errors import LorasumError
-from ..files import atomic_write_json, read_json
+from ..files import atomic_write_json, content_digest, read_json
 from ..lm.data import parse_spec
 from ..provenance import provenance
 from ..relation import relation
@@ -27,7 +27,6 @@ from .scores import RunScores, load
 from .unlearning import unlearning_rows
 
 SCHEMA = "lorasum.results/2"
-_FLOAT_MAX = int(np.finfo(float).max)  # a larger integer in a results file cannot be formatted as a number
 
 
 def _mean_layers(per_seed: list[dict]) -> dict:
@@ -196,8 +195,10 @@ def assemble(cfg: ExperimentConfig, plans: dict[str, dict], run_dir: str | Path,
         out["tuning"] = tuning
     out["findings"] = findings(out)
     out["claims"] = claims(out)
-    atomic_write_json(Path(run_dir) / "results.json", _clean(out))
-    return _clean(out)
+    out = _clean(out)
+    out["digest"] = content_digest(out)  # `lorasum report` renders only what lorasum wrote
+    atomic_write_json(Path(run_dir) / "results.json", out)
+    return out
 
 
 def _init_comparison(bodies: dict[str, dict]) -> dict:
@@ -266,16 +267,3 @@ def _clean(obj):
     return obj
 
 
-def check_numbers(results, where: str) -> None:
-    """Every number of a results file fits a float, as the report formats them: an integer beyond float range (a
-    count of 10**400) is refused naming its field, instead of overflowing halfway through rendering."""
-    stack = [("", results)]
-    while stack:  # iterative: a results file nested as deeply as the JSON reader allows is walked without recursion
-        path, obj = stack.pop()
-        if isinstance(obj, dict):
-            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in obj.items())
-        elif isinstance(obj, list):
-            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(obj))
-        elif isinstance(obj, int) and not isinstance(obj, bool) and abs(obj) > _FLOAT_MAX:
-            raise LorasumError(f"{where}: '{path}' holds an integer too large for a number ({len(str(abs(obj)))} "
-                               "digits); regenerate the file with `lorasum experiment`")
