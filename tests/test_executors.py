@@ -213,3 +213,16 @@ def test_tune_on_a_cluster_without_shared_storage_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "tuning on a Ray cluster needs a study every node reaches: pass --storage postgresql://" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_reduced_quick_run_on_ray_matches_serial_byte_for_byte(real_data_dir, smollm2, tmp_path):
+    """The embedded SmolLM2 on two real domains (bf16 autocast as in the preset): the same bytes on both executors."""
+    cfg = {"domains": ["math", "finance"], "data_dir": str(real_data_dir), "max_train": 12, "max_validation": 6,
+           "max_test": 8, "threads": 1, "bootstrap_samples": 200}
+    run_experiment(load_config(None, "quick", cfg), tmp_path / "serial")
+    placements: list[dict] = []
+    run_experiment(load_config(None, "quick", cfg), tmp_path / "ray", executor=ExecutorOptions("ray", workers=2),
+                   placements=placements)
+    assert len({p["pid"] for p in placements}) == 2
+    assert (tmp_path / "ray" / "results.json").read_bytes() == (tmp_path / "serial" / "results.json").read_bytes()
