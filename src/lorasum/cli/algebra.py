@@ -61,44 +61,139 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def compose(terms: list[tuple[str, float]], out: str, max_rank: int | None = None) -> dict:
-    """Load the adapters, sum them exactly, optionally compress to `max_rank`, save one stock PEFT folder.
+# --- merge methods: the flags, their checks, and one combination for every command that combines adapters --------
+METHOD_FLAGS = (("density", float), ("gamma", float), ("lam", float), ("seed", int))
 
-    Returns a report: inputs, output path, rank, and (with max_rank) the relative Frobenius errors.
+
+def add_method_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """--method and its hyperparameters (each None unless given, so a flag given to a method without it is refused);
+    `seed=False` where the command already has a --seed (generate: it then seeds DARE's masks too)."""
+    p.add_argument("--method", default=None, help="merge method (default: sum, the exact sum): sum, mean, "
+                   "task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, breadcrumbs, and PEFT's own "
+                   "peft_linear, peft_ties (see docs/merge-methods.md)")
+    p.add_argument("--density", default=None, metavar="D", help="kept fraction of each delta, in (0, 1] (ties, dare_*, "
+                   "magnitude_prune, breadcrumbs, peft_ties; default 0.2)")
+    p.add_argument("--gamma", default=None, metavar="G", help="breadcrumbs: fraction of largest entries dropped "
+                   "(default 0.01)")
+    p.add_argument("--lam", default=None, metavar="λ", help="task_arithmetic: scale of the summed deltas (default 1)")
+    if seed:
+        p.add_argument("--seed", default=None, metavar="S", help="dare_*: seed of the drop masks (default 0)")
+
+
+def _flag_value(text, key: str, kind: type):
+    """A hyperparameter flag's text as `kind`, or None if not given; anything else is an error naming the flag."""
+    if text is None or isinstance(text, kind):
+        return text
+    from ..errors import LorasumError
+
+    try:
+        return kind(str(text).strip())
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise LorasumError(f"must be {what}, got '{text}'", key=key) from None
+
+
+def method_choice(args: argparse.Namespace, seed: bool = True) -> tuple[str, dict]:
+    """(method, hyperparameters) from the flags, checked before any work (`seed=False`: --seed is the command's own
+    and seeds the masks of methods that draw them)."""
+    from ..delta.methods import METHODS, method_params
+    from ..lm.peft_merge import PEFT_METHODS
+
+    name = args.method or "sum"
+    given = {k: _flag_value(getattr(args, k, None), k, kind) for k, kind in METHOD_FLAGS if seed or k != "seed"}
+    params = method_params(name, given, {**METHODS, **PEFT_METHODS})
+    if not seed and "seed" in params and getattr(args, "seed", None) is not None:
+        params["seed"] = int(args.seed)
+    return name, params
+
+
+def is_peft(method: str) -> bool:
+    return method.startswith("peft_")
+
+
+def combine(adapters: list, method: str, params: dict, lm=None, name: str = "merged"):
+    """The adapters combined by `method`: a lorasum merge (delta.methods) or, for peft_*, PEFT's own on `lm`."""
+    from ..delta.methods import merge
+    from ..lm.peft_merge import PEFT_METHODS
+
+    if method in PEFT_METHODS:
+        combined = PEFT_METHODS[method].fn(lm, adapters, **params)
+        combined.name = name
+        return combined
+    return merge(adapters, method, params, name=name)
+
+
+def method_label(method: str, params: dict) -> str:
+    """`ties(density=0.2)`; empty for the plain sum."""
+    if method == "sum":
+        return ""
+    return f"{method}({', '.join(f'{k}={v:g}' for k, v in params.items())})" if params else method
+
+
+def merged_terms(lm, adapters: list, method: str, params: dict) -> list:
+    """What eval/generate/merge apply: the adapters themselves for the exact sum (summed as they are applied), or one
+    adapter holding the method's merged deltas (dense where the method is), applied exactly at weight 1."""
+    if method == "sum":
+        return adapters
+    label = method_label(method, params) + "[" + " + ".join(f"{w:g}*{a.name}" for a, w in adapters) + "]"
+    return [(combine(adapters, method, params, lm, name=label), 1.0)]
+
+
+def compose(terms: list[tuple[str, float]], out: str, max_rank: int | None = None, method: str = "sum",
+            params: dict | None = None, args: argparse.Namespace | None = None) -> dict:
+    """Load the adapters, merge them with `method` (default: the exact sum), make every layer LoRA factors (dense
+    results by truncated SVD to `max_rank`, default the sum of the input ranks; factored ones compressed only with
+    max_rank), save one stock PEFT folder. `args` carries the model flags, needed for PEFT's own methods only.
+
+    Returns a report: inputs, method, output path, rank, and the relative Frobenius errors per layer and overall.
     """
-    from ..delta.compose import compress, weighted_sum
+    from ..delta.compose import to_factors
     from ..delta.peft_format import load_terms, save_adapter
     from ..errors import LorasumError
 
     if not terms:
         raise LorasumError("compose needs at least one adapter: lorasum compose A B[:W] ... --out DIR")
+    params = params or {}
     adapters = load_terms(terms)
-    total = weighted_sum(adapters, name=Path(out).name)
-    errors = None
-    if max_rank is not None:
-        total, errors = compress(total, max_rank)
+    lm = None
+    if is_peft(method):
+        from ..lm.adapters import check_base
+
+        lm = load(args)
+        check_base(lm, adapters)
+    merged = combine(adapters, method, params, lm, name=Path(out).name)
+    total, errors = to_factors(merged, max_rank)
+    ranks = sorted({f.rank for f in total.layers.values()})
     record = {"composition": {
         "adapters": [{"name": a.name, "path": a.path, "weight": w} for a, w in adapters],
-        "max_rank": max_rank, "relative_error": errors["overall"] if errors else 0.0,
+        "method": method, "params": params, "max_rank": max_rank, "rank": ranks[-1],
+        "relative_error": errors["overall"], "layer_errors": errors["layers"],
     }}
     save_adapter(total, out, extra_meta=record)
-    ranks = sorted({f.rank for f in total.layers.values()})
-    return {"out": str(out), "adapters": record["composition"]["adapters"], "rank": ranks[-1],
-            "layers": len(total.layers), "max_rank": max_rank,
-            "relative_error": errors["overall"] if errors else 0.0,
-            "layer_errors": errors["layers"] if errors else {}}
+    return {"out": str(out), "adapters": record["composition"]["adapters"], "method": method, "params": params,
+            "rank": ranks[-1], "layers": len(total.layers), "max_rank": max_rank,
+            "relative_error": errors["overall"], "layer_errors": errors["layers"],
+            "layer_ranks": {n: f.rank for n, f in total.layers.items()}}
 
 
 def compose_command(args: argparse.Namespace) -> int:
+    method, params = method_choice(args)
     max_rank = parse_max_rank(args.max_rank)
     check_out(args.out)
-    report = compose([parse_term(t) for t in args.adapters], args.out, max_rank)
+    report = compose([parse_term(t) for t in args.adapters], args.out, max_rank, method, params, args)
     if args.json:
         print_json(report)
-    else:
-        err = f", relative error {report['relative_error']:.3e}" if report["max_rank"] else ""
-        print(f"wrote {report['out']}: {terms_text(report['adapters'])}, rank {report['rank']} on "
-              f"{report['layers']} layers{err}")
+        return 0
+    label = method_label(method, params)
+    how = f" by {label}" if label else ""
+    lossy = report["relative_error"] > 0 or report["max_rank"] is not None
+    err = f", relative error {report['relative_error']:.3e}" if lossy else ""
+    print(f"wrote {report['out']}: {terms_text(report['adapters'])}{how}, rank {report['rank']} on "
+          f"{report['layers']} layers{err}")
+    if lossy:
+        width = max(len(n) for n in report["layer_errors"])
+        for n, e in report["layer_errors"].items():
+            print(f"  {n:<{width}}  rank {report['layer_ranks'][n]:>4}  relative error {e:.3e}")
     return 0
 
 
@@ -112,16 +207,19 @@ def merge(args: argparse.Namespace) -> int:
 
     if not args.adapter:
         raise LorasumError("merge needs at least one --adapter DIR[:W]")
+    method, params = method_choice(args)
     out = check_out(args.out)
     adapters = load_terms(parse_term(t) for t in args.adapter)
     check_compatible([a for a, _ in adapters])
     lm = load(args)
     fingerprint = check_base(lm, adapters)
-    apply_adapters(lm.model, adapters)
+    apply_adapters(lm.model, merged_terms(lm, adapters, method, params))
     meta = {"base_model": {"id": lm.model_id, "weights_sha256": fingerprint},
-            "adapters": [{"name": a.name, "path": a.path, "weight": w} for a, w in adapters]}
+            "adapters": [{"name": a.name, "path": a.path, "weight": w} for a, w in adapters],
+            "method": method, "params": params}
     save_merged(lm.model, lm.tokenizer, out, meta)
-    print(f"wrote {out}: {lm.model_id} + {terms_text(meta['adapters'])}")
+    label = method_label(method, params)
+    print(f"wrote {out}: {lm.model_id} + {terms_text(meta['adapters'])}{f' by {label}' if label else ''}")
     return 0
 
 
@@ -134,9 +232,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "column spaces (mean squared cosine of principal angles; A near 1 means a shared initial A)")
     p.set_defaults(func=similarity, parser=p)
 
-    p = sub.add_parser("compose", help="exact weighted sum of adapters, saved as one PEFT adapter folder")
+    p = sub.add_parser("compose", help="weighted sum (exact) or another merge of adapters, saved as one PEFT "
+                       "adapter folder")
     p.add_argument("adapters", nargs="*", metavar="PATH[:WEIGHT]", help="adapter folders, weight defaults to 1")
-    p.add_argument("--max-rank", default=None, metavar="K", help="SVD-compress each layer to rank K")
+    add_method_args(p)
+    add_model_args(p)  # PEFT's own methods (peft_linear, peft_ties) combine on a loaded model
+    p.add_argument("--max-rank", default=None, metavar="K", help="SVD-compress each layer to rank K (dense methods: "
+                   "default the sum of the input ranks; K ≥ a layer's smaller dimension is exact)")
     p.add_argument("--out", required=True, help="output adapter folder (must not exist or be empty)")
     p.add_argument("--json", action="store_true", help="print the full report (per-layer errors) as JSON")
     p.set_defaults(func=compose_command, parser=p)
@@ -144,5 +246,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="add weighted adapter deltas into the base weights and save the model")
     add_model_args(p)
     p.add_argument("--adapter", action="append", default=[], metavar="DIR[:W]", help="repeatable")
+    add_method_args(p)
     p.add_argument("--out", required=True, help="output model folder (must not exist or be empty)")
     p.set_defaults(func=merge, parser=p)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .algebra import add_method_args, merged_terms, method_choice
 from .args import add_data_args, add_model_args, check_out, data_config, expand_domains, load, parse_term, \
     print_json, terms_text, train_config
 
@@ -47,7 +48,10 @@ def evaluate(args: argparse.Namespace) -> int:
         if path.exists() and not args.overwrite:
             raise LorasumError(f"{path} already exists; choose a new file, or pass --overwrite to replace it",
                                key="per_example")
-    res = evaluate(load(args), expand_domains(args.data), [parse_term(a) for a in args.adapter], data_config(args),
+    method, params = method_choice(args)
+    loaded = load(args)
+    terms = method_terms(loaded, [parse_term(a) for a in args.adapter], method, params)
+    res = evaluate(loaded, expand_domains(args.data), terms, data_config(args),
                    args.split, args.max_length, args.batch_size, args.loss_on, args.per_example)
     if args.json:
         print_json(res)
@@ -62,9 +66,22 @@ def evaluate(args: argparse.Namespace) -> int:
 def generate(args: argparse.Namespace) -> int:
     from ..lm.generate import generate
 
-    print(generate(load(args), args.prompt, [parse_term(a) for a in args.adapter], args.max_new_tokens,
-                   args.temperature, args.top_p, args.seed, args.template))
+    method, params = method_choice(args, seed=False)
+    loaded = load(args)
+    terms = method_terms(loaded, [parse_term(a) for a in args.adapter], method, params)
+    print(generate(loaded, args.prompt, terms, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                   args.template))
     return 0
+
+
+def method_terms(loaded, terms: list[tuple[str, float]], method: str, params: dict) -> list:
+    """The `PATH[:WEIGHT]` terms as they are applied: unchanged for the exact sum, else loaded (each checked against
+    the model) and merged by `method` into one adapter."""
+    if method == "sum" or not terms:
+        return terms
+    from ..lm.adapters import adapters_for
+
+    return merged_terms(loaded, adapters_for(loaded, terms), method, params)
 
 
 def data_stats(args: argparse.Namespace) -> int:
@@ -133,7 +150,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]",
-                   help="adapter to add (repeat: their weighted sum is applied)")
+                   help="adapter to add (repeat: their weighted sum, or their --method merge, is applied)")
+    add_method_args(p)
     p.add_argument("--data", nargs="+", required=True, help="domains; a+b expands to both (pooled = partition)")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--max-length", type=int, default=64)
@@ -148,6 +166,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("prompt", help="the question; formatted with the training template")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]")
+    add_method_args(p, seed=False)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -2,7 +2,8 @@
 
 For a Linear weight W (out, in): W += sign·Σ wᵢ sᵢ Bᵢ Aᵢ. For GPT-2's Conv1D, W is (in, out) and the delta is
 (α/r · B A)ᵀ (the paper's eq. 1), added as W += Aᵀ Bᵀ. Several adapters are concatenated along the rank first,
-so each weight is touched by one `addmm_`. Every layer is validated before any weight changes.
+so each weight is touched by one `addmm_`. A merge method's dense layer (`DenseDelta`, (out, in)) is added as it
+is (transposed for Conv1D). Every layer is validated before any weight changes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import LorasumError
-from .compose import weighted_sum
+from .compose import DenseDelta, weighted_sum
 from .factors import Adapter, LoraFactors
 
 
@@ -70,11 +71,24 @@ def _may_overflow(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: floa
     return not bound + float(w.abs().max()) < limit
 
 
-def _check_finite(resolved: dict, layers: dict[str, LoraFactors], sign: float, what: str) -> None:
+def _dense_in_layout(d: DenseDelta, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The dense delta in the weight's layout, on its device, in fp32 at least: (out, in), or (in, out) for Conv1D."""
+    cd = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+    D = d.delta.to(device=w.device, dtype=cd)
+    return D.T if transposed else D
+
+
+def _check_finite(resolved: dict, layers: dict[str, LoraFactors | DenseDelta], sign: float, what: str) -> None:
     """Refuse, before any weight changes, a delta that would turn a finite weight into Inf or NaN."""
     with torch.no_grad():
         for layer, f in layers.items():
             w, transposed = resolved[layer]
+            if isinstance(f, DenseDelta):
+                new = w.to(torch.promote_types(w.dtype, torch.float32)) + sign * _dense_in_layout(f, w, transposed)
+                if (torch.isfinite(w) & ~torch.isfinite(new.to(w.dtype))).any():
+                    raise LorasumError(f"{what} would make the model's weights at layer '{layer}' Inf or NaN "
+                                       f"({str(w.dtype).removeprefix('torch.')} overflows); use a smaller weight")
+                continue
             A, B, _ = _compute_factors(f, w)
             alpha = sign * f.scale
             if math.isfinite(alpha) and not _may_overflow(w, A, B, alpha):
@@ -85,14 +99,19 @@ def _check_finite(resolved: dict, layers: dict[str, LoraFactors], sign: float, w
                                    f"({str(w.dtype).removeprefix('torch.')} overflows); use a smaller weight")
 
 
-def apply_factors(model: torch.nn.Module, layers: dict[str, LoraFactors], sign: float = 1.0,
+def apply_factors(model: torch.nn.Module, layers: dict[str, LoraFactors | DenseDelta], sign: float = 1.0,
                   what: str = "the adapter delta") -> None:
-    """In place W += sign · s · B A per layer (transposed for Conv1D); `what` names the delta in errors."""
+    """In place W += sign · s · B A per layer, or W += sign · ΔW for a dense layer (transposed for Conv1D); `what`
+    names the delta in errors."""
     resolved = _resolve(model, layers)
     _check_finite(resolved, layers, sign, what)
     with torch.no_grad():
         for layer, f in layers.items():
             w, transposed = resolved[layer]
+            if isinstance(f, DenseDelta):
+                D = _dense_in_layout(f, w, transposed)
+                w.add_(D, alpha=sign) if D.dtype == w.dtype else w.copy_((w.to(D.dtype) + sign * D).to(w.dtype))
+                continue
             A, B, cd = _compute_factors(f, w)
             alpha = sign * f.scale
             if cd == w.dtype:
@@ -116,10 +135,16 @@ def apply_adapters(model: torch.nn.Module, adapters: list[tuple[Adapter, float]]
     if len(adapters) == 1:
         a, w = adapters[0]
         what = f"adapter '{a.name}' at weight {w:g}"
-        layers = {n: LoraFactors(f.A, f.B, f.scale * float(w), f.fan_in_fan_out) for n, f in a.layers.items()}
+        layers = {n: _scaled(f, float(w)) for n, f in a.layers.items()}
     else:
         layers = weighted_sum(adapters).layers
     apply_factors(model, layers, sign, what)
+
+
+def _scaled(f: LoraFactors | DenseDelta, w: float) -> LoraFactors | DenseDelta:
+    if isinstance(f, DenseDelta):
+        return f if w == 1.0 else DenseDelta(f.delta * w, f.fan_in_fan_out, f.cap)
+    return LoraFactors(f.A, f.B, f.scale * w, f.fan_in_fan_out)
 
 
 def remove_adapters(model: torch.nn.Module, adapters: list[tuple[Adapter, float]]) -> None:

@@ -3,12 +3,15 @@
 Σᵢ wᵢ sᵢ Bᵢ Aᵢ = [w₁s₁B₁ … wₙsₙBₙ] · [A₁; …; Aₙ]: the scales and weights are folded into B, the new scale is 1
 and the new rank is Σ rᵢ (PEFT's `cat` combination, which, unlike its `linear`, is a true sum of deltas).
 `--max-rank K` compresses each layer by a truncated SVD computed from the small factored core, never a dense ΔW.
+Merge methods that work on dense ΔW (see delta.methods) hand back `DenseDelta` layers; `to_factors` refactors them
+by a truncated SVD (exact at a cap ≥ the layer's smaller dimension).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -46,11 +49,11 @@ def weighted_sum(adapters: list[tuple[Adapter, float]], name: str = "sum") -> Ad
         terms = [(a.layers[layer], float(w)) for a, w in adapters]
         out[layer] = concat_factors(terms, cache)
         if not torch.isfinite(out[layer].B).all():
-            _raise_overflow(adapters, terms, layer)
+            raise_overflow(adapters, terms, layer)
     return Adapter(name, "", copy.deepcopy(first.config), out, first.base_record())
 
 
-def _raise_overflow(adapters: list[tuple[Adapter, float]], terms: list[tuple[LoraFactors, float]], layer: str):
+def raise_overflow(adapters: list[tuple[Adapter, float]], terms: list[tuple[LoraFactors, float]], layer: str):
     """Name the weight whose w·s·B leaves the factors' precision at `layer` (a sum holding Inf is never made)."""
     for (a, w), (f, _) in zip(adapters, terms):
         dtype = torch.promote_types(torch.float32, f.B.dtype)
@@ -84,15 +87,64 @@ def compress(adapter: Adapter, max_rank: int) -> tuple[Adapter, dict]:
 
     Layers whose rank is already ≤ max_rank are kept exactly (error 0).
     """
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-        raise LorasumError(f"must be a whole number ≥ 1, got {max_rank!r}", key="max_rank")
+    return to_factors(adapter, check_max_rank(max_rank))
+
+
+def _factored_norm2(f: LoraFactors) -> float:
+    """‖s·B A‖²_F = s² Σ((BᵀB) ∘ (A Aᵀ)), without forming B A."""
+    B, A = f.B.double(), f.A.double()
+    return float(f.scale**2 * ((B.T @ B) * (A @ A.T)).sum())
+
+
+@dataclass
+class DenseDelta:
+    """One layer's merged delta held dense, (out, in), whatever the base layout; `cap` is the rank it is refactored
+    to when no --max-rank is given (the sum of the input ranks)."""
+
+    delta: torch.Tensor  # (out, in)
+    fan_in_fan_out: bool = False
+    cap: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.delta.shape[0]), int(self.delta.shape[1])
+
+
+def factor_dense(d: DenseDelta, k: int) -> tuple[LoraFactors, float, float]:
+    """ΔW as LoRA factors of rank ≤ k; returns (factors, error², norm²) in Frobenius.
+
+    k ≥ min(out, in) is exact without an SVD: B = ΔW, A = I when in ≤ out, else B = I, A = ΔW. Otherwise the
+    Eckart–Young best rank-k approximation: ΔW = U S Vᵀ, B = U_k √S_k, A = √S_k V_kᵀ, error² = Σ_{i>k} σᵢ².
+    """
+    W = d.delta  # (out, in)
+    out_dim, in_dim = d.shape
+    if k >= min(out_dim, in_dim):
+        eye = torch.eye(min(out_dim, in_dim), dtype=W.dtype, device=W.device)
+        A, B = (eye, W) if in_dim <= out_dim else (W, eye)  # (in, in), (out, in) | (out, in), (out, out)
+        return LoraFactors(A.clone(), B.clone(), 1.0, d.fan_in_fan_out), 0.0, float(W.double().pow(2).sum())
+    u, s, vh = torch.linalg.svd(W, full_matrices=False)  # (out, m), (m,), (m, in)
+    root = s[:k].sqrt()
+    B = u[:, :k] * root  # (out, k)
+    A = root[:, None] * vh[:k]  # (k, in)
+    s2 = s.double().pow(2)
+    return LoraFactors(A.contiguous(), B, 1.0, d.fan_in_fan_out), float(s2[k:].sum()), float(s2.sum())
+
+
+def to_factors(adapter: Adapter, max_rank: int | None = None) -> tuple[Adapter, dict]:
+    """Every layer as LoRA factors: dense layers refactored to rank ≤ max_rank (default: each layer's `cap`),
+    factored layers compressed only when max_rank is given. Returns the adapter and the relative Frobenius errors,
+    per layer and overall (√(Σ error² / Σ norm²))."""
+    if max_rank is not None:
+        check_max_rank(max_rank)
     layers, per_layer = {}, {}
     tot_err2 = tot_norm2 = 0.0
     for name, f in adapter.layers.items():
-        if f.rank <= max_rank:
-            layers[name], err2, norm2 = f, 0.0, _factored_norm2(f)
-        else:
+        if isinstance(f, DenseDelta):
+            layers[name], err2, norm2 = factor_dense(f, max_rank or f.cap or min(f.shape))
+        elif max_rank is not None and f.rank > max_rank:
             layers[name], err2, norm2 = truncate_factors(f, max_rank)
+        else:
+            layers[name], err2, norm2 = f, 0.0, _factored_norm2(f)
         per_layer[name] = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
         tot_err2 += err2
         tot_norm2 += norm2
@@ -101,7 +153,8 @@ def compress(adapter: Adapter, max_rank: int) -> tuple[Adapter, dict]:
     return out, {"max_rank": max_rank, "overall": overall, "layers": per_layer}
 
 
-def _factored_norm2(f: LoraFactors) -> float:
-    """‖s·B A‖²_F = s² Σ((BᵀB) ∘ (A Aᵀ)), without forming B A."""
-    B, A = f.B.double(), f.A.double()
-    return float(f.scale**2 * ((B.T @ B) * (A @ A.T)).sum())
+def check_max_rank(max_rank) -> int:
+    """A rank cap: a whole number ≥ 1."""
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise LorasumError(f"must be a whole number ≥ 1, got {max_rank!r}", key="max_rank")
+    return max_rank

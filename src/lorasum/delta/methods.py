@@ -1,0 +1,237 @@
+"""Merge methods: how several adapters' per-layer deltas become one.
+
+Each method is one function over one layer and one line in METHODS. Weighted sums of deltas (`sum`, `mean`,
+`task_arithmetic`) stay exact in factored form (ranks concatenated, see delta.compose). The others act on each
+adapter's dense ΔWᵢ = sᵢ·Bᵢ Aᵢ, (out, in), elementwise — the form in which trimming, sign election and random
+dropping mean what their papers say (PEFT's `*_svd` combinations) — and return a dense ΔW, refactored afterwards by
+`delta.compose.to_factors`. The per-tensor operations are PEFT's (`peft.utils.merge_utils`); only breadcrumbs,
+which PEFT lacks, is written here.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from peft.utils import merge_utils
+
+from ..errors import LorasumError
+from .compose import DenseDelta, concat_factors, raise_overflow
+from .factors import Adapter, LoraFactors, check_compatible, delta_matrix
+
+
+# --- factored methods: Σ cᵢ·sᵢ Bᵢ Aᵢ, one LoRA of rank Σ rᵢ ---------------------------------------------------------
+def sum_(terms: list[tuple[LoraFactors, float]]) -> LoraFactors:
+    """Exact weighted sum ΔW = Σ wᵢ sᵢ Bᵢ Aᵢ (naive LoRA summation), by rank concatenation.
+
+    Args: terms: each adapter's layer factors and its weight wᵢ.
+    Returns: one LoRA with scale 1 and rank Σ rᵢ.
+    """
+    return concat_factors(terms)
+
+
+def mean(terms: list[tuple[LoraFactors, float]]) -> LoraFactors:
+    """Uniform average ΔW = (1/n) Σ wᵢ ΔWᵢ (model soups, Wortsman et al. 2022, eq. 1 "uniform soup").
+
+    Args: terms: each adapter's layer factors and its weight wᵢ (1 for a plain mean).
+    Returns: one LoRA with scale 1 and rank Σ rᵢ.
+    """
+    return concat_factors([(f, w / len(terms)) for f, w in terms])
+
+
+def task_arithmetic(terms: list[tuple[LoraFactors, float]], lam: float) -> LoraFactors:
+    """Task arithmetic ΔW = λ Σ wᵢ τᵢ with task vectors τᵢ = ΔWᵢ (Ilharco et al. 2023, §2: θ_new = θ + λ Σ τᵢ).
+
+    Args: terms: each adapter's layer factors and weight wᵢ; lam: the scaling coefficient λ.
+    Returns: one LoRA with scale 1 and rank Σ rᵢ (λ = 1 is `sum`).
+    """
+    return concat_factors([(f, lam * w) for f, w in terms])
+
+
+# --- dense methods: over the stacked ΔWᵢ (n, out, in) and the weights (n,) -----------------------------------------
+def ties(deltas: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES-merging (Yadav et al. 2023, Alg. 1): trim each τᵢ to its top-`density` magnitudes, elect the sign
+    γ = sgn(Σ τ̂ᵢ), and average the weighted entries that agree with it (disjoint mean). PEFT's `ties`.
+
+    Args: deltas: ΔWᵢ, each (out, in); weights: wᵢ, (n,); density: the kept fraction k.
+    Returns: the merged ΔW, (out, in).
+    """
+    return merge_utils.ties(deltas, weights, density)
+
+
+def dare_linear(deltas: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE (Yu et al. 2024, eq. 2): drop each entry with probability p = 1 − density, rescale the rest by
+    1/(1 − p), then sum with the weights. PEFT's `dare_linear`; the masks come from torch's global RNG.
+
+    Args: deltas: ΔWᵢ, each (out, in); weights: wᵢ, (n,); density: the kept fraction 1 − p.
+    Returns: the merged ΔW, (out, in).
+    """
+    return merge_utils.dare_linear(deltas, weights, density)
+
+
+def dare_ties(deltas: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE drop-and-rescale (Yu et al. 2024, eq. 2) followed by TIES sign election and disjoint mean (Yadav et al.
+    2023, Alg. 1 steps 2–3). PEFT's `dare_ties`.
+
+    Args: deltas: ΔWᵢ, each (out, in); weights: wᵢ, (n,); density: the kept fraction 1 − p.
+    Returns: the merged ΔW, (out, in).
+    """
+    return merge_utils.dare_ties(deltas, weights, density)
+
+
+def magnitude_prune(deltas: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
+    """Magnitude pruning of each task vector to its top-`density` entries (the TIES trim step, Yadav et al. 2023,
+    Alg. 1 step 1) followed by the weighted sum Σ wᵢ τ̂ᵢ. PEFT's `magnitude_prune`.
+
+    Args: deltas: ΔWᵢ, each (out, in); weights: wᵢ, (n,); density: the kept fraction.
+    Returns: the merged ΔW, (out, in).
+    """
+    return merge_utils.magnitude_prune(deltas, weights, density)
+
+
+def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs' mask (Davari & Belilovsky 2023, §3): rank the entries by |τ|, drop the top ⌊γ·N⌋
+    outliers, keep the next ⌊density·N⌋, drop the rest. Ties in |τ| are broken by position (stable sort).
+
+    Args: delta: τ, any shape; density: the kept fraction; gamma: the fraction of largest entries dropped.
+    Returns: a 0/1 mask of τ's shape and dtype.
+    """
+    n = delta.numel()
+    top, keep = int(gamma * n), int(density * n)
+    order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[top:top + keep]] = 1
+    return mask.reshape(delta.shape)
+
+
+def breadcrumbs(deltas: list[torch.Tensor], weights: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023, eq. 2): ΔW = Σ wᵢ (mᵢ ⊙ τᵢ), each mask mᵢ dropping τᵢ's top-γ
+    outliers and its smallest entries so that a `density` fraction remains (see breadcrumbs_mask).
+
+    Args: deltas: ΔWᵢ, each (out, in); weights: wᵢ, (n,); density: the kept fraction; gamma: the outlier fraction.
+    Returns: the merged ΔW, (out, in).
+    """
+    masked = torch.stack([breadcrumbs_mask(d, density, gamma) * d for d in deltas])  # (n, out, in)
+    return (weights.to(masked.dtype)[:, None, None] * masked).sum(0)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registry row: the function, whether it takes dense ΔW, its hyperparameters with their defaults, and
+    whether it draws random masks (then it is run per layer under a seed derived from `seed` and the layer)."""
+
+    fn: Callable
+    dense: bool = False
+    params: dict = field(default_factory=dict)
+    random: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "sum": Method(sum_),
+    "mean": Method(mean),
+    "task_arithmetic": Method(task_arithmetic, params={"lam": 1.0}),
+    "ties": Method(ties, dense=True, params={"density": 0.2}),
+    "dare_linear": Method(dare_linear, dense=True, params={"density": 0.2}, random=True),
+    "dare_ties": Method(dare_ties, dense=True, params={"density": 0.2}, random=True),
+    "magnitude_prune": Method(magnitude_prune, dense=True, params={"density": 0.2}),
+    "breadcrumbs": Method(breadcrumbs, dense=True, params={"density": 0.2, "gamma": 0.01}),
+}
+
+HYPERPARAMETERS = ("density", "gamma", "lam", "seed")  # every method's, for the "takes none" check
+
+
+def check_method(name: str, known: dict = METHODS) -> str:
+    """A known method name; otherwise an error suggesting the closest."""
+    if name in known:
+        return name
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise LorasumError(f"'{name}' is not a merge method; {hint}choose one of {', '.join(known)}", key="method")
+
+
+def method_params(name: str, given: dict, registry: dict[str, Method] = METHODS) -> dict:
+    """The method's hyperparameters: its defaults updated by `given` (names → values, None meaning not given),
+    each checked. A hyperparameter the method does not take is an error naming it."""
+    method = registry[check_method(name, registry)]
+    takes = set(method.params) | ({"seed"} if method.random else set())
+    given = {k: v for k, v in given.items() if v is not None}
+    for key in given:
+        if key not in takes:
+            has = ", ".join(f"--{k}" for k in sorted(takes)) or "no hyperparameters"
+            raise LorasumError(f"is not a hyperparameter of method '{name}' (it takes {has}); leave it out",
+                               key=key)
+    params = {**method.params, **({"seed": 0} if method.random else {}), **given}
+    if "density" in params:
+        d = params["density"]
+        if not _number(d) or not 0 < d <= 1:
+            raise LorasumError(f"must be in (0, 1], got {d!r}; e.g. --density 0.2 keeps 20% of each ΔW",
+                               key="density")
+    if "gamma" in params:
+        g = params["gamma"]
+        if not _number(g) or not 0 <= g < 1:
+            raise LorasumError(f"must be in [0, 1), got {g!r}; e.g. --gamma 0.01 drops the top 1%", key="gamma")
+        if params["density"] + g > 1:
+            raise LorasumError(f"{g:g} plus density {params['density']:g} exceeds 1 (dropped top share + kept share); "
+                               "lower one of them", key="gamma")
+    if "lam" in params and not _number(params["lam"]):
+        raise LorasumError(f"must be a finite number, got {params['lam']!r}", key="lam")
+    if "seed" in params:
+        s = params["seed"]
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
+            raise LorasumError(f"must be a whole number in [0, 2**63), got {s!r}", key="seed")
+    return params
+
+
+def _number(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def layer_seed(seed: int, layer: str) -> int:
+    """A per-layer seed from the user's seed and the layer name (sha256), so masks never depend on layer order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{layer}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def merge_layer(name: str, layer: str, terms: list[tuple[LoraFactors, float]], params: dict) -> LoraFactors | DenseDelta:
+    """One layer of method `name` (params as returned by method_params): factors for the factored methods, a
+    DenseDelta (out, in) for the dense ones, computed in float32 at least."""
+    method = METHODS[name]
+    hp = {k: v for k, v in params.items() if k != "seed"}
+    if not method.dense:
+        return method.fn(terms, **hp)
+    dtype = torch.promote_types(torch.float32, terms[0][0].A.dtype)
+    deltas = [delta_matrix(f, dtype) for f, _ in terms]  # each sᵢ Bᵢ Aᵢ, (out, in)
+    weights = torch.tensor([w for _, w in terms], dtype=dtype)
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore")  # PEFT warns at density 1 ("no pruning will be performed")
+        if method.random:
+            torch.manual_seed(layer_seed(params["seed"], layer))
+        merged = method.fn(deltas, weights, **hp)
+    return DenseDelta(merged, terms[0][0].fan_in_fan_out, sum(f.rank for f, _ in terms))
+
+
+def merge(adapters: list[tuple[Adapter, float]], method: str = "sum", params: dict | None = None,
+          name: str = "merged") -> Adapter:
+    """The adapters merged layer by layer with `method`; dense methods leave DenseDelta layers (apply them with
+    delta.apply, or make them factors with delta.compose.to_factors). Weights must be finite."""
+    if not adapters:
+        raise LorasumError("no adapters to merge; pass at least one PATH[:WEIGHT]")
+    for a, w in adapters:
+        if not math.isfinite(w):
+            raise LorasumError(f"weight {w} for adapter '{a.name}' is not a finite number")
+    params = method_params(method, params or {})
+    layers = check_compatible([a for a, _ in adapters])
+    first = adapters[0][0]
+    out = {}
+    for layer in layers:
+        terms = [(a.layers[layer], float(w)) for a, w in adapters]
+        out[layer] = merge_layer(method, layer, terms, params)
+        held = out[layer].delta if isinstance(out[layer], DenseDelta) else out[layer].B
+        if not torch.isfinite(held).all():
+            raise_overflow(adapters, terms, layer)  # names the weight that overflows
+    return Adapter(name, "", copy.deepcopy(first.config), out, first.base_record())
