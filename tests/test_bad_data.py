@@ -71,6 +71,10 @@ def test_empty_questions_and_answers_are_left_out_and_counted(tmp_path, run_cli)
     rows = json.loads(out)
     assert {r["split"]: r["skipped_empty"] for r in rows} == dom.skipped_empty
     assert {r["split"]: r["records"] for r in rows} == dom.sizes()
+    rc, out, err, _ = stats_cli(run_cli, tmp_path, "d")  # the table shows the count too
+    table = {line.split()[1]: line.split()[3] for line in out.splitlines()[1:] if line.startswith("d ")}
+    assert rc == 0 and out.splitlines()[0].split()[:5] == ["domain", "split", "records", "left", "out"]
+    assert {k: int(v) for k, v in table.items()} == dom.skipped_empty
 
 
 def test_the_adapters_data_record_counts_the_records_left_out(tmp_path):

@@ -289,7 +289,7 @@ def _train(*extra):
 
 
 BAD_ARGS = {
-    "threads-negative": (_train("--threads", -1), ["--threads must be at least 1, got -1"]),
+    "threads-negative": (_train("--threads", -1), ["--threads must be a whole number from 1 to 1024, got -1"]),
     "device-bogus": (_train("--device", "bogus"), ["--device 'bogus'", "cpu, cuda"]),
     "device-cuda-index": (_train("--device", "cuda:99"), ["--device cuda:99"]),
     "device-cuda": (_train("--device", "cuda"), ["--device cuda", "use cpu"]),

@@ -95,14 +95,16 @@ def data_stats(args: argparse.Namespace) -> int:
 
 
 def format_stats(rows: list[dict]) -> str:
-    head = ("domain", "split", "records", "tokens", "truncated", "answer tok", "no answer", "dup q x-split")
-    body = [(r["domain"], r["split"], str(r["records"]), str(r["tokens"]), f"{100 * r['truncated_share']:.1f}%",
-             f"{100 * r['answer_token_share']:.1f}%", str(r["answer_cut_off"]), str(r["duplicates_across_splits"]))
-            for r in rows]
+    head = ("domain", "split", "records", "left out", "tokens", "truncated", "answer tok", "no answer",
+            "dup q x-split")
+    body = [(r["domain"], r["split"], str(r["records"]), str(r.get("skipped_empty", 0)), str(r["tokens"]),
+             f"{100 * r['truncated_share']:.1f}%", f"{100 * r['answer_token_share']:.1f}%", str(r["answer_cut_off"]),
+             str(r["duplicates_across_splits"])) for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [head, *body]]
-    note = ("truncated: records cut at max length; answer tok: share of tokens that are answer tokens (incl. EOS); "
+    note = ("left out: records with an empty question or answer (never trained on); truncated: records cut at max "
+            "length; answer tok: share of tokens that are answer tokens (incl. EOS); "
             "no answer: records whose answer is cut off entirely; dup q x-split: records whose question also appears "
             "in another split")
     return "\n".join(lines) + "\n" + note
