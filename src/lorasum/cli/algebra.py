@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import add_model_args, check_out, load, parse_max_rank, parse_term, print_json, terms_text
+from .args import add_data_args, add_model_args, check_out, load, parse_max_rank, parse_term, print_json, terms_text
 
 
 def similarity(args: argparse.Namespace) -> int:
@@ -223,6 +223,28 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def search_weights(args: argparse.Namespace) -> int:
+    """Optuna TPE over the adapters' weights on pooled validation perplexity; best.json and OUT/adapter."""
+    from ..delta.peft_format import load_terms
+    from ..files import check_out_path
+    from ..lm.adapters import check_base
+    from ..tune.weights import check_search, run_search
+    from .args import data_config, expand_domains
+
+    method, params = method_choice(args)
+    adapters = [a for a, _ in load_terms(args.adapters)]
+    search = check_search(adapters, method, params, args.trials, args.per_module, args.search_seed)
+    out = check_out_path(args.out, "--out")
+    lm = load(args)
+    check_base(lm, [(a, 1.0) for a in adapters])
+    best = run_search(lm, search, expand_domains(args.data), data_config(args), out, args.max_length,
+                      args.batch_size, args.loss_on, args.storage)
+    weights = ", ".join(f"{k}={v:.3f}" for k, v in best["weights"].items())
+    print(f"best trial {best['trial']} of {best['trials']}: validation perplexity {best['value']:.4f} ({weights}); "
+          f"wrote {out / 'best.json'} and {out / 'adapter'}")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("similarity", help="per-layer cosines and RMS between adapters, from the LoRA factors")
     p.add_argument("adapters", nargs="*", metavar="PATH[:WEIGHT]", help="two or more adapter folders, "
@@ -242,6 +264,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output adapter folder (must not exist or be empty)")
     p.add_argument("--json", action="store_true", help="print the full report (per-layer errors) as JSON")
     p.set_defaults(func=compose_command, parser=p)
+
+    p = sub.add_parser("search-weights", help="Optuna TPE over adapter weights, minimising pooled validation "
+                       "perplexity of base + the merge method; writes best.json and the composed adapter")
+    p.add_argument("adapters", nargs="*", metavar="PATH", help="two or more adapter folders")
+    add_model_args(p)
+    add_data_args(p)
+    add_method_args(p)
+    p.add_argument("--data", action="append", required=True, help="domain whose validation split is pooled; repeat")
+    p.add_argument("--trials", type=int, required=True, help="total finished trials (rerun to continue)")
+    p.add_argument("--per-module", action="store_true", help="one weight per adapter for attention and one for MLP")
+    p.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler")
+    p.add_argument("--storage", default=None, metavar="URL", help="SQLAlchemy URL (default: sqlite:///OUT/study.db)")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--loss-on", choices=("all", "answer"), default="all")
+    p.add_argument("--out", required=True, help="folder for best.json, study.db and adapter/")
+    p.set_defaults(func=search_weights, parser=p)
 
     p = sub.add_parser("merge", help="add weighted adapter deltas into the base weights and save the model")
     add_model_args(p)

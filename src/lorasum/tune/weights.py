@@ -1,0 +1,177 @@
+"""`lorasum search-weights`: Optuna TPE over the adapters' weights (optionally one weight per adapter for attention and
+one for MLP modules), minimising the pooled validation perplexity exp(ΣNLL/Σtokens) of base + the merge method
+applied exactly in place (delta.apply). The test split is never read.
+
+The study lives in `OUT/study.db` (or any SQLAlchemy URL), like `lorasum tune`: a rerun adds only the missing trials,
+and a rerun with other adapters, data, method or bounds is refused. Trial 0 is all weights 1 (the plain method), so
+the best trial is never worse on validation than it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from ..delta.compose import to_factors, weighted_sum
+from ..delta.factors import Adapter, module_kind
+from ..delta.methods import METHODS, check_method, merge, method_params
+from ..delta.apply import applied
+from ..delta.peft_format import save_adapter
+from ..errors import LorasumError
+from ..files import atomic_write_json
+from ..lm.data import DataConfig, load_domain, require_nonempty, require_predicted_tokens, tokenize_records
+from ..lm.evaluate import per_example_nll
+from .search import finished, open_storage, open_study, storage_label
+from .space import Param
+
+GROUPS = ("attn", "mlp")  # --per-module: one weight per adapter for each
+LOW, HIGH = 0.0, 2.0  # the searched range of every weight
+
+
+@dataclass(frozen=True)
+class WeightSearch:
+    """A checked search: the adapters (names unique), the method and its hyperparameters, trials, seed, grouping."""
+
+    adapters: list[Adapter]
+    method: str
+    params: dict
+    trials: int
+    per_module: bool = False
+    seed: int = 0
+
+    @property
+    def names(self) -> list[str]:
+        """One searched parameter per adapter (and per module group with per_module): `w0`, `w0.attn`, …"""
+        n = range(len(self.adapters))
+        return [f"w{i}.{g}" for i in n for g in GROUPS] if self.per_module else [f"w{i}" for i in n]
+
+
+def check_search(adapters: list[Adapter], method: str, params: dict | None, trials, per_module: bool = False,
+                 seed: int = 0) -> WeightSearch:
+    """The inputs checked before anything is written: ≥ 2 adapters, a known lorasum method, trials ≥ 1."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise LorasumError(f"must be a whole number of at least 1 (the total number of finished trials), got "
+                           f"{trials!r}", key="trials")
+    if len(adapters) < 2:
+        raise LorasumError(f"weight search needs at least 2 adapters, got {len(adapters)}; pass A B [C ...]")
+    check_method(method, METHODS)
+    return WeightSearch(list(adapters), method, method_params(method, params or {}), trials, per_module, seed)
+
+
+def layer_group(layer: str) -> str:
+    """'mlp' for feed-forward modules, else 'attn' (every other target sits in attention)."""
+    return "mlp" if module_kind(layer) == "mlp" else "attn"
+
+
+def combined(adapters: list[Adapter], weights: dict[str, float] | list[float], method: str, params: dict) -> Adapter:
+    """The adapters merged by `method` with per-adapter weights (a list) or per-adapter-and-group weights
+    ({'w0.attn': …}); groups are merged separately (each layer sees its group's weights), so per layer this is
+    exactly `delta.methods.merge` at those weights."""
+    if isinstance(weights, (list, tuple)):
+        weights = {f"w{i}": float(w) for i, w in enumerate(weights)}
+    if all(f"w{i}" in weights for i in range(len(adapters))):
+        return merge([(a, weights[f"w{i}"]) for i, a in enumerate(adapters)], method, params)
+    layers: dict = {}
+    for g in GROUPS:
+        part = [(Adapter(a.name, a.path, a.config, {n: f for n, f in a.layers.items() if layer_group(n) == g},
+                         a.lorasum), weights[f"w{i}.{g}"]) for i, a in enumerate(adapters)]
+        if part[0][0].layers:
+            layers.update(merge(part, method, params).layers)
+    first = adapters[0]
+    return Adapter("merged", "", first.config, {n: layers[n] for n in first.layers}, first.base_record())
+
+
+def applied_terms(adapters: list[Adapter], weights, method: str, params: dict) -> list[tuple[Adapter, float]]:
+    """What to apply in place: the exact sum at the weights (summed as applied) or one merged adapter at weight 1."""
+    if method == "sum" and isinstance(weights, (list, tuple)):
+        return [(a, float(w)) for a, w in zip(adapters, weights)]
+    return [(combined(adapters, weights, method, params), 1.0)]
+
+
+def validation_examples(loaded, domains: list[str], data: DataConfig, max_length: int, loss_on: str) -> dict:
+    """The domains' validation examples, tokenized (the test split is not touched)."""
+    doms = [load_domain(d, data) for d in domains]
+    require_nonempty(doms, "validation")
+    examples = {d.spec: tokenize_records(loaded.tokenizer, d.records["validation"], max_length) for d in doms}
+    require_predicted_tokens(examples, "validation", max_length, loss_on)
+    return examples
+
+
+def pooled_ppl(loaded, terms: list, examples: dict, batch_size: int, loss_on: str) -> float:
+    """exp(ΣNLL / Σtokens) over every example, with `terms` applied in place (restored afterwards)."""
+    with applied(loaded.model, terms), loaded.autocast():
+        rows = per_example_nll(loaded.model, examples, loaded.tokenizer.pad_token_id, batch_size, loss_on,
+                               desc="weights")
+    loss = sum(r.nll for r in rows) / sum(r.tokens for r in rows)
+    return math.exp(loss) if math.isfinite(loss) else math.inf
+
+
+def search_weights(loaded, search: WeightSearch, examples: dict, out: str | Path, storage: str | None = None,
+                   setup: dict | None = None, batch_size: int = 16, loss_on: str = "all") -> dict:
+    """Run (or continue) the study until it holds `search.trials` finished trials; return the best trial as
+    {weights, method, params, value, trial, trials}. `setup` (model, data, adapters) is stored on the study, so a
+    rerun with another is refused."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{out / 'study.db'}"
+    space = {n: Param(n, LOW, HIGH) for n in search.names}
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = open_study(open_storage(url), "weights", storage_label(url), space,
+                       {**(setup or {}), "method": search.method, "params": search.params,
+                        "per_module": search.per_module}, search.seed, search.trials)
+    if not study.trials:
+        study.enqueue_trial({n: 1.0 for n in search.names})  # the plain method: the baseline to beat
+
+    def objective(trial) -> float:
+        w = {n: trial.suggest_float(n, LOW, HIGH) for n in search.names}
+        weights = [w[f"w{i}"] for i in range(len(search.adapters))] if not search.per_module else w
+        return pooled_ppl(loaded, applied_terms(search.adapters, weights, search.method, search.params), examples,
+                          batch_size, loss_on)
+
+    missing = search.trials - finished(study)
+    if missing > 0:
+        study.optimize(objective, n_trials=missing, gc_after_trial=False)
+    best = min((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: (t.value, t.number))
+    return {"weights": {n: best.params[n] for n in search.names}, "method": search.method, "params": search.params,
+            "per_module": search.per_module, "value": best.value, "trial": best.number,
+            "trials": finished(study)}
+
+
+def weight_list(best: dict, n: int) -> list[float] | dict[str, float]:
+    """best.json's weights as `combined` takes them: a list per adapter, or the per-group mapping."""
+    w = best["weights"]
+    return w if best.get("per_module") else [w[f"w{i}"] for i in range(n)]
+
+
+def write_search(search: WeightSearch, best: dict, out: str | Path) -> dict:
+    """OUT/best.json and OUT/adapter: the best weights composed like `lorasum compose` (dense results refactored
+    to the sum of the input ranks), with lorasum.json recording the composition and the search."""
+    out = Path(out)
+    weights = weight_list(best, len(search.adapters))
+    merged = (weighted_sum(list(zip(search.adapters, weights))) if search.method == "sum" and isinstance(weights, list)
+              else combined(search.adapters, weights, search.method, search.params))
+    total, errors = to_factors(merged)
+    record = {"composition": {
+        "adapters": [{"name": a.name, "path": a.path, "weight": weights[i] if isinstance(weights, list) else
+                      {g: weights[f"w{i}.{g}"] for g in GROUPS}} for i, a in enumerate(search.adapters)],
+        "method": search.method, "params": search.params, "max_rank": None,
+        "rank": max(f.rank for f in total.layers.values()), "relative_error": errors["overall"],
+        "layer_errors": errors["layers"]}, "search": {**best, "chosen_on": "validation"}}
+    save_adapter(total, out / "adapter", extra_meta=record, overwrite=True)  # derived from the study: rewritten
+    atomic_write_json(out / "best.json", {**best, "adapters": record["composition"]["adapters"]})
+    return record
+
+
+def run_search(loaded, search: WeightSearch, domains: list[str], data: DataConfig, out: str | Path,
+               max_length: int = 64, batch_size: int = 16, loss_on: str = "all", storage: str | None = None) -> dict:
+    """The whole command: validation examples, the study (resumed), best.json and the composed adapter."""
+    examples = validation_examples(loaded, domains, data, max_length, loss_on)
+    setup = {"model": loaded.model_id, "adapters": [str(a.path) for a in search.adapters],
+             "domains": list(examples), "max_records": data.max_records.get("validation"),
+             "split_seed": data.split_seed, "max_length": max_length, "loss_on": loss_on}
+    best = search_weights(loaded, search, examples, out, storage, setup, batch_size, loss_on)
+    write_search(search, best, out)
+    return best
