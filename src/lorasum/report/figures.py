@@ -11,6 +11,7 @@ from matplotlib.ticker import LogFormatter, ScalarFormatter
 from ..charts import png, pyplot
 from ..stats import fit_band
 from .ordering import find_model, pair_order
+from .methods import method_label, ranked
 from .paper import FIT
 
 
@@ -223,14 +224,38 @@ def unlearning_curve(results: dict) -> bytes:
     return png(fig)
 
 
+def method_ranking(results: dict) -> bytes:
+    """One panel per subset: every composition's %Δ perplexity vs merged on test with its CI, ranked by validation
+    perplexity (best at the top, in red: the one chosen on validation)."""
+    plt = pyplot()
+    rows = [c for c in results["compositions"] if c.get("method_choice")]
+    n = max(len(ranked(rows[0])), 1)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(6.4, 0.9 + (0.28 * n + 0.6) * len(rows)), squeeze=False)
+    for ax, c in zip(axes[:, 0], rows):
+        items = ranked(c)
+        ys = np.arange(len(items))[::-1]
+        for y, (name, _, change, _) in zip(ys, items):
+            colour = "C3" if name == c["method_choice"]["best"] else ("C0" if name != "sum" else "black")
+            m, (lo, hi) = change["mean"], change["ci"]
+            ax.errorbar(m, y, xerr=[[m - lo], [hi - m]], fmt="o", color=colour, capsize=3)
+        ax.set_yticks(ys, [method_label(name, c.get("baselines", {}).get(name)) for name, *_ in items], fontsize=7)
+        ax.axvline(0, color="black", lw=0.5)
+        ax.set_title(" + ".join(c["subset"]), fontsize=9)
+    axes[-1, 0].set_xlabel("% change in test perplexity vs the merged-data block (CI)")
+    fig.suptitle("Merge methods ranked by validation perplexity (best on top, red)", fontsize=10)
+    fig.tight_layout()
+    return png(fig)
+
+
 FIGURES = {"rms_vs_pct_change": rms_scatter, "cosine_heatmap": cosine_heatmap, "perplexity_bars": perplexity_bars,
-           "unlearning_curve": unlearning_curve}
+           "unlearning_curve": unlearning_curve, "method_ranking": method_ranking}
 
 
 def available(results: dict) -> list[str]:
     """The figures this results file can draw (the unlearning curve needs the λ sweep of schema 2)."""
     sweep = any("sweep" in u for u in results.get("unlearning", []))
-    return [n for n in FIGURES if n != "unlearning_curve" or sweep]
+    methods = any(c.get("method_choice") for c in results.get("compositions", []))
+    return [n for n in FIGURES if (n != "unlearning_curve" or sweep) and (n != "method_ranking" or methods)]
 
 
 def _fit_text(results: dict) -> str:
@@ -283,4 +308,12 @@ def figure_text(results: dict, name: str) -> tuple[str, str]:
                 "weight λ grows, on the validation split; the chosen λ is ringed.",
                 "y = 1: the removed domain is forgotten as if never trained; left of the dotted line: every other "
                 "domain keeps its perplexity within the tolerance. The ringed λ is the one chosen on validation.")
+    if name == "method_ranking":
+        best = "; ".join(f"{' + '.join(c['subset'])}: {c['method_choice']['best']}" for c in results["compositions"]
+                         if c.get("method_choice"))
+        return (f"Per subset, every merge method's % change in test perplexity vs the merged-data block with its "
+                f"{level}% CI, ranked by validation perplexity; best on validation — {best}.",
+                "Each row is a composition of the subset's blocks, top = lowest validation perplexity (red: the one "
+                "chosen on validation; black: the exact sum). Left of 0: better than the merged-data block. The "
+                "choice never looks at test; the test CI shows whether it holds there.")
     return name.replace("_", " "), name.replace("_", " ")

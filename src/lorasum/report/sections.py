@@ -11,6 +11,7 @@ from . import paper
 from .blocks import Figures, Note, Paragraph, Section, Table
 from .detail import L2P1_NEEDS, absent as _absent, per_layer_sections, weight_space_section
 from .figures import available, figure_text
+from .methods import method_tables
 from .ordering import by_domain, model_order
 from .overview import HEADLINE, answer_section
 from .science import init_section, references_section, table1_section, unlearning_sweep_section
@@ -31,13 +32,14 @@ def _best_label(bs: dict) -> str:
 
 def _baselines(comps: list[dict], cfg: dict, ci: str) -> list:
     """Every baseline of the rows: the mean and the best single block, then any other composition."""
-    return _mean_and_best(comps, cfg, ci) + _other_compositions(comps, ci)
+    return _mean_and_best(comps, cfg, ci) + _other_compositions(comps, ci) + method_tables(comps, ci)
 
 
 def _other_compositions(comps: list[dict], ci: str) -> list:
     """Compositions beyond the mean and the best single block (any `baseline` composition of the grid's registry):
     perplexity and %Δ vs merged, a column pair each."""
-    names = sorted({n for c in comps for n in c.get("baselines", {}) if n not in ("mean", "best_single")})
+    names = sorted({n for c in comps for n, b in c.get("baselines", {}).items()
+                    if n not in ("mean", "best_single") and "method" not in b})  # merge methods: method_tables
     if not names:
         return []
     heads = ["combination", "ppl merged"] + [h for n in names for h in (f"ppl {n}", f"%Δ {n} vs merged")]

@@ -19,7 +19,8 @@ from ..lm.train import INIT_MODES, TrainConfig, check_seed
 from ..lm.models import MAX_THREADS
 from ..tune.search import HEARTBEAT_S
 from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
-from .grid import COMPOSITIONS
+from ..delta.methods import method_params
+from .grid import COMPOSITIONS, DEFAULT_COMPOSITIONS, METHOD_COMPOSITIONS, grid_points
 
 TUNE_MODES = ("shared", "per_partition")
 EVAL_SCOPES = ("all", "own")
@@ -91,7 +92,9 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # hyperparameters, shared by every partition
     eval_batch_size: int = 16  # records per eval batch
     eval_loss_on: str = "all"  # tokens counted in perplexity: "all" (paper) or "answer"
-    compositions: list[str] = field(default_factory=lambda: list(COMPOSITIONS))  # which composed models to evaluate
+    compositions: list[str] = field(default_factory=lambda: list(DEFAULT_COMPOSITIONS))  # composed models evaluated
+    method_grid: dict | None = None  # {method: {param: [values]}}: hyperparameter points chosen on validation
+    weight_search_trials: int | None = None  # weight_search: TPE trials per subset and seed (default 12)
     max_ppl_ratio: float | None = None  # recipe check: each fundamental's ppl on its own domain <= ratio x base
     bootstrap_samples: int = 1000  # paired bootstrap resamples for confidence intervals
     ci_level: float = 0.95  # confidence level of every interval
@@ -137,6 +140,7 @@ class ExperimentConfig:
             if c not in COMPOSITIONS:
                 raise LorasumError(f"names unknown composition '{c}'; known: {', '.join(COMPOSITIONS)}",
                                    key="compositions")
+        self._check_methods()
         for k in ("max_train", "max_validation", "max_test"):
             v = getattr(self, k)
             if v is not None and not 1 <= v <= MAX_RECORDS:
@@ -179,6 +183,29 @@ class ExperimentConfig:
             raise LorasumError(f"must be >= 0, got {self.retention_tolerance}", key="retention_tolerance")
         self.tune = tune_section(self.tune)
 
+    def _check_methods(self) -> None:
+        """method_grid: known methods, each parameter a non-empty list, every point allowed by the method."""
+        if self.method_grid is not None and not isinstance(self.method_grid, dict):
+            raise LorasumError(f"must be a mapping {{method: {{param: [values]}}}}, got {self.method_grid!r:.60}",
+                               key="method_grid")
+        for name, grid in (self.method_grid or {}).items():
+            if name not in METHOD_COMPOSITIONS or name == "weight_search":
+                raise LorasumError(f"names {name!r:.40}, not a merge method with hyperparameters; use one of "
+                                   f"{', '.join(m for m in METHOD_COMPOSITIONS if m != 'weight_search')}",
+                                   key="method_grid")
+            if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+                raise LorasumError(f"{name}: must map each hyperparameter to a non-empty list of values, e.g. "
+                                   f"{{density: [0.1, 0.2]}}, got {grid!r:.60}", key="method_grid")
+            for point in grid_points(grid):
+                try:
+                    method_params(name, dict(point))
+                except LorasumError as e:
+                    raise LorasumError(f"{name}: {e}", key="method_grid") from None
+        t = self.weight_search_trials
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 10_000):
+            raise LorasumError(f"must be a whole number in [1, 10000] (or null for 12), got {_show(t)}",
+                               key="weight_search_trials")
+
     @property
     def modes(self) -> list[str]:
         """The init modes this run trains a grid for; the first is the report's primary one."""
@@ -215,7 +242,14 @@ PRESETS: dict[str, dict] = {
               "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "max_length": 32}},
     # embedded SmolLM2, the three real domains, one seed, ~200 training records per domain, one epoch
     "quick": {"model": "smollm2-135m", "domains": ["math", "medicine", "finance"], "max_train": 200,
-              "max_validation": 30, "max_test": 50, "seeds": [0], "autocast": "bfloat16", "max_ppl_ratio": 0.8, "train": {"epochs": 1}},
+              "max_validation": 30, "max_test": 50, "seeds": [0], "autocast": "bfloat16", "max_ppl_ratio": 0.8, "train": {"epochs": 1},
+              # two cheap merge methods at one fixed density (nothing searched)
+              "compositions": [*DEFAULT_COMPOSITIONS, "ties", "dare_linear"],
+              "method_grid": {"ties": {"density": [0.2]}, "dare_linear": {"density": [0.2]}}},
+    # quick's data and model with every merge method (hyperparameters chosen on validation) and the weight search
+    "baselines": {"model": "smollm2-135m", "domains": ["math", "medicine", "finance"], "max_train": 200,
+                  "max_validation": 30, "max_test": 50, "seeds": [0], "autocast": "bfloat16", "max_ppl_ratio": 0.8,
+                  "train": {"epochs": 1}, "compositions": [*DEFAULT_COMPOSITIONS, *METHOD_COMPOSITIONS]},
     # the same domains, 3 seeds, larger budgets (hours on CPU)
     "full": {"model": "smollm2-135m", "domains": ["math", "medicine", "finance"], "max_train": 2000,
              "max_validation": 200, "max_test": 400, "seeds": [0, 1, 2], "train": {"epochs": 2}},

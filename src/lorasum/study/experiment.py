@@ -27,7 +27,7 @@ from ..schema import config_diff
 from .config import ExperimentConfig
 from ..cluster import ExecutorOptions
 from .executors import run_ray, run_serial
-from .grid import adapter, eval_domains, model_catalog, partition_name, subsets
+from .grid import METHOD_COMPOSITIONS, adapter, eval_domains, model_catalog, partition_name, subsets
 from .jobs import JOB_KINDS, is_done, with_key
 from .results import assemble
 from .tuning import run_tuning
@@ -88,20 +88,42 @@ def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = No
     def terms(items, seed):
         return [{"train_key": train[(p, seed)]["key"], "weight": w} for p, w in items]
 
-    def eval_spec(items, seed, domain: str, split: str = "test") -> dict:
+    def search_spec(m, seed) -> dict:
+        return with_key({**base, "kind": "weight_search", "adapters": terms(m.terms, seed), "domains": list(m.subset),
+                         "data": data_part(list(m.subset), cfg.caps(("validation",), keep_none=True)),
+                         "max_length": cfg.train.max_length, "batch_size": cfg.eval_batch_size,
+                         "loss_on": cfg.eval_loss_on, "trials": cfg.weight_search_trials or 12, "method": m.method,
+                         "params": dict(m.params)})
+
+    def method_fields(m, seed) -> dict:
+        """A merge method's eval carries the method and its hyperparameters (or its search) in its key."""
+        if m is None or m.method is None:
+            return {}
+        if m.kind == "weight_search":
+            return {"method": m.method, "params": {}, "weights_from": searches[(m.name, seed)]["key"]}
+        return {"method": m.method, "params": dict(m.params)}
+
+    def eval_spec(items, seed, domain: str, split: str = "test", m=None) -> dict:
         return with_key({**base, "kind": "eval", "adapters": terms(items, seed), "domain": domain,
-                         **({"split": split} if split != "test" else {}),
+                         **({"split": split} if split != "test" else {}), **method_fields(m, seed),
                          "data": data_part([domain], cfg.caps((split,), keep_none=True)),
                          "max_length": cfg.train.max_length, "batch_size": cfg.eval_batch_size,
                          "loss_on": cfg.eval_loss_on})
 
-    catalog = model_catalog(cfg.domains, cfg.level, cfg.compositions, cfg.unlearn_weights)
+    catalog = model_catalog(cfg.domains, cfg.level, cfg.compositions, cfg.unlearn_weights, cfg.method_grid)
+    searches = {(m.name, seed): search_spec(m, seed) for seed in cfg.seeds for m in catalog.of("weight_search")}
     evals: dict[tuple, dict] = {}
     best_single = "best_single" in cfg.compositions
     for seed in cfg.seeds:
         for name, m in catalog.models.items():
             for d in eval_domains(m, cfg.domains, cfg.eval_scope, best_single, bool(catalog.of("unlearn"))):
-                evals[(name, d, seed)] = eval_spec(m.terms, seed, d)
+                evals[(name, d, seed)] = eval_spec(m.terms, seed, d, m=m)
+    if any(c in METHOD_COMPOSITIONS for c in cfg.compositions):  # each method chosen, and ranked, on validation
+        for seed in cfg.seeds:
+            for m in catalog.models.values():
+                if m.method is not None or m.kind in ("sum", "mean"):
+                    for d in m.subset:
+                        evals[(m.name, d, seed, "validation")] = eval_spec(m.terms, seed, d, "validation", m)
     validation = [adapter([f]) for f in cfg.domains] if best_single else []
     unlearn = catalog.of("unlearn")
     if unlearn:  # the weight λ is chosen on validation: every λ, the block before removal, and the block without
@@ -148,7 +170,7 @@ def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = No
     stats = with_key({**base, "kind": "data_stats", "domains": list(cfg.domains),
                       "data": data_part(cfg.domains, cfg.caps(keep_none=True)), "max_length": cfg.train.max_length})
     return {"init": mode, "train": train, "ceiling": ceiling, "evals": evals, "sims": sims, "checks": checks,
-            "data_stats": stats, "models": catalog}
+            "data_stats": stats, "models": catalog, "searches": searches}
 
 
 def plans(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = None) -> dict[str, dict]:
@@ -261,7 +283,7 @@ def _labels(ps: dict[str, dict]) -> dict[str, dict]:
 def _jobs(p: dict) -> list[dict]:
     """A plan's jobs in an order that respects what each reads: adapters before the jobs that use them."""
     return [p["data_stats"], *p["train"].values(), *p["ceiling"].values(), *p["sims"].values(),
-            *p["checks"].values(), *p["evals"].values()]
+            *p["checks"].values(), *p["searches"].values(), *p["evals"].values()]
 
 
 def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded, executor: ExecutorOptions,
@@ -292,10 +314,14 @@ def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded, exec
             bar.set_postfix_str(f"done {len(timings)}/{len(jobs)} {job['kind']} {label}")
             bar.update(round(JOB_KINDS[job["kind"]].work(job)))
 
+        # weight searches, and the evals that read their weights, run here after the rest (Ray ships adapters only)
+        later = [j for j in pending if j["kind"] == "weight_search" or j.get("weights_from")]
+        pending = [j for j in pending if j not in later]
         if executor.kind == "ray" and pending:
             run_ray(pending, run_dir, cfg.threads or executor.threads or 1, executor, on_done, placements)
         else:
             run_serial(pending, loaded, cfg.threads, on_done)
+        run_serial(later, loaded, cfg.threads, on_done)
     results = assemble(cfg, ps, run_dir, tuning)
     write_report(run_dir, results)
     return results

@@ -65,6 +65,28 @@ def relation_evidence(fit: dict) -> str:
             f"n = {rel['n']} pairs")
 
 
+def method_verdict(choice: dict) -> str:
+    """The best composition on validation against the exact sum, by the paired CI of %Δ (best vs sum) on test."""
+    if choice["best"] == "sum":
+        return "the exact naive sum is the best on validation"
+    lo, hi = choice["vs_sum"]["ci"]
+    if lo <= 0 <= hi:
+        return "the exact naive sum is within the CI of the best"
+    return f"{choice['best']} beats the exact sum" if hi < 0 else f"the exact sum beats {choice['best']}"
+
+
+def method_finding(row: dict) -> dict:
+    c = choice = row["method_choice"]
+    label = row["baselines"].get(c["best"], {}).get("model") or choice["best_model"]
+    vs = c["vs_sum"]
+    test = "" if vs is None else (f"; on test %Δ {c['best']} vs sum {vs['mean']:+.1f}% (CI {vs['ci'][0]:+.1f}% to "
+                                  f"{vs['ci'][1]:+.1f}%)")
+    return {"claim": "best merge method on validation vs the exact sum", "subject": " + ".join(row["subset"]),
+            "verdict": method_verdict(c),
+            "evidence": f"best on validation: {label} (ppl {c['validation_perplexity'][c['best']]:.2f}; sum "
+                        f"{c['validation_perplexity']['sum']:.2f}){test}"}
+
+
 def findings(results: dict) -> list[dict]:
     out = []
     rc = results.get("recipe_check") or {}
@@ -82,6 +104,9 @@ def findings(results: dict) -> list[dict]:
         out.append({"claim": "summed vs merged", "subject": " + ".join(row["subset"]),
                     "verdict": summed_verdict(pc["ci"]),
                     "evidence": f"%Δ perplexity {pc['mean']:+.1f}% (CI {pc['ci'][0]:+.1f}% to {pc['ci'][1]:+.1f}%)"})
+    for row in results.get("compositions", []):
+        if row.get("method_choice"):
+            out.append(method_finding(row))
     for pair, p in results.get("pairs", {}).items():
         if "null" not in p:
             continue

@@ -15,6 +15,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+
+from ..delta.methods import METHODS
 
 
 def partition_name(domains) -> str:
@@ -35,10 +38,14 @@ class Model:
     terms: tuple[tuple[str, float], ...]
     removed: str | None = None  # unlearning: the domain subtracted
     added: str | None = None  # level-2 block + fundamental: the fundamental added
+    method: str | None = None  # merge method (delta.methods) applied to the terms; None: the exact sum
+    params: tuple[tuple[str, float], ...] = ()  # its hyperparameters, sorted by name
 
     @property
     def name(self) -> str:
         part = partition_name(self.subset)
+        if self.params:
+            return f"{self.kind}({', '.join(f'{k}={v:g}' for k, v in self.params)})[{part}]"
         if self.kind == "base":
             return "base"
         if self.kind == "level2_plus_one":
@@ -57,6 +64,8 @@ class Model:
     def as_dict(self) -> dict:
         """The results.json form: {"kind", "subset", "terms": [[partition, weight], ...]} (+ "removed")."""
         d = {"kind": self.kind, "subset": list(self.subset), "terms": [[p, w] for p, w in self.terms]}
+        if self.method is not None:
+            d = {**d, "method": self.method, "params": dict(self.params)}
         return {**d, "removed": self.removed} if self.removed is not None else d
 
 
@@ -76,6 +85,36 @@ class Composition:
     per_subset: Callable[[tuple[str, ...]], list[Model]] = lambda s: []  # models for a subset of >= 2 domains
     whole: Callable[[list[str], list[float]], list[Model]] = lambda domains, weights: []  # need every domain
     baseline: bool = False  # results give each model ppl, macro and %Δ vs merged under `baselines[name]`
+    method: bool = False  # a merge method: per_subset(s, grid) gives one model per hyperparameter point
+
+
+# Hyperparameter points tried per merge method, the best chosen on validation (the config's `method_grid` replaces
+# a method's); methods without hyperparameters have one point.
+METHOD_GRID: dict[str, dict[str, list[float]]] = {
+    "task_arithmetic": {"lam": [0.5, 1.0]},
+    "ties": {"density": [0.1, 0.2, 0.5]},
+    "dare_linear": {"density": [0.1, 0.2, 0.5]},
+    "dare_ties": {"density": [0.1, 0.2, 0.5]},
+    "magnitude_prune": {"density": [0.1, 0.2, 0.5]},
+    "breadcrumbs": {"density": [0.1, 0.2, 0.5], "gamma": [0.01]},
+}
+DEFAULT_COMPOSITIONS = ["sum", "mean", "best_single", "level2_plus_one", "unlearning"]
+
+
+def grid_points(grid: dict[str, list[float]] | None) -> list[tuple[tuple[str, float], ...]]:
+    """Every point of a hyperparameter grid, as sorted (name, value) tuples, in the grid's order."""
+    names = sorted(grid or {})
+    return [tuple(zip(names, values)) for values in itertools.product(*((grid or {})[n] for n in names))]
+
+
+def _method(name: str, s: tuple[str, ...], grid: dict | None = None) -> list[Model]:
+    """A merge method of delta.methods over the subset's blocks (weights 1), one model per grid point."""
+    return [Model(name, s, tuple((d, 1.0) for d in s), method=name, params=p) for p in grid_points(grid)]
+
+
+def _weight_search(s: tuple[str, ...], grid: dict | None = None) -> list[Model]:
+    """The exact sum at weights searched on the subset's validation split (tune.weights)."""
+    return [Model("weight_search", s, tuple((d, 1.0) for d in s), method="sum")]
 
 
 def _sum(s: tuple[str, ...]) -> list[Model]:
@@ -111,7 +150,10 @@ COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
     Composition("best_single"),  # no models of its own: chosen among the fundamentals on validation
     Composition("level2_plus_one", per_subset=_level2_plus_one),
     Composition("unlearning", whole=_unlearning),
+    *(Composition(m, per_subset=partial(_method, m), method=True) for m in METHODS if m not in ("sum", "mean")),
+    Composition("weight_search", per_subset=_weight_search, method=True),
 )}
+METHOD_COMPOSITIONS = [n for n, c in COMPOSITIONS.items() if c.method]
 
 
 @dataclass
@@ -144,7 +186,7 @@ def eval_domains(m: Model, domains: list[str], scope: str, best_single: bool, un
 
 
 def model_catalog(domains: list[str], level: int, compositions: list[str],
-                  unlearn_weights: list[float] = (1.0,)) -> Catalog:
+                  unlearn_weights: list[float] = (1.0,), method_grid: dict | None = None) -> Catalog:
     """Base, an adapter per partition, then per subset of >= 2 domains each asked-for composition's models, then
     those that need every domain (only when the grid trains the all-domain block)."""
     cat = Catalog()
@@ -154,7 +196,8 @@ def model_catalog(domains: list[str], level: int, compositions: list[str],
     for s in subsets(domains, level, 2):
         for name, comp in COMPOSITIONS.items():
             if name in compositions:
-                for m in comp.per_subset(s):
+                grid = {**METHOD_GRID, **(method_grid or {})}.get(name)
+                for m in comp.per_subset(s, grid) if comp.method else comp.per_subset(s):
                     cat.add(m)
     if level == len(domains):
         for name, comp in COMPOSITIONS.items():

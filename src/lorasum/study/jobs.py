@@ -46,6 +46,7 @@ from ..lm.train import TrainConfig, check_seed, train_adapter
 _NOT_IN_KEY = ("run_dir", "key", "device", "data_dir")
 NULL_SAMPLES = 200  # pairs of random deltas behind each random-null RMS
 TRAIN_KEY = re.compile(r"train-[0-9a-f]{20}")  # job_key of a train spec: the only name an adapter folder has
+SEARCH_KEY = re.compile(r"weight_search-[0-9a-f]{20}")  # job_key of a weight search: an eval's `weights_from`
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,19 @@ class JobSpec:
     b: list[AdapterTerm] | None = None
     all: list[str] | None = None  # inplace: the train keys of every fundamental, and the one removed
     removed: str | None = None
-    domains: list[str] | None = None  # data_stats
+    domains: list[str] | None = None  # data_stats, weight_search (the subset whose validation split is pooled)
+    method: str | None = None  # eval, weight_search: merge method of delta.methods (absent: the exact sum)
+    params: dict | None = None  # its hyperparameters
+    weights_from: str | None = None  # eval: the weight_search job whose best weights replace the terms' weights
+    trials: int | None = None  # weight_search: TPE trials
 
     def check(self) -> None:
+        if self.weights_from is not None and not SEARCH_KEY.fullmatch(self.weights_from):
+            raise LorasumError(f"must be a weight_search job's key, got {self.weights_from!r:.60}", key="weights_from")
+        if self.method is not None:
+            from ..delta.methods import METHODS, method_params
+
+            method_params(self.method, dict(self.params or {}), METHODS)
         for d in ([self.domain] if self.domain else []) + list(self.domains or []):
             check_domain(d, "domain" if d == self.domain else "domains")
         for d in partition_domains(self.partition) if self.partition else []:
@@ -193,7 +204,7 @@ def _run_eval(spec: dict, out: Path, loaded: LoadedModel) -> None:
     examples = tokenize_records(loaded.tokenizer, dom.records[split], spec["max_length"])
     # a split with nothing to predict would give a NaN perplexity: refuse it, naming domain, split and the fix
     require_predicted_tokens({dom.spec: examples}, split, spec["max_length"], spec["loss_on"])
-    terms = _terms(spec, "adapters")
+    terms = _method_terms(spec)
     t0 = time.perf_counter()
     with applied(loaded.model, terms), loaded.autocast():
         apply_s = time.perf_counter() - t0  # compose + apply in place: what replaces training a merged block
@@ -201,6 +212,43 @@ def _run_eval(spec: dict, out: Path, loaded: LoadedModel) -> None:
                                spec["batch_size"], spec["loss_on"], desc=f"eval {dom.spec}")
     atomic_write_json(out, {"domain": dom.spec, "nll": [r.nll for r in rows], "tokens": [r.tokens for r in rows]})
     return {"apply_s": round(apply_s, 4)}
+
+
+_MERGED: dict = {}  # the last merged adapter: consecutive evals of one model on several domains merge once
+
+
+def _method_terms(spec: dict) -> list[tuple]:
+    """What an eval applies: the weighted terms (exact sum), or the method's merge at the terms' weights or at the
+    best weights of the weight search named by `weights_from`."""
+    terms = _terms(spec, "adapters")
+    if spec.get("method") is None and spec.get("weights_from") is None:
+        return terms
+    from ..tune.weights import applied_terms, weight_list
+
+    weights = [w for _, w in terms]
+    if spec.get("weights_from"):
+        weights = weight_list(read_json(Path(spec["run_dir"]) / "searches" / f"{spec['weights_from']}.json",
+                                        "weight search result", "rerun the experiment"), len(terms))
+    method, params = spec.get("method") or "sum", spec.get("params") or {}
+    key = json.dumps([[t["train_key"] for t in spec["adapters"]], weights, method, params], sort_keys=True)
+    if key not in _MERGED:
+        _MERGED.clear()
+        _MERGED[key] = applied_terms([a for a, _ in terms], weights, method, params)
+    return _MERGED[key]
+
+
+def _run_weight_search(spec: dict, out: Path, loaded: LoadedModel) -> None:
+    """tune.weights on the subset's pooled validation split; the study lives beside the artifact (resumable)."""
+    from ..tune.weights import check_search, search_weights, validation_examples
+
+    data = _data(spec)
+    _check_sources(spec, [load_domain(d, data) for d in spec["domains"]])
+    adapters = [a for a, _ in _terms(spec, "adapters")]
+    search = check_search(adapters, spec["method"], spec.get("params"), spec["trials"])
+    examples = validation_examples(loaded, spec["domains"], data, spec["max_length"], spec["loss_on"])
+    best = search_weights(loaded, search, examples, out.with_suffix(".study"), batch_size=spec["batch_size"],
+                          loss_on=spec["loss_on"])
+    atomic_write_json(out, best)
 
 
 def _run_similarity(spec: dict, out: Path, loaded: LoadedModel | None) -> None:
@@ -277,6 +325,9 @@ JOB_KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("similarity", "sims", ("a", "b"), _run_similarity, needs_model=False, terms=("a", "b")),
     JobKind("inplace", "checks", ("model", "all", "removed"), _run_inplace),
     JobKind("data_stats", "checks", ("model", "domains", "data", "max_length"), _run_data_stats),
+    JobKind("weight_search", "searches", ("model", "adapters", "domains", "data", "max_length", "batch_size", "loss_on",
+                                          "trials", "method"), _run_weight_search, terms=("adapters",),
+            work=lambda spec: 2.0 * spec["trials"] * len(spec["domains"])),
 )}
 
 

@@ -23,6 +23,7 @@ from .config import ExperimentConfig
 from .findings import claims, findings
 from .grid import COMPOSITIONS, adapter, eval_domains
 from .jobs import artifact_path
+from .methods import method_rows
 from .scores import RunScores, load
 from .unlearning import unlearning_rows
 
@@ -113,6 +114,10 @@ def mode_body(cfg: ExperimentConfig, plan: dict) -> dict:
                 best = min(s, key=lambda d: val[d])
                 baselines["best_single"] = {"block": best, "chosen_on": "validation", "validation_perplexity": val,
                                             **versus_merged(adapter([best]).name, merged, doms)}
+            methods, choice = method_rows(cfg, plan, S, s, lambda m: versus_merged(m, merged, doms), pct, baselines)
+            baselines.update(methods)
+            if choice is not None:
+                row["method_choice"] = choice
             row["baselines"] = baselines
             if k >= 3:
                 row["block_vs_rest"] = {}

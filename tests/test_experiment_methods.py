@@ -1,0 +1,105 @@
+"""Merge methods in the experiment: hyperparameters chosen on validation (checked against independent evals of the
+same merges), the method and its hyperparameters in the eval key, the weight search's weights, the best-on-validation
+finding, and a byte-identical results.json on rerun."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import write_smoke_domains
+from lorasum.delta.methods import merge
+from lorasum.delta.peft_format import load_adapter
+from lorasum.errors import LorasumError
+from lorasum.lm.data import DataConfig
+from lorasum.lm.evaluate import evaluate
+from lorasum.lm.models import load_model
+from lorasum.study.config import load_config
+from lorasum.study.experiment import plan, run_experiment
+from lorasum.study.findings import method_verdict
+
+COMPS = ["sum", "mean", "best_single", "ties", "weight_search"]
+
+
+@pytest.fixture(scope="module")
+def method_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("methods")
+    data = write_smoke_domains(root / "data")
+    cfg = load_config(preset="smoke", overrides={"data_dir": str(data), "domains": ["alpha", "beta"],
+                                                 "compositions": COMPS, "weight_search_trials": 3,
+                                                 "method_grid": {"ties": {"density": [0.2, 0.5]}}})
+    run = root / "run"
+    return cfg, run, data, run_experiment(cfg, run)
+
+
+def test_density_is_chosen_on_validation_and_reported_on_test(method_run):
+    cfg, run, data, results = method_run
+    p = plan(cfg, run.resolve())
+    adapters = [load_adapter(run / "adapters" / p["train"][(d, 0)]["key"]) for d in ("alpha", "beta")]
+    lm = load_model("tiny-gpt2")
+    dc = DataConfig(str(data), max_records={"validation": cfg.max_validation, "test": cfg.max_test})
+
+    def ppl(density, split):
+        merged = merge([(a, 1.0) for a in adapters], "ties", {"density": density})
+        return evaluate(lm, ["alpha", "beta"], [(merged, 1.0)], dc, split=split,
+                        max_length=cfg.train.max_length)["results"]["pooled"]["perplexity"]
+
+    val = {d: ppl(d, "validation") for d in (0.2, 0.5)}
+    best = min(val, key=val.get)
+    ties = results["compositions"][0]["baselines"]["ties"]
+    assert ties["params"] == {"density": best} and ties["chosen_on"] == "validation"
+    for d in (0.2, 0.5):
+        assert math.isclose(ties["validation_perplexity"][f"ties(density={d:g})[alpha+beta]"], val[d], rel_tol=1e-6)
+    assert math.isclose(ties["perplexity"]["mean"], ppl(best, "test"), rel_tol=1e-6)
+
+
+def test_the_eval_key_carries_the_method_and_its_hyperparameters(method_run):
+    cfg, run, _, _ = method_run
+    evals = plan(cfg, run.resolve())["evals"]
+    a, b = evals[("ties(density=0.2)[alpha+beta]", "alpha", 0)], evals[("ties(density=0.5)[alpha+beta]", "alpha", 0)]
+    assert a["method"] == b["method"] == "ties" and a["params"] == {"density": 0.2}
+    assert a["key"] != b["key"] and a["adapters"] == b["adapters"]
+    ws = evals[("weight_search[alpha+beta]", "alpha", 0)]
+    assert ws["weights_from"].startswith("weight_search-")
+    assert "method" not in evals[("sum[alpha+beta]", "alpha", 0)]  # the exact sum's key is unchanged
+
+
+def test_weight_search_and_the_method_finding(method_run):
+    _, _, _, results = method_run
+    row = results["compositions"][0]
+    ws = row["baselines"]["weight_search"]
+    assert ws["weights"][0].keys() == {"w0", "w1"} and ws["search_value"][0] <= \
+        row["method_choice"]["validation_perplexity"]["sum"] * (1 + 1e-9)
+    choice = row["method_choice"]
+    assert choice["best"] == min(choice["validation_perplexity"], key=choice["validation_perplexity"].get)
+    (f,) = [f for f in results["findings"] if f["claim"] == "best merge method on validation vs the exact sum"]
+    assert f["verdict"] == method_verdict(choice)
+
+
+def test_rerun_is_byte_identical(method_run):
+    cfg, run, _, _ = method_run
+    before = (run / "results.json").read_bytes()
+    run_experiment(cfg, run)
+    assert (run / "results.json").read_bytes() == before
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "| combination | method (hyperparameters chosen on validation) |" in md
+    assert (run / "figures" / "method_ranking.png").is_file()
+
+
+def test_method_verdicts():
+    base = {"validation_perplexity": {}, "best_model": "x"}
+    assert method_verdict({**base, "best": "sum", "vs_sum": None}).startswith("the exact naive sum is the best")
+    assert method_verdict({**base, "best": "ties", "vs_sum": {"ci": [-2.0, 0.5]}}) == \
+        "the exact naive sum is within the CI of the best"
+    assert method_verdict({**base, "best": "ties", "vs_sum": {"ci": [-2.0, -0.5]}}) == "ties beats the exact sum"
+
+
+@pytest.mark.parametrize("grid, message", [({"tiez": {"density": [0.2]}}, "not a merge method"),
+                                           ({"ties": {"density": [2.0]}}, "density"),
+                                           ({"ties": {"density": []}}, "non-empty list"),
+                                           ({"sum": {"lam": [1.0]}}, "not a merge method")])
+def test_bad_method_grid_is_refused(grid, message):
+    with pytest.raises(LorasumError, match=message):
+        load_config(preset="smoke", overrides={"domains": ["a", "b"], "compositions": ["sum", "ties"],
+                                               "method_grid": grid})
