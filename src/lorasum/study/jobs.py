@@ -31,6 +31,7 @@ from pathlib import Path
 from .. import schema
 from ..delta.apply import apply_adapters, applied, snapshot_weights
 from ..delta.compose import weighted_sum
+from ..delta.methods import METHODS, method_params
 from ..delta.peft_format import load_adapter
 from ..delta.similarity import layer_cosines, layer_norms, rms
 from ..delta.subspace import factor_similarity, factor_summary, null_rms
@@ -42,6 +43,7 @@ from ..lm.datastats import data_stats
 from ..lm.evaluate import per_example_nll
 from ..lm.models import LoadedModel, load_model
 from ..lm.train import TrainConfig, check_seed, train_adapter
+from ..tune.weights import applied_terms, check_search, search_weights, validation_examples, weight_list
 
 _NOT_IN_KEY = ("run_dir", "key", "device", "data_dir")
 NULL_SAMPLES = 200  # pairs of random deltas behind each random-null RMS
@@ -135,8 +137,6 @@ class JobSpec:
         if self.weights_from is not None and not SEARCH_KEY.fullmatch(self.weights_from):
             raise LorasumError(f"must be a weight_search job's key, got {self.weights_from!r:.60}", key="weights_from")
         if self.method is not None:
-            from ..delta.methods import METHODS, method_params
-
             method_params(self.method, dict(self.params or {}), METHODS)
         for d in ([self.domain] if self.domain else []) + list(self.domains or []):
             check_domain(d, "domain" if d == self.domain else "domains")
@@ -223,8 +223,6 @@ def _method_terms(spec: dict) -> list[tuple]:
     terms = _terms(spec, "adapters")
     if spec.get("method") is None and spec.get("weights_from") is None:
         return terms
-    from ..tune.weights import applied_terms, weight_list
-
     weights = [w for _, w in terms]
     if spec.get("weights_from"):
         weights = weight_list(read_json(Path(spec["run_dir"]) / "searches" / f"{spec['weights_from']}.json",
@@ -239,8 +237,6 @@ def _method_terms(spec: dict) -> list[tuple]:
 
 def _run_weight_search(spec: dict, out: Path, loaded: LoadedModel) -> None:
     """tune.weights on the subset's pooled validation split; the study lives beside the artifact (resumable)."""
-    from ..tune.weights import check_search, search_weights, validation_examples
-
     data = _data(spec)
     _check_sources(spec, [load_domain(d, data) for d in spec["domains"]])
     adapters = [a for a, _ in _terms(spec, "adapters")]
