@@ -226,3 +226,14 @@ def test_a_reduced_quick_run_on_ray_matches_serial_byte_for_byte(real_data_dir, 
                    placements=placements)
     assert len({p["pid"] for p in placements}) == 2
     assert (tmp_path / "ray" / "results.json").read_bytes() == (tmp_path / "serial" / "results.json").read_bytes()
+
+
+def test_a_run_with_fixed_threads_leaves_the_callers_thread_count_alone(serial, tmp_path):
+    import torch
+
+    root, _ = serial
+    before = torch.get_num_threads()
+    cfg = load_config(None, "smoke", {"domains": DOMAINS, "data_dir": str(root / "data"),
+                                      "threads": 1 if before != 1 else 2})
+    run_experiment(cfg, tmp_path / "run")
+    assert torch.get_num_threads() == before

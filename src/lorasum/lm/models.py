@@ -101,6 +101,19 @@ def check_positions(loaded: "LoadedModel", length: int, key: str = "max_length")
 MAX_THREADS = 1024
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block and restored after it (None: left as they are), so a
+    library call that fixes its thread count does not change the caller's."""
+    before = torch.get_num_threads()
+    set_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(before)
+
+
 def set_threads(n: int | None) -> None:
     """torch's intra-op threads (None: torch's choice)."""
     if n is None:

@@ -52,11 +52,11 @@ def needed_sources(spec: dict) -> list[str]:
     return files
 
 
-def run_serial(jobs: list[dict], loaded: LoadedModel | None, threads: int | None, on_done: OnDone) -> None:
-    """Today's path: every job in this process, in the given order (which respects what each reads)."""
+def run_serial(jobs: list[dict], loaded: LoadedModel | None, on_done: OnDone) -> None:
+    """Today's path: every job in this process, in the given order (which respects what each reads), with the
+    caller's thread count."""
     for job in jobs:
         if loaded is None and JOB_KINDS[job["kind"]].needs_model:
-            set_threads(threads)
             loaded = load_model(job["model"], job.get("device"), job.get("dtype"), job.get("autocast"))
         t0 = time.perf_counter()
         measured: dict = {}

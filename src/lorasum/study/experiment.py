@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import LorasumError
 from ..files import atomic_write_json, check_out_path, read_json, sha256_file, sweep
 from ..lm.data import SPLITS, load_domain, parse_spec, partition_domains, require_nonempty, resolve_source
+from ..lm.models import torch_threads
 from ..lm.train import init_seed
 from ..lock import LOCK_FILE, folder_lock
 from ..progress import progress
@@ -261,7 +262,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
             sweep(run_dir)
             _check_run_dir(cfg, run_dir, overwrite)  # again, now that no other run can change it
             _check_domains(cfg)
-            return _run(cfg, run_dir, plans(cfg, run_dir), loaded, executor, placements)
+            with torch_threads(cfg.threads):  # this run's thread count, the caller's again afterwards
+                return _run(cfg, run_dir, plans(cfg, run_dir), loaded, executor, placements)
     except BaseException:
         if made:  # a refused or interrupted first run leaves no folder behind (unless a job finished)
             _remove_if_unused(run_dir)
@@ -320,8 +322,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded, exec
         if executor.kind == "ray" and pending:
             run_ray(pending, run_dir, cfg.threads or executor.threads or 1, executor, on_done, placements)
         else:
-            run_serial(pending, loaded, cfg.threads, on_done)
-        run_serial(later, loaded, cfg.threads, on_done)
+            run_serial(pending, loaded, on_done)
+        run_serial(later, loaded, on_done)
     results = assemble(cfg, ps, run_dir, tuning)
     write_report(run_dir, results)
     return results

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import LorasumError
 from ..files import atomic_write_text, read_json
-from ..lm.models import load_model, set_threads
+from ..lm.models import load_model
 from ..lm.train import TrainConfig
 from ..tune.search import tune
 from ..tune.space import parse_space
@@ -89,5 +89,4 @@ def _cached(folder: Path, key: str) -> dict | None:
 
 
 def _load(cfg: ExperimentConfig):
-    set_threads(cfg.threads)
     return load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
