@@ -310,7 +310,7 @@ def test_data_stats_against_hand_counts(tmp_path, run_cli):
                               "--max-length", 22)
     lines = out.splitlines()
     assert rc == 0 and "no answer" in lines[0]
-    assert lines[1].split()[:4] == ["d", "train", "2", "44"]
+    assert lines[1].split()[:5] == ["d", "train", "2", "0", "44"]  # domain, split, records, left out, tokens
 
 
 def test_parquet_matches_jsonl(tmp_path):
