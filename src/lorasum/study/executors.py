@@ -23,7 +23,8 @@ from ..errors import LorasumError
 from ..files import atomic_dir, atomic_write_bytes
 from ..lm.data import partition_domains, resolve_source
 from ..lm.models import LoadedModel, load_model, set_threads
-from .jobs import JOB_KINDS, adapter_dir, artifact_path, run_job
+from .jobs import JOB_KINDS, artifact_path, run_job
+from .jobspec import adapter_dir
 
 OnDone = Callable[[dict, dict, float], None]  # (spec, timings the job measured, wall seconds)
 

@@ -29,7 +29,8 @@ from .config import ExperimentConfig
 from ..cluster import ExecutorOptions
 from .executors import run_ray, run_serial
 from .grid import METHOD_COMPOSITIONS, adapter, eval_domains, model_catalog, partition_name, subsets
-from .jobs import JOB_KINDS, is_done, with_key
+from .jobs import JOB_KINDS, is_done
+from .jobspec import with_key
 from .results import assemble
 from .tuning import run_tuning
 

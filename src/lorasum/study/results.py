@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from ..delta.peft_format import load_adapter
-from ..errors import LorasumError
 from ..files import atomic_write_json, content_digest, read_json
 from ..lm.data import parse_spec
 from ..provenance import provenance
