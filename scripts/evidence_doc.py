@@ -1,6 +1,8 @@
-"""Write docs/evidence.md from two finished runs: `--preset evidence` and a `quick` run with both init modes.
+"""Write docs/evidence.md from two finished runs: `--preset evidence` and a `quick` run with both init modes; and
+(`--baselines RUN`) write or replace its merge-methods section from a `--preset baselines` run.
 
     python scripts/evidence_doc.py runs/evidence runs/quick-modes --out docs/evidence.md
+    python scripts/evidence_doc.py --baselines runs/baselines --out docs/evidence.md
 
 Only aggregates go in (no records of the data); the figures are copied beside it under docs/evidence/.
 """
@@ -31,14 +33,64 @@ def _label(d: str) -> str:
     return (d if len(d) < 40 else d[:37] + "…]").replace("|", "\\|")
 
 
+METHODS_HEADING = "## Which merge method? (baselines preset, 3 domains)"
+
+
+def methods_section(run: Path, figs: Path, wall: str) -> list[str]:
+    """Per subset: every composition ranked by validation perplexity, with test perplexity and %Δ vs merged (CIs),
+    and the chosen one's paired %Δ vs the exact sum."""
+    r = json.loads((run / "results.json").read_text())
+    if (run / "figures" / "method_ranking.png").is_file():
+        shutil.copyfile(run / "figures" / "method_ranking.png", figs / "baselines_method_ranking.png")
+    when = wall or _minutes(run)
+    L = [METHODS_HEADING, "",
+         f"Run: `lorasum experiment --preset baselines --data-dir ../shared/data --out runs/baselines` ({when}; git "
+         f"revision {r['provenance'].get('git_revision')}). Each method's hyperparameter (density, "
+         "λ) and the weights of `weight_search` were chosen per subset on the validation split; the test split only "
+         "reports. %Δ is against the block trained on the subset's merged data (positive: worse); `vs sum` is the "
+         "paired %Δ of the method chosen on validation against the exact naive sum.", ""]
+    for c in r["compositions"]:
+        mc = c.get("method_choice")
+        if not mc:
+            continue
+        L += [f"**{' + '.join(c['subset'])}** — merged-data block {_ci(c['merged'])}; chosen on validation: "
+              f"`{mc['best_model']}`, vs the exact sum {_pct(mc['vs_sum'])}", "",
+              "| composition | validation ppl | test ppl | %Δ vs merged |", "|---|---|---|---|"]
+        rows = {"sum": {"perplexity": c["summed"], "pct_change": c["pct_change"]}, **c.get("baselines", {})}
+        for name, val in sorted(mc["validation_perplexity"].items(), key=lambda kv: kv[1]):
+            row = rows.get(name, {})
+            label = row.get("model", name).split("[")[0] if isinstance(row.get("model"), str) else name
+            test = _ci(row["perplexity"]) if "perplexity" in row else ""
+            pct = _pct(row["pct_change"]) if "pct_change" in row else ""
+            L.append(f"| {label} | {val:.2f} | {test} | {pct} |")
+        L.append("")
+    L += ["![methods ranked per subset](evidence/baselines_method_ranking.png)", ""]
+    return L
+
+
+def write_methods(run: Path, out: Path, wall: str) -> None:
+    """Replace (or append) the merge-methods section of an existing evidence.md."""
+    figs = out.parent / "evidence"
+    figs.mkdir(parents=True, exist_ok=True)
+    text = out.read_text(encoding="utf-8") if out.is_file() else ""
+    head, _, rest = text.partition(METHODS_HEADING)
+    tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+    out.write_text(head.rstrip() + "\n\n" + "\n".join(methods_section(run, figs, wall)) + tail, encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("evidence")
-    ap.add_argument("modes")
+    ap.add_argument("evidence", nargs="?")
+    ap.add_argument("modes", nargs="?")
+    ap.add_argument("--baselines", default=None, help="a --preset baselines run: write only its section")
+    ap.add_argument("--baselines-wall", default="", help="measured wall time of the baselines run, as text")
     ap.add_argument("--out", default="docs/evidence.md")
     ap.add_argument("--wall", default="", help="measured wall time of the evidence run, as text")
     ap.add_argument("--modes-wall", default="", help="measured wall time of the quick two-mode run, as text")
     a = ap.parse_args()
+    if a.baselines:
+        write_methods(Path(a.baselines), Path(a.out), a.baselines_wall)
+        return
     ev, qm, out = Path(a.evidence), Path(a.modes), Path(a.out)
     r, q = (json.loads((p / "results.json").read_text()) for p in (ev, qm))
     figs = out.parent / "evidence"
