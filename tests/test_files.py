@@ -345,3 +345,34 @@ def test_reading_an_adapter_whose_replacement_was_killed_between_renames_complet
     got = load_adapter(target)  # the next command on it rolls the replacement forward
     assert {k: f.rank for k, f in got.layers.items()} == {k: f.rank for k, f in new.layers.items()}
     assert _hidden(target.parent) == []
+
+
+def test_two_processes_reaching_a_test_pause_at_once_pause_only_one(tmp_path):
+    """The kill tests name one process in the marker: a second arrival must run through, not sleep or crash."""
+    marker = tmp_path / "m"
+    go = tmp_path / "go"
+    code = textwrap.dedent(f"""
+        import os, time
+        from lorasum.files import pause_for_test
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        pause_for_test("train")
+    """)
+    env = {**os.environ, files.PAUSE_ENV: "train", files.PAUSE_MARKER_ENV: str(marker)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    try:
+        time.sleep(1.0)  # all four waiting at the gate
+        go.touch()
+        t0 = time.time()
+        while sum(p.poll() is None for p in procs) > 1:
+            assert time.time() - t0 < 60
+            time.sleep(0.05)
+        running = [p for p in procs if p.poll() is None]
+        assert len(running) == 1 and marker.read_text() == str(running[0].pid)
+        assert all(p.returncode == 0 for p in procs if p is not running[0]), [p.stderr.read() for p in procs]
+        assert sorted(x.name for x in tmp_path.iterdir()) == ["go", "m"]  # no temp left behind
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

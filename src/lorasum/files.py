@@ -369,9 +369,15 @@ def pause_for_test(point: str, target: str = "", holding: str = "") -> None:
     if marker and os.path.exists(marker):
         return  # one pause per marker: a job retried after the kill runs through
     if marker:
-        with open(marker + ".tmp", "w", encoding="utf-8") as f:
+        tmp = f"{marker}.{os.getpid()}.tmp"  # two workers can arrive at once: each its own temp, the first link wins
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(holding or target or str(os.getpid()))
-        os.replace(marker + ".tmp", marker)
+        try:
+            os.link(tmp, marker)
+        except FileExistsError:
+            return  # another process holds the pause; this one runs through
+        finally:
+            os.unlink(tmp)
     deadline = time.monotonic() + 600  # a test that never kills still ends
     while time.monotonic() < deadline:
         time.sleep(0.05)
