@@ -7,7 +7,6 @@ import json
 import random
 
 import pytest
-import torch
 from conftest import color_rows, shape_rows, write_jsonl
 
 from lorasum.lm.data import (DataConfig, Record, collate, load_domain, parse_spec, partition_domains,

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import socket
 from dataclasses import dataclass
+from typing import NoReturn
 
 from .errors import LorasumError
 
@@ -95,3 +96,13 @@ def connect(opts: ExecutorOptions, threads: int, env: dict | None = None):
         ray.init(num_cpus=(opts.workers or max(1, (os.cpu_count() or 1) // threads)) * threads,
                  include_dashboard=False, _node_ip_address="127.0.0.1", **kw)
     return ray, True
+
+
+def reraise(error: BaseException, what: str) -> NoReturn:
+    """Raise the error a Ray task raised as the driver's own: a LorasumError stays one line, prefixed with `what`
+    failed (a job, a tuning worker) and its key written once; anything else is raised as itself (a bug, with its
+    traceback)."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, LorasumError):
+        raise LorasumError(f"{what}: {cause}") from None
+    raise cause if isinstance(cause, BaseException) else error

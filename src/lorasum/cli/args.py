@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..cluster import EXECUTORS, ExecutorOptions
 from ..errors import LorasumError
 from ..files import check_out_path, read_json
 
@@ -137,3 +138,19 @@ def train_config(params_file: str | None, flags: dict):
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2, allow_nan=False)
     sys.stdout.write("\n")
+
+
+def add_executor_args(p: argparse.ArgumentParser, outcome: str, workers: str, address: str = "") -> None:
+    """--executor, --workers and --address (an `ExecutorOptions`), worded for what the command runs."""
+    p.add_argument("--executor", choices=EXECUTORS, default="serial", help="where the work runs: serial (this "
+                   f"process) or ray (Ray workers; pip install 'lorasum[ray]'); {outcome}")
+    p.add_argument("--workers", type=int, default=None, help=f"ray: {workers} (default: CPUs ÷ threads per job)")
+    p.add_argument("--address", default=None, metavar="HOST:PORT", help="ray: join this running cluster (started with "
+                   f"`ray start --head`) instead of starting a local one{'; ' + address if address else ''}")
+
+
+def executor_options(args: argparse.Namespace) -> ExecutorOptions:
+    """The checked options of `add_executor_args`."""
+    opts = ExecutorOptions(args.executor, args.workers, args.address, args.threads)
+    opts.check()
+    return opts

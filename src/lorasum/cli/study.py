@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from .args import add_data_args, add_model_args, data_config, load, train_config
+from .args import (add_data_args, add_executor_args, add_model_args, data_config, executor_options, load,
+                   train_config)
 
 
 def experiment(args: argparse.Namespace) -> int:
     from ..errors import LorasumError
     from ..study.config import PRESETS, load_config
-    from ..cluster import ExecutorOptions
     from ..study.experiment import run_experiment
 
     if not args.preset and not args.config:
@@ -23,8 +23,7 @@ def experiment(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or os.environ.get("LORASUM_DATA_DIR")
     if data_dir:
         overrides["data_dir"] = data_dir
-    executor = ExecutorOptions(args.executor, args.workers, args.address, args.threads)
-    executor.check()
+    executor = executor_options(args)
     cfg = load_config(args.config, args.preset, overrides)
     res = run_experiment(cfg, args.out, args.overwrite, executor=executor)
     for f in res["findings"]:
@@ -48,12 +47,10 @@ def job(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
-    from ..cluster import ExecutorOptions
     from ..tune.search import HEARTBEAT_S, tune
     from ..tune.space import default_space, load_space
 
-    executor = ExecutorOptions(args.executor, args.workers, args.address, args.threads)
-    executor.check()
+    executor = executor_options(args)
     space = load_space(args.space) if args.space else default_space()
     fixed = {k: getattr(args, k) for k in ("r", "alpha", "max_length", "seed", "init", "loss_on", "targets")
              if getattr(args, k) is not None}
@@ -91,14 +88,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="switch an existing run folder to this config")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; a "
                    "config that sets `threads` takes precedence); a runtime setting, not part of the config")
-    p.add_argument("--executor", choices=("serial", "ray"), default="serial", help="where the jobs run: serial (this "
-                   "process, one after another) or ray (Ray workers; pip install 'lorasum[ray]'); results are "
-                   "identical at the same threads per job, and a run resumes on either")
-    p.add_argument("--workers", type=int, default=None, help="ray: worker processes (default: CPUs ÷ threads per "
-                   "job; each worker loads the model once and runs jobs with the config's threads, else --threads, "
-                   "else 1)")
-    p.add_argument("--address", default=None, metavar="HOST:PORT", help="ray: join this running cluster (started with "
-                   "`ray start --head`) instead of starting a local one")
+    add_executor_args(p, "results are identical at the same threads per job, and a run resumes on either",
+                      workers="worker processes (each loads the model once and runs jobs with the config's threads, "
+                      "else --threads, else 1)")
     p.set_defaults(func=experiment, parser=p)
 
     p = sub.add_parser("report", help="re-render report.md/report.html from RUN_DIR/results.json")
@@ -129,9 +121,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     for name, typ in (("r", int), ("alpha", float), ("max_length", int), ("seed", int), ("init", str)):
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help="fixed training parameter")
     p.add_argument("--loss-on", choices=("all", "answer"), default=None)
-    p.add_argument("--executor", choices=("serial", "ray"), default="serial", help="ray: trials run in parallel on "
-                   "Ray workers against one study (parallel TPE is not reproducible trial for trial)")
-    p.add_argument("--workers", type=int, default=None, help="ray: parallel trials (default: CPUs ÷ threads)")
-    p.add_argument("--address", default=None, metavar="HOST:PORT", help="ray: join this cluster (needs --storage "
-                   "postgresql://… that every node reaches)")
+    add_executor_args(p, "trials run in parallel against one study (parallel TPE is not reproducible trial for "
+                      "trial)", workers="parallel trials", address="needs --storage postgresql://… that every node "
+                      "reaches")
     p.set_defaults(func=tune, parser=p)
+

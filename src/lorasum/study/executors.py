@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..cluster import RETRIES, ExecutorOptions, connect
+from ..cluster import RETRIES, ExecutorOptions, connect, reraise
 from ..errors import LorasumError
 from ..files import atomic_dir, atomic_write_bytes
 from ..lm.data import partition_domains, resolve_source
@@ -183,10 +183,7 @@ def run_ray(jobs: list[dict], run_dir: Path, threads: int, opts: ExecutorOptions
                 submit(job, replacement, tries + 1)
                 continue
             except ray.exceptions.RayTaskError as e:
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, LorasumError):
-                    raise LorasumError(f"job {job['key']}: {cause}", key=cause.key) from None
-                raise cause if isinstance(cause, BaseException) else e
+                reraise(e, f"job {job['key']}")
             publish(job, files)
             idle.append(worker)
             on_done(job, measured, where["end"] - where["start"])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import optuna
 
-from ..cluster import RETRIES, ExecutorOptions, connect
+from ..cluster import RETRIES, ExecutorOptions, connect, reraise
 from ..errors import LorasumError
 from ..lm.data import partition_domains, resolve_source
 from ..lm.models import load_model, set_threads
@@ -97,10 +97,7 @@ def tune_on_ray(loaded, model: tuple, partitions: str | list[str], out: str | Pa
                             ref2, meta = launch(i, attempt + 1)
                             running[ref2] = meta
                         except ray.exceptions.RayTaskError as e:
-                            cause = getattr(e, "cause", None)
-                            if isinstance(cause, LorasumError):
-                                raise LorasumError(f"tuning worker {i}: {cause}", key=cause.key) from None
-                            raise cause if isinstance(cause, BaseException) else e
+                            reraise(e, f"tuning worker {i}")
                     time.sleep(0.01)
                 bar.update(min(finished(study), trials) - bar.n)
         finally:
