@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from lorasum.delta.apply import apply_adapters, snapshot_weights
 from lorasum.delta.compose import DenseDelta, factor_dense, to_factors
-from lorasum.delta.methods import METHODS, breadcrumbs_mask, merge, method_params
+from lorasum.delta.methods import METHODS, breadcrumbs_mask, merge, method_params, top_k_mask, trim
 from lorasum.delta.peft_format import load_adapter
 from lorasum.lm.models import load_model
 from lorasum.lm.peft_merge import peft_combined
@@ -135,6 +135,28 @@ def test_dare_is_seeded_per_layer_and_independent_of_layer_order(trio):
     for layer in a:
         assert torch.equal(a[layer].delta, b[layer].delta)
         assert not torch.equal(a[layer].delta, c[layer].delta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_top_k_mask_is_a_stable_descending_sort_prefix_even_among_equal_magnitudes(dtype):
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(1,), (7,), (4, 9), (33, 17)]:
+        mag = torch.randint(0, 4, shape, generator=gen).to(dtype)  # few values: many ties at every threshold
+        n = mag.numel()
+        order = np.argsort(-mag.double().numpy().reshape(-1), kind="stable")
+        for k in sorted({-1, 0, 1, n // 3, n // 2, n - 1, n, n + 3}):
+            want = np.zeros(n, dtype=bool)
+            want[order[:max(k, 0)]] = True
+            got = top_k_mask(mag, k)
+            assert got.dtype == torch.bool and got.shape == mag.shape
+            assert np.array_equal(got.reshape(-1).numpy(), want), (shape, k)
+
+
+def test_trim_equals_peft_magnitude_pruning():
+    gen = torch.Generator().manual_seed(6)
+    for shape, density in [((64, 48), 0.2), ((48, 64), 0.5), ((10, 3), 0.05), ((8, 8), 1.0)]:
+        t = torch.randn(shape, generator=gen)
+        assert torch.equal(trim(t, density), merge_utils.prune(t, density, "magnitude"))
 
 
 def test_breadcrumbs_mask_by_hand():
