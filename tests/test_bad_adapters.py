@@ -77,7 +77,7 @@ def test_backtracking_pattern_is_refused_quickly(tmp_path):
     start = time.monotonic()
     with pytest.raises(LorasumError, match="takes too long") as e:
         load_adapter(folder)
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 3.0  # the 0.5 s budget, with room for a loaded machine; minutes without it
     assert "alpha_pattern" in str(e.value) and repr(BACKTRACKING) in str(e.value)
 
 

@@ -66,46 +66,62 @@ def test_ray_with_two_workers_gives_the_serial_results_byte_for_byte(serial):
     assert not ray.is_initialized()  # the local runtime this run started is gone
 
 
-def test_a_worker_killed_mid_job_is_replaced_and_the_results_are_identical(serial, tmp_path):
-    root, want = serial
-    marker = tmp_path / "train.marker"
-    env = {**ENV, "LORASUM_TEST_PAUSE": "train", "LORASUM_TEST_PAUSE_MARKER": str(marker)}
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "lorasum.cli", *_args(root / "data", out, "--executor", "ray",
-                                                                          "--workers", "2")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """The CLI in its own session (so the test can kill it with all its Ray processes), stderr to a file."""
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "lorasum.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _wait_for(marker: Path, proc: subprocess.Popen, log: Path) -> None:
     t0 = time.time()
     while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() - t0 < 240
+        assert proc.poll() is None, log.read_text()
+        assert time.time() - t0 < 240, log.read_text()
         time.sleep(0.05)
-    worker = int(marker.read_text())
-    assert worker != proc.pid
-    os.kill(worker, signal.SIGKILL)  # the actor's process, inside its first training job
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_results_are_identical(serial, tmp_path):
+    root, want = serial
+    marker, log = tmp_path / "train.marker", tmp_path / "stderr.txt"
+    env = {**ENV, "LORASUM_TEST_PAUSE": "train", "LORASUM_TEST_PAUSE_MARKER": str(marker)}
+    out = tmp_path / "run"
+    proc = _start(_args(root / "data", out, "--executor", "ray", "--workers", "2"), env, log)
+    try:
+        _wait_for(marker, proc, log)
+        worker = int(marker.read_text())
+        assert worker != proc.pid
+        os.kill(worker, signal.SIGKILL)  # the actor's process, inside its first training job
+        assert proc.wait(timeout=600) == 0, log.read_text()
+    finally:
+        _kill_group(proc)
     assert (out / "results.json").read_bytes() == want
 
 
 def test_a_killed_driver_resumes_on_either_executor_without_recomputing_finished_jobs(serial, tmp_path):
     root, want = serial
-    marker = tmp_path / "write.marker"
+    marker, log = tmp_path / "write.marker", tmp_path / "stderr.txt"
     out = tmp_path / "run"
-    env = {**ENV, "LORASUM_TEST_PAUSE": "write:/evals/", "LORASUM_TEST_PAUSE_MARKER": str(marker)}
-    proc = subprocess.Popen([sys.executable, "-m", "lorasum.cli", *_args(root / "data", out, "--executor", "ray",
-                                                                          "--workers", "2")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    t0 = time.time()
-    while not marker.exists():
-        assert proc.poll() is None
-        assert time.time() - t0 < 240
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # the driver, while publishing its first eval artifact
-    proc.wait()
-    finished = {p: p.stat().st_mtime_ns for p in out.glob("adapters/*/adapter_model.safetensors")}
-    assert len(finished) == 10 and not (out / "results.json").exists()
-    time.sleep(2)  # Ray's processes notice their driver is gone
+    # Only the driver writes below OUT (a worker writes in a private temp run folder, with the same env).
+    env = {**ENV, "LORASUM_TEST_PAUSE": f"write:{out.resolve()}/evals/", "LORASUM_TEST_PAUSE_MARKER": str(marker)}
+    proc = _start(_args(root / "data", out, "--executor", "ray", "--workers", "2"), env, log)
+    try:
+        _wait_for(marker, proc, log)
+        assert marker.read_text().startswith(str(out.resolve() / "evals"))
+    finally:
+        _kill_group(proc)  # the driver while publishing its first eval artifact, and its Ray processes
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("adapters/[!.]*/adapter_model.safetensors")}
+    assert finished and not (out / "results.json").exists()
     res = subprocess.run([sys.executable, "-m", "lorasum.cli", *_args(root / "data", out)], env=ENV,
-                         capture_output=True, text=True)  # resumed serially
+                         capture_output=True, text=True, timeout=900)  # resumed serially
     assert res.returncode == 0, res.stderr
     assert (out / "results.json").read_bytes() == want
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # no adapter was trained again
@@ -120,7 +136,7 @@ def test_the_grid_spreads_over_two_nodes_of_a_real_cluster_all_on_127_0_0_1(seri
     try:
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-        cluster.wait_for_nodes()
+        cluster.wait_for_nodes(timeout=120)
         nodes = ray.nodes()
         assert len(nodes) == 2
         assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
@@ -177,9 +193,12 @@ def test_a_worker_that_cannot_load_the_model_stops_the_run_naming_the_job(serial
     assert rc == 2 and err.startswith("lorasum: error: job ") and "no-such-model" in err, err
 
 
-def test_tune_on_two_ray_workers_fills_one_study_in_parallel(tmp_path, capsys):
+def test_tune_on_two_ray_workers_fills_one_study_in_parallel(tmp_path, capsys, monkeypatch):
     import optuna
     from conftest import color_rows, write_jsonl
+
+    (tmp_path / "barrier").mkdir()  # both workers start their trials together, whichever loaded first
+    monkeypatch.setenv("LORASUM_TEST_BARRIER", f"{tmp_path / 'barrier'}:2")
 
     write_jsonl(tmp_path / "data" / "colors.jsonl", color_rows(80))
     out = tmp_path / "tune"

@@ -349,12 +349,13 @@ def test_reading_an_adapter_whose_replacement_was_killed_between_renames_complet
 
 def test_two_processes_reaching_a_test_pause_at_once_pause_only_one(tmp_path):
     """The kill tests name one process in the marker: a second arrival must run through, not sleep or crash."""
-    marker = tmp_path / "m"
-    go = tmp_path / "go"
+    marker, gate = tmp_path / "m", tmp_path / "gate"
+    gate.mkdir()
     code = textwrap.dedent(f"""
         import os, time
         from lorasum.files import pause_for_test
-        while not os.path.exists({str(go)!r}):
+        open(os.path.join({str(gate)!r}, str(os.getpid())), "w").close()
+        while not os.path.exists(os.path.join({str(gate)!r}, "go")):
             time.sleep(0.001)
         pause_for_test("train")
     """)
@@ -362,16 +363,19 @@ def test_two_processes_reaching_a_test_pause_at_once_pause_only_one(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
     try:
-        time.sleep(1.0)  # all four waiting at the gate
-        go.touch()
         t0 = time.time()
-        while sum(p.poll() is None for p in procs) > 1:
-            assert time.time() - t0 < 60
+        while len(list(gate.iterdir())) < 4:  # all four waiting at the gate
+            assert time.time() - t0 < 60 and all(p.poll() is None for p in procs)
+            time.sleep(0.01)
+        (gate / "go").touch()
+        while sum(p.poll() is None for p in procs) > 1 or not marker.exists() \
+                or len(list(tmp_path.iterdir())) > 2:  # one paused; the losers exited; no temp left behind
+            assert time.time() - t0 < 60, sorted(x.name for x in tmp_path.iterdir())
             time.sleep(0.05)
         running = [p for p in procs if p.poll() is None]
         assert len(running) == 1 and marker.read_text() == str(running[0].pid)
         assert all(p.returncode == 0 for p in procs if p is not running[0]), [p.stderr.read() for p in procs]
-        assert sorted(x.name for x in tmp_path.iterdir()) == ["go", "m"]  # no temp left behind
+        assert sorted(x.name for x in tmp_path.iterdir()) == ["gate", "m"]
     finally:
         for p in procs:
             p.kill()

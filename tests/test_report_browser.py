@@ -263,11 +263,11 @@ def test_print_shows_the_detail_and_dark_mode_stays_readable(page):
 def test_the_watch_sees_a_request_and_an_error(browser, tmp_path):
     """The checks above can fail: a page without the report's policy that loads a remote image and throws."""
     bad = tmp_path / "bad.html"
-    bad.write_text("<!doctype html><img src='http://192.0.2.1/x.png'><p>x</p><body onload='undefined_fn()'>")
+    bad.write_text("<!doctype html><img src='http://127.0.0.1:9/x.png'><p>x</p><body onload='undefined_fn()'>")
     seen = len(browser.events)
     browser.open(bad.as_uri())
     time.sleep(0.3)
     browser.js("0")  # drain the events queued meanwhile
     errors, urls = browser.problems(since=seen)
     assert any("undefined_fn" in e for e in errors), errors
-    assert "http://192.0.2.1/x.png" in urls, urls
+    assert "http://127.0.0.1:9/x.png" in urls, urls

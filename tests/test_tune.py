@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -125,27 +124,19 @@ def test_killed_worker_trial_is_failed_and_retried_with_its_parameters(ddir, tmp
     """A worker is SIGKILLed inside a trial; the next run fails it after the heartbeat grace period, retries it
     with the same parameters, and still ends with exactly --trials finished trials."""
     out = tmp_path / "tune"
-    space = tmp_path / "space.yaml"  # slow enough trials to catch one running
+    space = tmp_path / "space.yaml"
     space.write_text("epochs: {low: 3, high: 4}\nbatch_size: {choices: [2]}\n")
-    env = {**os.environ, "LORASUM_PROGRESS": "0"}
+    marker = tmp_path / "train.marker"  # the worker holds still inside a trial's training until it is killed
+    env = {**os.environ, "LORASUM_PROGRESS": "0", "LORASUM_TEST_PAUSE": "train",
+           "LORASUM_TEST_PAUSE_MARKER": str(marker)}
     args = [sys.executable, "-m", "lorasum.cli", *map(str, tune_args(ddir, out, 3, "--space", space, "--heartbeat",
                                                                      "1", "--threads", "1"))]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "study.db").exists():
-                with sqlite3.connect(out / "study.db", timeout=5) as db:
-                    try:
-                        n = db.execute("select count(*) from trials t join trial_heartbeats h using (trial_id) "
-                                       "where t.state = 'RUNNING' and (select count(*) from trial_params p "
-                                       "where p.trial_id = t.trial_id) = 2").fetchone()[0]  # sampled: training
-                    except sqlite3.OperationalError:
-                        n = 0
-                if n:
-                    break
+        while time.time() < deadline and proc.poll() is None and not marker.exists():
             time.sleep(0.05)
-        assert proc.poll() is None, "the worker ended before a trial was caught running"
+        assert proc.poll() is None and marker.exists(), "the worker ended before a trial was caught running"
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()

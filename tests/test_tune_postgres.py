@@ -80,7 +80,8 @@ def test_two_workers_share_one_study_and_stop_at_exactly_the_requested_trials(po
     space = tmp_path / "space.yaml"  # trials of ~1 s, so both workers are busy at once
     space.write_text("dropout: {low: 0.0, high: 0.2}\nepochs: {low: 2, high: 3}\nbatch_size: {choices: [4]}\n"
                      "lr: {low: 1.0e-4, high: 3.0e-3, log: true}\n")
-    env = {**os.environ, "LORASUM_PROGRESS": "0"}
+    (tmp_path / "barrier").mkdir()  # both workers start their trials together, whichever loaded first
+    env = {**os.environ, "LORASUM_PROGRESS": "0", "LORASUM_TEST_BARRIER": f"{tmp_path / 'barrier'}:2"}
     workers = []
     for i in range(2):
         cmd = [sys.executable, "-m", "lorasum.cli", "tune", "--model", "tiny-gpt2", "--data-dir", str(ddir),

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -353,6 +354,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 # --- test-only hook -------------------------------------------------------------------------------------------------
 PAUSE_ENV = "LORASUM_TEST_PAUSE"  # "train" (after the first optimizer step) or "write[:PART]" (temp file written,
 PAUSE_MARKER_ENV = "LORASUM_TEST_PAUSE_MARKER"  # not yet renamed; PART: a substring of the target path)
+BARRIER_ENV = "LORASUM_TEST_BARRIER"  # "DIR:N": N processes meet in DIR before they start work
 
 
 def pause_for_test(point: str, target: str = "", holding: str = "") -> None:
@@ -381,3 +383,16 @@ def pause_for_test(point: str, target: str = "", holding: str = "") -> None:
     deadline = time.monotonic() + 600  # a test that never kills still ends
     while time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def barrier_for_test() -> None:
+    """Test-only: with LORASUM_TEST_BARRIER=DIR:N, wait until N processes (this one included) have arrived, so a
+    test of parallel workers does not depend on which one finished starting first. Unset it does nothing."""
+    want = os.environ.get(BARRIER_ENV)
+    if not want:
+        return
+    folder, _, n = want.rpartition(":")
+    open(os.path.join(folder, f"{socket.gethostname()}.{os.getpid()}"), "w").close()
+    deadline = time.monotonic() + 120
+    while len(os.listdir(folder)) < int(n) and time.monotonic() < deadline:
+        time.sleep(0.02)

@@ -32,7 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from ..errors import LorasumError
-from ..files import atomic_write_json, atomic_write_text, sweep
+from ..files import atomic_write_json, atomic_write_text, barrier_for_test, sweep
 from ..lm.data import DataConfig, load_domain, partition_domains, require_nonempty
 from ..lm.train import TrainConfig, train_adapter
 from ..progress import progress
@@ -250,6 +250,7 @@ def work(loaded, search: Search, study, scratch: Path, worker: str, after_trial=
         trial.set_user_attr("val_losses", [e["val_loss"] for e in res.epochs])
         return min(e["val_loss"] for e in res.epochs)
 
+    barrier_for_test()  # test-only: parallel workers start together; no-op unless set
     done, waiting = finished(study), False
     while done < trials:
         with warnings.catch_warnings():
