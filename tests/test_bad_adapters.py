@@ -251,3 +251,53 @@ def test_overflow_check_leaves_the_model_unchanged(tmp_path):
     with pytest.raises(LorasumError, match="Inf or NaN"):
         apply_adapters(lm.model, load_terms([(a, 1e300)]))
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+# --- which layers PEFT adapts: the same rule as stock PEFT ----------------------------------------------------------
+LAYER_NAMES = ["transformer.h.0.attn.c_attn", "transformer.h.3.attn.c_proj", "transformer.h.12.mlp.c_proj",
+               "model.layers.1.self_attn.q_proj", "model.layers.10.mlp.down_proj",
+               "model.layers.1.experts.0.w1", "h.2.attn.c_attn", "blocks.4.attn.qkv", "encoder.layer.2.attention.q",
+               "model.layers.x.q_proj", "layers.7.q_proj"]
+TARGET_CONFIGS = [
+    {"target_modules": ["c_attn", "q_proj"]},
+    {"target_modules": r".*\.(c_attn|q_proj|qkv)"},
+    {"target_modules": ["c_attn", "c_proj", "q_proj", "down_proj", "w1", "qkv", "q"],
+     "exclude_modules": ["h.3.attn.c_proj", "down_proj"]},
+    {"target_modules": ["c_attn", "c_proj", "q_proj", "w1"], "exclude_modules": r".*\.1\..*"},
+    {"target_modules": ["c_attn", "c_proj", "q_proj", "down_proj", "w1", "qkv", "q"], "layers_to_transform": [0, 1, 4]},
+    {"target_modules": ["c_attn", "c_proj", "q_proj", "down_proj", "w1"], "layers_to_transform": 12},
+    {"target_modules": ["c_attn", "c_proj", "q_proj", "w1", "qkv", "q"], "layers_to_transform": [0, 1, 2, 4, 7],
+     "layers_pattern": "layers"},
+    {"target_modules": ["c_attn", "c_proj", "q_proj", "w1", "qkv"], "layers_to_transform": [2, 3, 4],
+     "layers_pattern": ["blocks", "h"]},
+    {"target_modules": ["c_attn", "q_proj", "q"], "layers_to_transform": [1, 2], "layers_pattern": "lay.rs?"},
+    {"target_modules": ["c_attn", "q_proj"], "layers_to_transform": [], "layers_pattern": "h"},
+]
+
+
+@pytest.mark.parametrize("config", TARGET_CONFIGS, ids=range(len(TARGET_CONFIGS)))
+def test_which_layers_are_adapted_follows_stock_peft(config):
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from lorasum.delta.peft_format import _Matcher, _not_adapted_by
+
+    peft_config = SimpleNamespace(**{"exclude_modules": None, "modules_to_save": None, "target_parameters": None,
+                                     "layers_to_transform": None, "layers_pattern": None, **config})
+    for layer in LAYER_NAMES:
+        found = check_target_module_exists(peft_config, layer)
+        want = bool(found) and type(found).__name__ != "_ExcludedModule"
+        assert (_not_adapted_by(config, layer, _Matcher("cfg")) is None) == want, layer
+
+
+def test_a_layer_the_config_excludes_or_leaves_out_is_refused_naming_the_field(tmp_path, run_cli):
+    a, b = make_adapter(tmp_path / "a"), make_adapter(tmp_path / "b", seed=1)
+    set_config(a, exclude_modules=["h.1.attn.c_attn"])
+    one_line_error(run_cli("similarity", a, b), "'exclude_modules'", "'transformer.h.1.attn.c_attn'")
+    set_config(a, exclude_modules=None, layers_to_transform=[0], layers_pattern="h")
+    one_line_error(run_cli("similarity", a, b), "'layers_to_transform'", "'transformer.h.1.attn.c_attn'")
+    set_config(a, layers_to_transform=[0, 1])
+    assert len(load_adapter(a).layers) == 6
+    set_config(a, layers_to_transform=["0"])
+    one_line_error(run_cli("similarity", a, b), "'layers_to_transform' must be a layer index")

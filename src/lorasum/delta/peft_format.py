@@ -75,16 +75,16 @@ class _Matcher:
                 return False
             head = layer[:len(layer) - n]
             return head == "" or head.endswith(".")
-        return self._regex(rf"(.*\.)?({key})$", layer, key, field, full=False)
+        return self._regex(rf"(.*\.)?({key})$", layer, key, field, full=False) is not None
 
     def full(self, pattern: str, layer: str, field: str) -> bool:
         """PEFT's target_modules-as-a-string rule: `re.fullmatch(pattern, layer)`."""
         chars = _plain_chars(pattern)
         if chars is not None:
             return len(chars) == len(layer) and _chars_match(chars, layer)
-        return self._regex(pattern, layer, pattern, field, full=True)
+        return self._regex(pattern, layer, pattern, field, full=True) is not None
 
-    def _regex(self, pattern: str, text: str, key: str, field: str, full: bool) -> bool:
+    def _regex(self, pattern: str, text: str, key: str, field: str, full: bool):
         try:
             compiled = regex.compile(pattern)
             re.compile(pattern)  # PEFT matches with `re`: a pattern `re` rejects is invalid for it too
@@ -101,7 +101,21 @@ class _Matcher:
                                "(a backtracking regular expression); use the layers' names") from None
         finally:
             self.left -= time.monotonic() - start
-        return found is not None
+        return found
+
+    def layer_index(self, layer: str, pattern: str | None) -> int | None:
+        """PEFT's layers_to_transform index of `layer`: the number segment right after the first segment named by
+        `pattern` (PEFT matches `(?:^|.*?\\.)PATTERN\\.(\\d+)\\.`); with no pattern, the first all-digit segment
+        from the third on (PEFT: `.*?\\.[^.]*\\.(\\d+)\\.`). Either is followed by another segment; None if none is."""
+        parts = layer.split(".")
+        numbered = [j for j in range(len(parts) - 2) if parts[j + 1].isdecimal()]  # a number with more after it
+        if not pattern:
+            return next((int(parts[j + 1]) for j in numbered if j >= 1), None)
+        if _plain_chars(pattern) is not None and "." not in pattern:  # one plain segment name
+            name = pattern.replace("\\", "")
+            return next((int(parts[j + 1]) for j in numbered if parts[j] == name), None)
+        found = self._regex(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", layer, pattern, "layers_pattern", full=False)
+        return int(found.group("idx")) if found else None
 
 
 def _plain_chars(pattern: str) -> list[str | None] | None:
@@ -165,24 +179,52 @@ def _patterns(config: dict, field: str, where: str) -> dict:
     return patterns
 
 
-def _target_covers(config: dict, layer: str, matcher: _Matcher) -> bool:
-    """Whether the config's target_modules (PEFT's rule: a list of names or dotted suffixes, or one regular
-    expression matched in full) name `layer`; no target_modules at all covers everything."""
+def _not_adapted_by(config: dict, layer: str, matcher: _Matcher) -> str | None:
+    """The config field under which PEFT would not have adapted `layer` (peft's `check_target_module_exists`), or
+    None where it would: not named by exclude_modules, named by target_modules (a list of names or dotted suffixes,
+    or one regular expression matched in full; none at all covers everything) and, for a list with
+    layers_to_transform, in one of those layers (its index found by layers_pattern)."""
+    excluded = config.get("exclude_modules")
+    if excluded and (matcher.full(excluded, layer, "exclude_modules") if isinstance(excluded, str)
+                     else _names(excluded, layer)):
+        return "exclude_modules"
     targets = config.get("target_modules")
     if targets is None or targets == "all-linear":
-        return True
+        return None
     if isinstance(targets, str):
-        return matcher.full(targets, layer, "target_modules")
-    return any(layer == t or layer.endswith("." + t) for t in targets)
+        return None if matcher.full(targets, layer, "target_modules") else "target_modules"
+    if not _names(targets, layer):
+        return "target_modules"
+    indexes = config.get("layers_to_transform")
+    if indexes is None or indexes == []:
+        return None
+    patterns = config.get("layers_pattern") or [None]
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        index = matcher.layer_index(layer, pattern)
+        if index is not None:
+            covered = index == indexes if isinstance(indexes, int) else index in indexes
+            return None if covered else "layers_to_transform"
+    return "layers_to_transform"
+
+
+def _names(names: list[str], layer: str) -> bool:
+    return any(layer == t or layer.endswith("." + t) for t in names)
 
 
 def _check_targets_field(config: dict, where: str) -> None:
-    targets = config.get("target_modules")
-    if targets is None or isinstance(targets, str):
-        return
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise LorasumError(f"{where}: 'target_modules' must be a list of module names or one regular expression, "
-                           f"got {targets!r:.60}; fix adapter_config.json")
+    """The fields that say which layers PEFT adapts, each of the type PEFT gives it."""
+    for field in ("target_modules", "exclude_modules", "layers_pattern"):
+        value = config.get(field)
+        if value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise LorasumError(f"{where}: '{field}' must be a list of module names or one regular expression, "
+                               f"got {value!r:.60}; fix adapter_config.json")
+    indexes = config.get("layers_to_transform")
+    whole = (lambda i: isinstance(i, int) and not isinstance(i, bool) and i >= 0)
+    if indexes is not None and not (whole(indexes) or isinstance(indexes, list) and all(map(whole, indexes))):
+        raise LorasumError(f"{where}: 'layers_to_transform' must be a layer index or a list of them, got "
+                           f"{indexes!r:.60}; fix adapter_config.json")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -287,10 +329,10 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
             raise LorasumError(f"{w_path}: layer '{layer}' lacks lora_{'B' if 'A' in ab else 'A'}; re-save the adapter")
         A, B = ab["A"], ab["B"]  # (r, in), (out, r)
         r = _layer_rank(A, B, config, layer, w_path)
-        if not _target_covers(config, layer, matcher):
-            raise LorasumError(f"{cfg_path}: 'target_modules' {config['target_modules']!r:.120} does not cover layer "
-                               f"'{layer}' of {WEIGHTS_FILE}; the config does not belong to these weights, "
-                               "re-save the adapter")
+        field = _not_adapted_by(config, layer, matcher)
+        if field:
+            raise LorasumError(f"{cfg_path}: '{field}' {config[field]!r:.120} leaves out layer '{layer}' of "
+                               f"{WEIGHTS_FILE}; the config does not belong to these weights, re-save the adapter")
         alpha = float(_pattern_value(alphas, layer, config["lora_alpha"], matcher, "alpha_pattern"))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         # B column-major: Bᵀ rows are what the Gram products and rank concatenation read (similarity, compose)
