@@ -219,6 +219,31 @@ def test_tune_on_two_ray_workers_fills_one_study_in_parallel(tmp_path, capsys, m
     assert not [p for p in out.iterdir() if p.name.startswith(".trial")]
 
 
+def test_a_tuning_worker_killed_mid_trial_is_relaunched_and_its_trial_failed(tmp_path):
+    import optuna
+    from conftest import color_rows, write_jsonl
+
+    write_jsonl(tmp_path / "data" / "colors.jsonl", color_rows(80))
+    out, marker, log = tmp_path / "tune", tmp_path / "train.marker", tmp_path / "stderr.txt"
+    env = {**ENV, "LORASUM_TEST_PAUSE": "train", "LORASUM_TEST_PAUSE_MARKER": str(marker)}
+    proc = _start(["tune", "--model", "tiny-gpt2", "--data-dir", str(tmp_path / "data"), "--data", "colors",
+                   "--max-train", "24", "--max-validation", "8", "--trials", "3", "--out", str(out),
+                   "--executor", "ray", "--workers", "1"], env, log)
+    try:
+        _wait_for(marker, proc, log)
+        os.kill(int(marker.read_text()), signal.SIGKILL)  # the Ray task's process, inside its first trial
+        assert proc.wait(timeout=600) == 0, log.read_text()
+    finally:
+        _kill_group(proc)
+    study = optuna.load_study(study_name="tune:colors", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
+    states = [(t.state.name, t.user_attrs.get("worker", "")) for t in study.trials]
+    assert states[0][0] == "FAIL" and states[0][1].endswith(":0.0"), states  # the killed task's trial
+    done = [w for s, w in states if s in ("COMPLETE", "PRUNED")]
+    assert len(done) == 3 and all(w.endswith(":0.1") for w in done), states  # all by the relaunched task
+    assert not [s for s, _ in states if s in ("RUNNING", "WAITING")]
+
+
 def test_tune_on_a_cluster_without_shared_storage_is_refused(tmp_path, capsys):
     from conftest import color_rows, write_jsonl
 
