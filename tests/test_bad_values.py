@@ -76,8 +76,18 @@ def test_train_config_check_and_seed_rule():
 
 def test_diverging_loss_saves_nothing(tmp_path, ddir, run_cli):
     out = tmp_path / "out"
-    one_line_error(train(run_cli, ddir, out, "--lr", "1e30", "--batch-size", "4"), "--lr 1e+30", "lower it")
+    one_line_error(train(run_cli, ddir, out, "--lr", "1e30", "--batch-size", "4"), "at step 2 of epoch 1",
+                   "lr 1e+30", "alpha/r = 64/4 = 16", "lower lr or alpha")
     assert not out.exists() and list(tmp_path.glob(".out*")) == []
+
+
+def test_a_huge_alpha_is_refused_or_named_with_its_scale_when_it_diverges(tmp_path, ddir, run_cli):
+    out = tmp_path / "out"
+    one_line_error(train(run_cli, ddir, out, "--alpha", "1e300"), "--alpha 1e+300 makes the LoRA scale",
+                   "= 2.5e+299, beyond float32's range")  # refused before any work
+    one_line_error(train(run_cli, ddir, out, "--alpha", "1e20", "--batch-size", "4"), "at step 2 of epoch 1",
+                   "alpha/r = 1e+20/4 = 2.5e+19", "lower lr or alpha")
+    assert not out.exists()
 
 
 # --- positions ------------------------------------------------------------------------------------------------------

@@ -86,6 +86,10 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise LorasumError(f"must be a positive number, got {self.lr}", key="lr")
         _check_number("alpha", self.alpha, 0, low_open=True)  # the delta's scale alpha/r: > 0, as load_adapter's
+        if lora_scale(self) > torch.finfo(torch.float32).max:  # PEFT multiplies by it in float32: inf, then 0·inf
+            raise LorasumError(f"{self.alpha:g} makes the LoRA scale {self.alpha:g}/{'sqrt(r)' if self.use_rslora else 'r'}"
+                               f" = {lora_scale(self):g}, beyond float32's range (3.4e+38); the paper uses 64",
+                               key="alpha")
         _check_number("warmup_ratio", self.warmup_ratio, 0, 1)
         _check_number("weight_decay", self.weight_decay, 0)
         _check_number("max_grad_norm", self.max_grad_norm, 0, low_open=True)
@@ -221,23 +225,32 @@ def _sort_target_modules(config_file: Path) -> None:
         config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def check_finite_loss(loss: float, lr: float | None, step: int, epoch: int, what: str = "training loss") -> None:
-    """Stop, before anything is saved, when the loss leaves the finite numbers (the update diverged)."""
+def check_finite_loss(loss: float, step: int, epoch: int, cfg: TrainConfig | None = None,
+                      what: str = "training loss") -> None:
+    """Stop, before anything is saved, when the loss leaves the finite numbers. After an update the step size did
+    it: AdamW moves ΔW = s·B A by about lr·s per step (s the LoRA scale), so the message names both factors."""
     if math.isfinite(loss):
         return
     where = f"at step {step} of epoch {epoch}" if step else f"after epoch {epoch}"
     if step == 1 and epoch == 1:  # before any update: the base model itself, not the learning rate
         raise LorasumError(f"the base model's {what} is {loss} {where}, before any update; nothing was saved "
                            "(with --dtype float16/bfloat16, try float32)")
-    if lr is None:
+    if cfg is None:
         raise LorasumError(f"the {what} became {loss} {where}; nothing was saved")
-    raise LorasumError(f"{lr:g} made the {what} {loss} {where}; lower it (nothing was saved)", key="lr")
+    scale = f"alpha/sqrt(r) = {cfg.alpha:g}/sqrt({cfg.r})" if cfg.use_rslora else f"alpha/r = {cfg.alpha:g}/{cfg.r}"
+    raise LorasumError(f"the {what} became {loss} {where}: the updates diverged with lr {cfg.lr:g} and the LoRA "
+                       f"scale {scale} = {lora_scale(cfg):g}; lower lr or alpha (nothing was saved)")
+
+
+def lora_scale(cfg: TrainConfig) -> float:
+    """s in ΔW = s·B A: α/r, or α/√r with rsLoRA."""
+    return cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
 
 
 def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoch: int = 1,
-                autocast=contextlib.nullcontext, lr: float | None = None) -> dict:
+                autocast=contextlib.nullcontext, cfg: TrainConfig | None = None) -> dict:
     """One pass of AdamW steps over collated batches; returns summed loss, steps and tokens seen. A loss that is
-    not finite raises a LorasumError naming `lr` (the cause when the loss diverges) before its step is taken.
+    not finite raises a LorasumError naming `cfg`'s lr and LoRA scale (the step size) before its step is taken.
 
     `autocast` wraps the forward pass only (backward, clipping and the optimizer step run in fp32).
     """
@@ -249,7 +262,7 @@ def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoc
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast():
             loss = model(**batch).loss
-        check_finite_loss(float(loss.detach()), lr, steps + 1, epoch)
+        check_finite_loss(float(loss.detach()), steps + 1, epoch, cfg)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
@@ -281,7 +294,7 @@ def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg
         t_epoch = time.perf_counter()
         batches = (collate(b, pad_id, cfg.loss_on) for b in _batches(train_ex, cfg.batch_size, rng))
         try:
-            stats = train_epoch(model, batches, opt, sched, cfg.max_grad_norm, bar, epoch, autocast, cfg.lr)
+            stats = train_epoch(model, batches, opt, sched, cfg.max_grad_norm, bar, epoch, autocast, cfg)
         except LorasumError:
             bar.close()
             raise
@@ -294,7 +307,7 @@ def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg
         val = Perplexity(sum(r.nll for r in rows), sum(r.tokens for r in rows))
         if not math.isfinite(val.loss):
             bar.close()
-            check_finite_loss(val.loss, cfg.lr, 0, epoch, "validation loss")
+            check_finite_loss(val.loss, 0, epoch, cfg, "validation loss")
         result.epochs.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val.loss,
                               "val_perplexity": val.perplexity})
         bar.set_postfix(epoch=epoch, val_loss=f"{val.loss:.3f}")
