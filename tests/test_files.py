@@ -230,9 +230,16 @@ def _as_nobody(fn) -> tuple[int, str]:
         os.write(write, text.encode())
         os._exit(code)
     os.close(write)
+    deadline = time.monotonic() + 60  # a child forked from a threaded process could deadlock: never wait forever
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child did not finish within 60 s")
+        time.sleep(0.01)
     with os.fdopen(read) as f:
         text = f.read()
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), text
+    return os.waitstatus_to_exitcode(done[1]), text
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
