@@ -66,6 +66,19 @@ def test_ray_with_two_workers_gives_the_serial_results_byte_for_byte(serial):
     assert not ray.is_initialized()  # the local runtime this run started is gone
 
 
+def test_weight_searches_and_the_evals_that_read_them_run_on_workers_with_identical_results(serial):
+    root, _ = serial
+    over = {"domains": ["alpha", "beta"], "data_dir": str(root / "data"), "threads": 1,
+            "compositions": ["sum", "ties", "weight_search"], "weight_search_trials": 3}
+    run_experiment(load_config(None, "smoke", over), root / "ws-serial")
+    placements: list[dict] = []
+    run_experiment(load_config(None, "smoke", over), root / "ws-ray", executor=ExecutorOptions("ray", workers=2),
+                   placements=placements)
+    ran = {p["key"].split("-")[0]: p["pid"] for p in placements}
+    assert "weight_search" in ran and os.getpid() not in set(ran.values())  # on a worker, not in the driver
+    assert (root / "ws-ray" / "results.json").read_bytes() == (root / "ws-serial" / "results.json").read_bytes()
+
+
 def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     """The CLI in its own session (so the test can kill it with all its Ray processes), stderr to a file."""
     with open(log, "w") as err:

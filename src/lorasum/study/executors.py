@@ -37,6 +37,11 @@ def needed_adapters(spec: dict) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
+def needed_artifacts(spec: dict) -> list[str]:
+    """Other jobs' JSON artifacts a job reads, relative to the run folder (an eval's weight search)."""
+    return [f"searches/{spec['weights_from']}.json"] if spec.get("weights_from") else []
+
+
 def needed_sources(spec: dict) -> list[str]:
     """The local data files a job reads (hub datasets are fetched by the worker itself)."""
     names = []
@@ -67,9 +72,10 @@ def run_serial(jobs: list[dict], loaded: LoadedModel | None, on_done: OnDone) ->
 
 # --- the worker side ------------------------------------------------------------------------------------------------
 def run_detached(spec: dict, sources: dict[str, bytes], adapters: dict[str, dict[str, bytes]],
-                 loaded: LoadedModel | None) -> tuple[dict[str, bytes], dict]:
-    """Run one job in a private temporary run folder from shipped inputs; returns its artifact's files (relative
-    path → bytes; one entry "" for a JSON artifact) and the timings it measured."""
+                 loaded: LoadedModel | None, artifacts: dict[str, bytes] | None = None) -> tuple[dict[str, bytes], dict]:
+    """Run one job in a private temporary run folder from shipped inputs (data files, adapters, other jobs' JSON
+    artifacts by run-folder path); returns its artifact's files (relative path → bytes; one entry "" for a JSON
+    artifact) and the timings it measured."""
     with tempfile.TemporaryDirectory(prefix="lorasum-job-") as tmp:
         run_dir, data_dir = Path(tmp) / "run", Path(tmp) / "data"
         data_dir.mkdir()
@@ -80,6 +86,9 @@ def run_detached(spec: dict, sources: dict[str, bytes], adapters: dict[str, dict
             folder.mkdir(parents=True)
             for rel, data in files.items():
                 (folder / rel).write_bytes(data)
+        for rel, data in (artifacts or {}).items():
+            (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / rel).write_bytes(data)
         local = {**spec, "run_dir": str(run_dir), **({"data_dir": str(data_dir)} if sources else {})}
         measured: dict = {}
         out = run_job(local, loaded, measured)
@@ -116,11 +125,13 @@ class Worker:
 
         return {"pid": os.getpid(), "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id()}
 
-    def run(self, spec: dict, source_names: list[str], adapter_keys: list[str], *blobs):
-        """Run `spec`; `blobs` are the sources' bytes then the adapters' files (Ray resolves them from the object
-        store), in the order of the two name lists."""
-        sources = dict(zip(source_names, blobs[:len(source_names)]))
-        adapters = dict(zip(adapter_keys, blobs[len(source_names):]))
+    def run(self, spec: dict, source_names: list[str], adapter_keys: list[str], artifact_paths: list[str], *blobs):
+        """Run `spec`; `blobs` are the sources' bytes, the adapters' files, then the artifacts' bytes (Ray resolves
+        them from the object store), in the order of the three name lists."""
+        n_s, n_a = len(source_names), len(adapter_keys)
+        sources = dict(zip(source_names, blobs[:n_s]))
+        adapters = dict(zip(adapter_keys, blobs[n_s:n_s + n_a]))
+        artifacts = dict(zip(artifact_paths, blobs[n_s + n_a:]))
         loaded = None
         if JOB_KINDS[spec["kind"]].needs_model:
             key = (spec["model"], spec.get("device"), spec.get("dtype"), spec.get("autocast"))
@@ -128,7 +139,7 @@ class Worker:
                 self.models[key] = load_model(*key)
             loaded = self.models[key]
         t0 = time.time()
-        files, measured = run_detached(spec, sources, adapters, loaded)
+        files, measured = run_detached(spec, sources, adapters, loaded, artifacts)
         return files, measured, {**self.where(), "start": t0, "end": time.time()}
 
 
@@ -154,14 +165,16 @@ def run_ray(jobs: list[dict], run_dir: Path, threads: int, opts: ExecutorOptions
             return blobs[name]
 
         def ready(job: dict) -> bool:
-            return all((adapter_dir(run_dir, k) / "adapter_model.safetensors").is_file() for k in needed_adapters(job))
+            return all((adapter_dir(run_dir, k) / "adapter_model.safetensors").is_file()
+                       for k in needed_adapters(job)) and all((run_dir / a).is_file() for a in needed_artifacts(job))
 
         def submit(job: dict, worker, tries: int) -> None:
-            sources = needed_sources(job)
-            keys = needed_adapters(job)
+            sources, keys, arts = needed_sources(job), needed_adapters(job), needed_artifacts(job)
             refs = [blob(p, lambda p=p: Path(p).read_bytes()) for p in sources]
             refs += [blob(k, lambda k=k: read_artifact(adapter_dir(run_dir, k))) for k in keys]
-            in_flight[worker.run.remote(job, [Path(p).name for p in sources], keys, *refs)] = (job, worker, tries)
+            refs += [blob(a, lambda a=a: (run_dir / a).read_bytes()) for a in arts]
+            in_flight[worker.run.remote(job, [Path(p).name for p in sources], keys, arts, *refs)] = (job, worker,
+                                                                                                    tries)
 
         queue, in_flight = list(jobs), {}
         while queue or in_flight:

@@ -317,14 +317,11 @@ def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded, exec
             bar.set_postfix_str(f"done {len(timings)}/{len(jobs)} {job['kind']} {label}")
             bar.update(round(JOB_KINDS[job["kind"]].work(job)))
 
-        # weight searches, and the evals that read their weights, run here after the rest (Ray ships adapters only)
-        later = [j for j in pending if j["kind"] == "weight_search" or j.get("weights_from")]
-        pending = [j for j in pending if j not in later]
-        if executor.kind == "ray" and pending:
+        if executor.kind == "ray" and pending:  # each job as soon as what it reads exists
             run_ray(pending, run_dir, cfg.threads or executor.threads or 1, executor, on_done, placements)
-        else:
-            run_serial(pending, loaded, on_done)
-        run_serial(later, loaded, on_done)
+        else:  # weight searches, and the evals that read their weights, after the rest
+            later = [j for j in pending if j["kind"] == "weight_search" or j.get("weights_from")]
+            run_serial([j for j in pending if j not in later] + later, loaded, on_done)
     results = assemble(cfg, ps, run_dir, tuning)
     write_report(run_dir, results)
     return results
