@@ -4,6 +4,7 @@ reach the pruner, and bad input is one line (exit 2) with nothing written."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -153,6 +154,23 @@ def test_killed_worker_trial_is_failed_and_retried_with_its_parameters(ddir, tmp
     assert retry[0].user_attrs["worker"].endswith(f":{os.getpid()}")  # rerun by this process
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 3
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+
+
+def test_parameters_that_diverge_are_pruned_trials_not_the_end_of_the_search(ddir, tmp_path, run_cli):
+    out = tmp_path / "tune"
+    space = tmp_path / "space.yaml"  # every other draw diverges at its second step
+    space.write_text("lr: {choices: [1.0e+30, 1.0e-3]}\nepochs: {choices: [1]}\n")
+    rc, _, err, _ = run_cli(*tune_args(ddir, out, 6, "--space", space))
+    assert rc == 0, err
+    trials = load_study(out).trials
+    diverged = [t for t in trials if "diverged" in t.user_attrs]
+    assert diverged and all(t.state.name == "PRUNED" and t.params["lr"] == 1e30 for t in diverged)
+    assert "lower lr or alpha" in diverged[0].user_attrs["diverged"]
+    assert all(t.state.name == "COMPLETE" for t in trials if t.params["lr"] == 1e-3)
+    best = json.loads((out / "best.json").read_text())
+    assert best["tuned"]["lr"] == 1e-3 and best["trials"]["pruned"] >= len(diverged)
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert {r["number"] for r in rows if r["diverged"] == "True"} == {str(t.number) for t in diverged}
 
 
 # --- the search space ---------------------------------------------------------------------------------------------

@@ -17,3 +17,8 @@ class LorasumError(Exception):
     def as_flag(self) -> str:
         """The message with its key written as the command-line flag that sets it."""
         return f"--{self.key.replace('_', '-')} {self.message}" if self.key else self.message
+
+
+class DivergedError(LorasumError):
+    """Training whose loss left the finite numbers after updates: a verdict on the hyperparameters, so a search
+    scores it as a failed point (a pruned trial) instead of stopping; everywhere else it is a LorasumError."""

@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
 from .. import schema
-from ..errors import LorasumError
+from ..errors import DivergedError, LorasumError
 from ..files import atomic_dir, atomic_write_json, pause_for_test, read_json
 from ..progress import progress
 from ..provenance import provenance
@@ -236,9 +236,9 @@ def check_finite_loss(loss: float, step: int, epoch: int, cfg: TrainConfig | Non
         raise LorasumError(f"the base model's {what} is {loss} {where}, before any update; nothing was saved "
                            "(with --dtype float16/bfloat16, try float32)")
     if cfg is None:
-        raise LorasumError(f"the {what} became {loss} {where}; nothing was saved")
+        raise DivergedError(f"the {what} became {loss} {where}; nothing was saved")
     scale = f"alpha/sqrt(r) = {cfg.alpha:g}/sqrt({cfg.r})" if cfg.use_rslora else f"alpha/r = {cfg.alpha:g}/{cfg.r}"
-    raise LorasumError(f"the {what} became {loss} {where}: the updates diverged with lr {cfg.lr:g} and the LoRA "
+    raise DivergedError(f"the {what} became {loss} {where}: the updates diverged with lr {cfg.lr:g} and the LoRA "
                        f"scale {scale} = {lora_scale(cfg):g}; lower lr or alpha (nothing was saved)")
 
 

@@ -31,7 +31,7 @@ from optuna.storages.journal import JournalFileBackend
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-from ..errors import LorasumError
+from ..errors import DivergedError, LorasumError
 from ..files import atomic_write_json, atomic_write_text, barrier_for_test, sweep
 from ..lm.data import DataConfig, load_domain, partition_domains, require_nonempty
 from ..lm.train import TrainConfig, train_adapter
@@ -244,8 +244,12 @@ def work(loaded, search: Search, study, scratch: Path, worker: str, after_trial=
                 raise optuna.TrialPruned(f"epoch {epoch}: best val loss {best[0]:.4f}")
 
         with tempfile.TemporaryDirectory(prefix=f".trial.{os.getpid()}.", suffix=".tmp", dir=scratch) as tmp:
-            res = train_adapter(loaded, search.partition, Path(tmp) / "adapter", cfg, search.data,
-                                on_epoch=on_epoch)  # the adapter itself is not kept
+            try:
+                res = train_adapter(loaded, search.partition, Path(tmp) / "adapter", cfg, search.data,
+                                    on_epoch=on_epoch)  # the adapter itself is not kept
+            except DivergedError as e:  # these parameters diverge: a pruned point, worse than any completed one
+                trial.set_user_attr("diverged", str(e))
+                raise optuna.TrialPruned(str(e)) from None
         trial.set_user_attr("best_epoch", res.best_epoch)
         trial.set_user_attr("val_losses", [e["val_loss"] for e in res.epochs])
         return min(e["val_loss"] for e in res.epochs)

@@ -29,7 +29,7 @@ def trial_rows(study) -> list[dict]:
         rows.append({"number": t.number, "state": t.state.name, "value": value,
                      **{n: t.params.get(n) for n in names}, "best_epoch": t.user_attrs.get("best_epoch"),
                      "worker": t.user_attrs.get("worker"), "retry_of": t.system_attrs.get("failed_trial"),
-                     "duration_s": None if dur is None else round(dur, 3)})
+                     "duration_s": None if dur is None else round(dur, 3), "diverged": "diverged" in t.user_attrs})
     return rows
 
 
