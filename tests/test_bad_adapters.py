@@ -272,6 +272,9 @@ TARGET_CONFIGS = [
      "layers_pattern": ["blocks", "h"]},
     {"target_modules": ["c_attn", "q_proj", "q"], "layers_to_transform": [1, 2], "layers_pattern": "lay.rs?"},
     {"target_modules": ["c_attn", "q_proj"], "layers_to_transform": [], "layers_pattern": "h"},
+    {"target_modules": ["model.layers.1.self_attn.q_proj", "c_attn"], "layers_to_transform": [2]},  # a full name
+    {"target_modules": ["c_attn", "q_proj", "qkv"], "layers_to_transform": [0, 1, 4], "layers_pattern": "h|layers"},
+    {"target_modules": ["c_attn", "qkv", "q_proj"], "layers_to_transform": [0, 2, 4], "layers_pattern": "(h|blocks)"},
 ]
 
 

@@ -158,7 +158,7 @@ def test_killed_worker_trial_is_failed_and_retried_with_its_parameters(ddir, tmp
 
 def test_parameters_that_diverge_are_pruned_trials_not_the_end_of_the_search(ddir, tmp_path, run_cli):
     out = tmp_path / "tune"
-    space = tmp_path / "space.yaml"  # every other draw diverges at its second step
+    space = tmp_path / "space.yaml"  # the seeded draws of lr 1e30 diverge at their second step
     space.write_text("lr: {choices: [1.0e+30, 1.0e-3]}\nepochs: {choices: [1]}\n")
     rc, _, err, _ = run_cli(*tune_args(ddir, out, 6, "--space", space))
     assert rc == 0, err

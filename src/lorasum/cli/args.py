@@ -144,7 +144,7 @@ def add_executor_args(p: argparse.ArgumentParser, outcome: str, workers: str, ad
     """--executor, --workers and --address (an `ExecutorOptions`), worded for what the command runs."""
     p.add_argument("--executor", choices=EXECUTORS, default="serial", help="where the work runs: serial (this "
                    f"process) or ray (Ray workers; pip install 'lorasum[ray]'); {outcome}")
-    p.add_argument("--workers", type=int, default=None, help=f"ray: {workers} (default: CPUs ÷ threads per job)")
+    p.add_argument("--workers", type=int, default=None, help=f"ray: {workers} (default: CPUs ÷ threads each)")
     p.add_argument("--address", default=None, metavar="HOST:PORT", help="ray: join this running cluster (started with "
                    f"`ray start --head`) instead of starting a local one{'; ' + address if address else ''}")
 

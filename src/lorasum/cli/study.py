@@ -125,4 +125,3 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       "trial)", workers="parallel trials", address="needs --storage postgresql://… that every node "
                       "reaches")
     p.set_defaults(func=tune, parser=p)
-

@@ -71,8 +71,8 @@ def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
         return torch.full_like(flat, k >= n and n > 0, dtype=torch.bool).reshape(magnitude.shape)
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
         kth = torch.from_numpy(np.partition(flat.numpy(), n - k)[n - k:n - k + 1])  # the k-th largest, (1,)
-    else:
-        kth = torch.kthvalue(flat.float(), n - k + 1).values.to(flat.dtype)
+    else:  # kthvalue in a dtype that holds every value exactly (bf16/fp16 promoted, float64 kept)
+        kth = torch.kthvalue(flat.to(torch.promote_types(flat.dtype, torch.float32)), n - k + 1).values.to(flat.dtype)
     mask = flat > kth
     short = k - int(mask.sum())
     if short:  # entries equal to the k-th largest fill the rest, first by position

@@ -111,11 +111,13 @@ class _Matcher:
         numbered = [j for j in range(len(parts) - 2) if parts[j + 1].isdecimal()]  # a number with more after it
         if not pattern:
             return next((int(parts[j + 1]) for j in numbered if j >= 1), None)
-        if _plain_chars(pattern) is not None and "." not in pattern:  # one plain segment name
-            name = pattern.replace("\\", "")
+        chars = _plain_chars(pattern)
+        if chars is not None and None not in chars and "." not in chars:  # one plain segment name
+            name = "".join(chars)
             return next((int(parts[j + 1]) for j in numbered if parts[j] == name), None)
         found = self._regex(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", layer, pattern, "layers_pattern", full=False)
-        return int(found.group("idx")) if found else None
+        idx = found.group("idx") if found else None  # None too where an alternation matched without the group
+        return None if idx is None else int(idx)
 
 
 def _plain_chars(pattern: str) -> list[str | None] | None:
@@ -193,6 +195,8 @@ def _not_adapted_by(config: dict, layer: str, matcher: _Matcher) -> str | None:
         return None
     if isinstance(targets, str):
         return None if matcher.full(targets, layer, "target_modules") else "target_modules"
+    if layer in targets:  # named in full: PEFT applies no layer filter
+        return None
     if not _names(targets, layer):
         return "target_modules"
     indexes = config.get("layers_to_transform")

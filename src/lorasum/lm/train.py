@@ -87,9 +87,9 @@ class TrainConfig:
             raise LorasumError(f"must be a positive number, got {self.lr}", key="lr")
         _check_number("alpha", self.alpha, 0, low_open=True)  # the delta's scale alpha/r: > 0, as load_adapter's
         if lora_scale(self) > torch.finfo(torch.float32).max:  # PEFT multiplies by it in float32: inf, then 0·inf
-            raise LorasumError(f"{self.alpha:g} makes the LoRA scale {self.alpha:g}/{'sqrt(r)' if self.use_rslora else 'r'}"
-                               f" = {lora_scale(self):g}, beyond float32's range (3.4e+38); the paper uses 64",
-                               key="alpha")
+            over = "sqrt(r)" if self.use_rslora else "r"
+            raise LorasumError(f"{self.alpha:g} makes the LoRA scale {self.alpha:g}/{over} = {lora_scale(self):g}, "
+                               "beyond float32's range (3.4e+38); the paper uses 64", key="alpha")
         _check_number("warmup_ratio", self.warmup_ratio, 0, 1)
         _check_number("weight_decay", self.weight_decay, 0)
         _check_number("max_grad_norm", self.max_grad_norm, 0, low_open=True)

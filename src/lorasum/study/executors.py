@@ -72,7 +72,8 @@ def run_serial(jobs: list[dict], loaded: LoadedModel | None, on_done: OnDone) ->
 
 # --- the worker side ------------------------------------------------------------------------------------------------
 def run_detached(spec: dict, sources: dict[str, bytes], adapters: dict[str, dict[str, bytes]],
-                 loaded: LoadedModel | None, artifacts: dict[str, bytes] | None = None) -> tuple[dict[str, bytes], dict]:
+                 loaded: LoadedModel | None,
+                 artifacts: dict[str, bytes] | None = None) -> tuple[dict[str, bytes], dict]:
     """Run one job in a private temporary run folder from shipped inputs (data files, adapters, other jobs' JSON
     artifacts by run-folder path); returns its artifact's files (relative path → bytes; one entry "" for a JSON
     artifact) and the timings it measured."""
@@ -146,7 +147,8 @@ class Worker:
 # --- the driver side ------------------------------------------------------------------------------------------------
 def run_ray(jobs: list[dict], run_dir: Path, threads: int, opts: ExecutorOptions, on_done: OnDone,
             placements: list | None = None) -> None:
-    """Run `jobs` on Ray workers, each job as soon as the adapters it reads exist; publish each artifact here.
+    """Run `jobs` on Ray workers, each job as soon as what it reads exists (adapters, weight-search results);
+    publish each artifact here.
 
     A worker that dies mid-job is replaced and the job runs again (up to RETRIES times); a job's own error stops the
     run after the jobs already finished are published. `placements` collects where and when each job ran.
@@ -182,8 +184,8 @@ def run_ray(jobs: list[dict], run_dir: Path, threads: int, opts: ExecutorOptions
                 queue.remove(job)
                 submit(job, idle.pop(), 0)
             if not in_flight:
-                raise LorasumError(f"{len(queue)} job(s) wait for adapters no job makes (first: {queue[0]['key']}); "
-                                   "rerun the experiment to re-plan")
+                raise LorasumError(f"{len(queue)} job(s) wait for adapters or weight-search results no job makes "
+                                   f"(first: {queue[0]['key']}); rerun the experiment to re-plan")
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             job, worker, tries = in_flight.pop(ref)
             try:
