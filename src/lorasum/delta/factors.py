@@ -8,12 +8,18 @@ Layer names are the base model's module paths (`transformer.h.0.attn.c_attn`), n
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import LorasumError
 from ..identity import canonical_base_id
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """s in ΔW = s · B A: α/r, or α/√r with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / (math.sqrt(r) if rslora else r)
+
 
 @dataclass
 class LoraFactors:

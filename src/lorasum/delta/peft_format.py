@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..errors import LorasumError
 from ..files import atomic_dir, atomic_write_json, read_json, recover
-from .factors import Adapter, LoraFactors
+from .factors import Adapter, LoraFactors, lora_scale
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -338,7 +338,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
             raise LorasumError(f"{cfg_path}: '{field}' {config[field]!r:.120} leaves out layer '{layer}' of "
                                f"{WEIGHTS_FILE}; the config does not belong to these weights, re-save the adapter")
         alpha = float(_pattern_value(alphas, layer, config["lora_alpha"], matcher, "alpha_pattern"))
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        scale = lora_scale(alpha, r, bool(config.get("use_rslora")))
         # B column-major: Bᵀ rows are what the Gram products and rank concatenation read (similarity, compose)
         layers[layer] = LoraFactors(A, B.T.contiguous().T, float(scale), fan)
     return Adapter(folder.name, str(folder), config, layers, meta)

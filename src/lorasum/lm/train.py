@@ -22,6 +22,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
 from .. import schema
+from ..delta.factors import lora_scale
 from ..errors import DivergedError, LorasumError
 from ..files import atomic_dir, atomic_write_json, pause_for_test, read_json
 from ..progress import progress
@@ -73,6 +74,17 @@ class TrainConfig:
     init: str = "independent"  # LoRA init seed: "independent" (derived from partition and seed) or "shared" (seed)
     eval_batch_size: int = 16  # records per validation batch
 
+    @property
+    def scale(self) -> float:
+        """The LoRA scale s that multiplies B A."""
+        return lora_scale(self.alpha, self.r, self.use_rslora)
+
+    @property
+    def scale_text(self) -> str:
+        """The scale for a message: `alpha/r = 64/4 = 16`."""
+        over, r = ("sqrt(r)", f"sqrt({self.r})") if self.use_rslora else ("r", str(self.r))
+        return f"alpha/{over} = {self.alpha:g}/{r} = {self.scale:g}"
+
     def check(self) -> None:
         """Value rules (types are the schema's: see from_dict); errors are keyed by the field."""
         check_max_length(self.max_length)
@@ -86,10 +98,9 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise LorasumError(f"must be a positive number, got {self.lr}", key="lr")
         _check_number("alpha", self.alpha, 0, low_open=True)  # the delta's scale alpha/r: > 0, as load_adapter's
-        if lora_scale(self) > torch.finfo(torch.float32).max:  # PEFT multiplies by it in float32: inf, then 0·inf
-            over = "sqrt(r)" if self.use_rslora else "r"
-            raise LorasumError(f"{self.alpha:g} makes the LoRA scale {self.alpha:g}/{over} = {lora_scale(self):g}, "
-                               "beyond float32's range (3.4e+38); the paper uses 64", key="alpha")
+        if self.scale > torch.finfo(torch.float32).max:  # PEFT multiplies by it in float32: inf, then 0·inf
+            raise LorasumError(f"{self.alpha:g} makes the LoRA scale {self.scale_text}, beyond float32's range "
+                               "(3.4e+38); the paper uses 64", key="alpha")
         _check_number("warmup_ratio", self.warmup_ratio, 0, 1)
         _check_number("weight_decay", self.weight_decay, 0)
         _check_number("max_grad_norm", self.max_grad_norm, 0, low_open=True)
@@ -237,14 +248,8 @@ def check_finite_loss(loss: float, step: int, epoch: int, cfg: TrainConfig | Non
                            "(with --dtype float16/bfloat16, try float32)")
     if cfg is None:
         raise DivergedError(f"the {what} became {loss} {where}; nothing was saved")
-    scale = f"alpha/sqrt(r) = {cfg.alpha:g}/sqrt({cfg.r})" if cfg.use_rslora else f"alpha/r = {cfg.alpha:g}/{cfg.r}"
     raise DivergedError(f"the {what} became {loss} {where}: the updates diverged with lr {cfg.lr:g} and the LoRA "
-                       f"scale {scale} = {lora_scale(cfg):g}; lower lr or alpha (nothing was saved)")
-
-
-def lora_scale(cfg: TrainConfig) -> float:
-    """s in ΔW = s·B A: α/r, or α/√r with rsLoRA."""
-    return cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+                        f"scale {cfg.scale_text}; lower lr or alpha (nothing was saved)")
 
 
 def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoch: int = 1,
