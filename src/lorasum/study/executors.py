@@ -4,9 +4,9 @@ Executors are runtime choices, never part of the config, its hash or the results
 its spec and the thread count it ran with, so a run started serially resumes on Ray and the other way round, and
 both give byte-identical results at the same threads per job.
 
-Ray assumes no shared filesystem. The driver ships each job the data files and adapters it reads (through Ray's
-object store), a worker runs it in a private temporary run folder, sends the artifact's bytes back, and the driver
-publishes it atomically in the real run folder. Each worker is an actor that loads the base model once and keeps it.
+Ray assumes no shared filesystem. The driver ships each job the data files, adapters and weight-search results it
+reads (through Ray's object store), a worker runs it in a private temporary run folder, sends the artifact's bytes
+back, and the driver publishes it atomically in the real run folder. Each worker is an actor that loads the base model once and keeps it.
 """
 
 from __future__ import annotations
@@ -29,17 +29,18 @@ from .jobspec import adapter_dir
 OnDone = Callable[[dict, dict, float], None]  # (spec, timings the job measured, wall seconds)
 
 
-def needed_adapters(spec: dict) -> list[str]:
-    """The train keys whose adapters a job reads, in a stable order."""
+def needed_inputs(spec: dict) -> list[str]:
+    """What a job reads from the run folder, as paths relative to it, in a stable order: its adapters' folders and
+    other jobs' JSON artifacts (an eval's weight search)."""
     kind = JOB_KINDS[spec["kind"]]
-    keys = [t["train_key"] for field in kind.terms for t in spec[field]]
-    keys += list(spec.get("all", []))
-    return list(dict.fromkeys(keys))
+    keys = [t["train_key"] for field in kind.terms for t in spec[field]] + list(spec.get("all", []))
+    paths = [str(adapter_dir("", k)) for k in dict.fromkeys(keys)]
+    return paths + ([f"searches/{spec['weights_from']}.json"] if spec.get("weights_from") else [])
 
 
-def needed_artifacts(spec: dict) -> list[str]:
-    """Other jobs' JSON artifacts a job reads, relative to the run folder (an eval's weight search)."""
-    return [f"searches/{spec['weights_from']}.json"] if spec.get("weights_from") else []
+def _published(path: Path) -> bool:
+    """An input is there: a JSON artifact as its file, an adapter folder with its weights."""
+    return path.is_file() or (path / "adapter_model.safetensors").is_file()
 
 
 def needed_sources(spec: dict) -> list[str]:
@@ -71,25 +72,21 @@ def run_serial(jobs: list[dict], loaded: LoadedModel | None, on_done: OnDone) ->
 
 
 # --- the worker side ------------------------------------------------------------------------------------------------
-def run_detached(spec: dict, sources: dict[str, bytes], adapters: dict[str, dict[str, bytes]],
-                 loaded: LoadedModel | None,
-                 artifacts: dict[str, bytes] | None = None) -> tuple[dict[str, bytes], dict]:
-    """Run one job in a private temporary run folder from shipped inputs (data files, adapters, other jobs' JSON
-    artifacts by run-folder path); returns its artifact's files (relative path → bytes; one entry "" for a JSON
-    artifact) and the timings it measured."""
+def run_detached(spec: dict, sources: dict[str, bytes], inputs: dict[str, dict[str, bytes]],
+                 loaded: LoadedModel | None) -> tuple[dict[str, bytes], dict]:
+    """Run one job in a private temporary run folder from shipped inputs: data files by name, and run-folder inputs
+    by path (each as `read_artifact` gives it); returns its artifact's files (relative path → bytes; one entry ""
+    for a JSON artifact) and the timings it measured."""
     with tempfile.TemporaryDirectory(prefix="lorasum-job-") as tmp:
         run_dir, data_dir = Path(tmp) / "run", Path(tmp) / "data"
         data_dir.mkdir()
         for name, data in sources.items():
             (data_dir / name).write_bytes(data)
-        for key, files in adapters.items():
-            folder = adapter_dir(run_dir, key)
-            folder.mkdir(parents=True)
+        for path, files in inputs.items():
             for rel, data in files.items():
-                (folder / rel).write_bytes(data)
-        for rel, data in (artifacts or {}).items():
-            (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            (run_dir / rel).write_bytes(data)
+                target = run_dir / path / rel if rel else run_dir / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
         local = {**spec, "run_dir": str(run_dir), **({"data_dir": str(data_dir)} if sources else {})}
         measured: dict = {}
         out = run_job(local, loaded, measured)
@@ -126,13 +123,11 @@ class Worker:
 
         return {"pid": os.getpid(), "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id()}
 
-    def run(self, spec: dict, source_names: list[str], adapter_keys: list[str], artifact_paths: list[str], *blobs):
-        """Run `spec`; `blobs` are the sources' bytes, the adapters' files, then the artifacts' bytes (Ray resolves
-        them from the object store), in the order of the three name lists."""
-        n_s, n_a = len(source_names), len(adapter_keys)
-        sources = dict(zip(source_names, blobs[:n_s]))
-        adapters = dict(zip(adapter_keys, blobs[n_s:n_s + n_a]))
-        artifacts = dict(zip(artifact_paths, blobs[n_s + n_a:]))
+    def run(self, spec: dict, source_names: list[str], input_paths: list[str], *blobs):
+        """Run `spec`; `blobs` are the sources' bytes then the run-folder inputs' files (Ray resolves them from the
+        object store), in the order of the two name lists."""
+        sources = dict(zip(source_names, blobs[:len(source_names)]))
+        inputs = dict(zip(input_paths, blobs[len(source_names):]))
         loaded = None
         if JOB_KINDS[spec["kind"]].needs_model:
             key = (spec["model"], spec.get("device"), spec.get("dtype"), spec.get("autocast"))
@@ -140,7 +135,7 @@ class Worker:
                 self.models[key] = load_model(*key)
             loaded = self.models[key]
         t0 = time.time()
-        files, measured = run_detached(spec, sources, adapters, loaded, artifacts)
+        files, measured = run_detached(spec, sources, inputs, loaded)
         return files, measured, {**self.where(), "start": t0, "end": time.time()}
 
 
@@ -159,7 +154,7 @@ def run_ray(jobs: list[dict], run_dir: Path, threads: int, opts: ExecutorOptions
         n = opts.workers or max(1, cpus // threads)
         actor = ray.remote(num_cpus=threads, max_restarts=0)(Worker)
         idle = [actor.remote(threads) for _ in range(n)]
-        blobs: dict[str, object] = {}  # path or train key -> object ref, shipped once
+        blobs: dict[str, object] = {}  # data file or run-folder input -> object ref, shipped once
 
         def blob(name: str, read: Callable[[], object]):
             if name not in blobs:
@@ -167,16 +162,13 @@ def run_ray(jobs: list[dict], run_dir: Path, threads: int, opts: ExecutorOptions
             return blobs[name]
 
         def ready(job: dict) -> bool:
-            return all((adapter_dir(run_dir, k) / "adapter_model.safetensors").is_file()
-                       for k in needed_adapters(job)) and all((run_dir / a).is_file() for a in needed_artifacts(job))
+            return all(_published(run_dir / p) for p in needed_inputs(job))
 
         def submit(job: dict, worker, tries: int) -> None:
-            sources, keys, arts = needed_sources(job), needed_adapters(job), needed_artifacts(job)
+            sources, inputs = needed_sources(job), needed_inputs(job)
             refs = [blob(p, lambda p=p: Path(p).read_bytes()) for p in sources]
-            refs += [blob(k, lambda k=k: read_artifact(adapter_dir(run_dir, k))) for k in keys]
-            refs += [blob(a, lambda a=a: (run_dir / a).read_bytes()) for a in arts]
-            in_flight[worker.run.remote(job, [Path(p).name for p in sources], keys, arts, *refs)] = (job, worker,
-                                                                                                    tries)
+            refs += [blob(p, lambda p=p: read_artifact(run_dir / p)) for p in inputs]
+            in_flight[worker.run.remote(job, [Path(p).name for p in sources], inputs, *refs)] = (job, worker, tries)
 
         queue, in_flight = list(jobs), {}
         while queue or in_flight:
