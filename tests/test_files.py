@@ -165,27 +165,31 @@ def test_a_folder_killed_at_any_point_of_its_replacement_is_old_or_new_and_recov
     assert _hidden(target.parent) == []
 
 
-def test_recover_keeps_a_live_writers_temp_files_and_removes_older_versions_leftovers(tmp_path):
+def test_recover_keeps_a_live_writers_temp_files_and_removes_only_dead_lorasum_leftovers(tmp_path):
+    dead = _dead_pid()
     target = tmp_path / "evals.json"
-    live = tmp_path / f".evals.json.{os.getpid()}.abcdefgh.tmp"
-    legacy_file, legacy_dir = tmp_path / ".evals.json.k2j4h5g6.tmp", tmp_path / ".evals.json.old-12"
-    other = tmp_path / ".other.json.1.abcdefgh.tmp"
-    for p in (live, legacy_file, other):
+    live = tmp_path / f".evals.json.lorasum-{os.getpid()}.abcdefgh.tmp"
+    leftover = tmp_path / f".evals.json.lorasum-{dead}.k2j4h5g6.tmp"
+    other = tmp_path / f".other.json.lorasum-{dead}.abcdefgh.tmp"  # another target's: not this write's business
+    lookalikes = [".evals.json.k2j4h5g6.tmp", ".evals.json.old-12", f".evals.json.{dead}.abcdefgh.tmp"]
+    for p in (live, leftover, other, *(tmp_path / n for n in lookalikes)):
         p.write_text("x")
-    legacy_dir.mkdir()
     recover(target)
-    assert sorted(_hidden(tmp_path)) == sorted([live.name, other.name])
+    assert sorted(_hidden(tmp_path)) == sorted([live.name, other.name, *lookalikes])
 
 
-def test_sweep_recovers_every_interrupted_write_below_a_run_folder(tmp_path):
+def test_sweep_recovers_interrupted_writes_in_the_folders_lorasum_writes_and_nowhere_else(tmp_path):
     dead = _dead_pid()
     (tmp_path / "evals").mkdir()
-    (tmp_path / "evals" / f".a.json.{dead}.abcdefgh.tmp").write_text("{}")
-    (tmp_path / "adapters" / f".p.{dead}.abcdefgh.tmp").mkdir(parents=True)
-    (tmp_path / "adapters" / f".p.{dead}.abcdefgh.tmp" / "x").write_text("y")
+    (tmp_path / "evals" / f".a.json.lorasum-{dead}.abcdefgh.tmp").write_text("{}")
+    (tmp_path / "adapters" / f".p.lorasum-{dead}.abcdefgh.tmp").mkdir(parents=True)
+    (tmp_path / "adapters" / f".p.lorasum-{dead}.abcdefgh.tmp" / "x").write_text("y")
     (tmp_path / "keep.json").write_text("{}")
-    assert sweep(tmp_path) == 2
-    assert _tree(tmp_path) == {"keep.json": b"{}"}
+    deeper = tmp_path / "evals" / "sub" / f".a.json.lorasum-{dead}.abcdefgh.tmp"  # not a folder lorasum writes
+    deeper.parent.mkdir()
+    deeper.write_text("mine")
+    assert sweep(tmp_path, ["evals", "adapters"]) == 2
+    assert _tree(tmp_path) == {"keep.json": b"{}", f"evals/sub/{deeper.name}": b"mine"}
 
 
 def _dead_pid() -> int:

@@ -14,21 +14,20 @@ import json
 import os
 import re
 import shutil
-import socket
+import stat
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import LorasumError
+from .testhooks import BARRIER_ENV, PAUSE_ENV, PAUSE_MARKER_ENV, barrier_for_test, pause_for_test  # noqa: F401
 
 
-# Names of in-flight writes: `.NAME.PID.RANDOM.tmp` (a temp file or folder; after an exchange, the old folder) and
-# `.NAME.PID.journal` (a folder replacement in progress where the filesystem cannot exchange). The pid lets the next
-# run tell a dead writer's leftovers from a live writer's work.
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.(?:tmp|old)$")
-_JOURNAL = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.journal$")
-_LEGACY = re.compile(r"^\.(?P<name>.+)\.(?:[A-Za-z0-9_]{8}\.tmp|old-\d+)$")  # before names carried the writer's pid
+# Names of in-flight writes: `.NAME.lorasum-PID.RANDOM.tmp` (a temp file or folder; after an exchange, the old folder),
+# `.NAME.lorasum-PID.RANDOM.old` (the old folder of a journalled replacement) and `.NAME.lorasum-PID.journal`. The
+# tag and the pid say which writer made a name, so recovery touches only a dead lorasum writer's own leftovers.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.lorasum-(?P<pid>[1-9][0-9]{0,9})\.(?P<rand>[a-z0-9_]{8})\.(?P<kind>tmp|old)$")
+_JOURNAL = re.compile(r"^\.(?P<name>.+)\.lorasum-(?P<pid>[1-9][0-9]{0,9})\.journal$")
 MAX_NAME_BYTES = 200  # the filesystem's 255 less room for the temp-name decoration above
 EXCHANGE = True  # use renameat2(RENAME_EXCHANGE) where available; tests turn it off to exercise the journal
 
@@ -39,17 +38,13 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int | None) -> bool:
-    """Whether the writer `pid` may still be working (None: a name from before names carried the pid: dead)."""
-    if pid is None or pid <= 0:
-        return False
+def _alive(pid: int) -> bool:
+    """Whether the writer `pid` may still be working."""
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OverflowError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # another user's live process
         return True
@@ -127,68 +122,101 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(folder)
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}."
+def temp_prefix(name: str) -> str:
+    """The start of this process's temp names for target `name` (see `_TEMP`)."""
+    return f".{name}.lorasum-{os.getpid()}."
 
 
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one lorasum gives an in-flight write (a temp file or folder, an old folder, a journal)."""
+    return bool(_TEMP.match(name) or _JOURNAL.match(name))
+
+
+def _own(p: Path) -> os.stat_result | None:
+    """`p`'s lstat if it is a plain file or folder (never a symlink) owned by this user, else None."""
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return None
+    plain = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+    return st if plain and st.st_uid == os.geteuid() else None
+
+
+def _remove_own(p: Path) -> None:
+    """Remove `p` if it is this user's plain file or folder; a symlink or anything else is left alone."""
+    st = _own(p)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(p, ignore_errors=True)  # removes links inside, never what they point to
     else:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 
 
-def _pid(m: re.Match) -> int | None:
-    pid = m.groupdict().get("pid")
-    return int(pid) if pid else None
+def _journal_names(journal: Path, target: str, pid: int) -> tuple[str, str] | None:
+    """The (new, old) folders a dead writer's journal names, if they are exactly the names that writer gives them:
+    bare temp names of `target` with the journal's pid and one shared random part. Anything else: None."""
+    if _own(journal) is None or not journal.is_file():
+        return None
+    try:
+        plan = json.loads(journal.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    new, old = (plan.get("new"), plan.get("old")) if isinstance(plan, dict) else (None, None)
+    mn, mo = _TEMP.match(new) if isinstance(new, str) else None, _TEMP.match(old) if isinstance(old, str) else None
+    if not (mn and mo and plan.get("target") == target and Path(new).name == new and Path(old).name == old):
+        return None
+    same = mn["name"] == mo["name"] == target and int(mn["pid"]) == int(mo["pid"]) == pid and mn["rand"] == mo["rand"]
+    return (new, old) if same and mn["kind"] == "tmp" and mo["kind"] == "old" else None
 
 
 def recover(path: str | os.PathLike) -> None:
     """Finish or undo an interrupted replacement of `path` and remove dead writers' temp leftovers beside it.
 
-    A journal left by a killed replacement (see `atomic_dir`) is completed: if `path` is missing, its new folder is
-    moved in; then the old folder and the journal are removed. Live writers' files are never touched.
+    Only names a lorasum writer gives `path` (`_TEMP`, `_JOURNAL`) in `path`'s own folder are touched, only once
+    their writer is dead, and only plain files and folders owned by this user: a journal's names must be exactly
+    its writer's temp names for `path` (else the journal alone is removed), and a symlink is never followed or
+    removed. A killed replacement's journal is rolled forward: if `path` is missing, its new folder is moved in.
     """
     path = Path(path)
     try:
-        entries = list(path.parent.iterdir())
+        names = os.listdir(path.parent)
     except OSError:
         return
-    for entry in entries:
-        m = _JOURNAL.match(entry.name)
-        if not m or m["name"] != path.name or _alive(_pid(m)):
+    for name in names:
+        m = _JOURNAL.match(name)
+        if not m or m["name"] != path.name or _alive(int(m["pid"])) or _own(path.parent / name) is None:
             continue
-        try:
-            plan = json.loads(entry.read_text(encoding="utf-8"))
-            new, old = path.parent / plan["new"], path.parent / plan["old"]
-        except (OSError, ValueError, KeyError, TypeError):
-            entry.unlink(missing_ok=True)
-            continue
-        if not path.exists() and new.is_dir():
-            os.replace(new, path)  # killed between the two renames: roll forward to the complete new folder
-            fsync_dir(path.parent)
-        _remove(old)
-        _remove(new)
-        entry.unlink(missing_ok=True)
-    for entry in entries:
-        m = _TEMP.match(entry.name) or _LEGACY.match(entry.name)
-        if m and m["name"] == path.name and os.path.lexists(entry) and not _alive(_pid(m)):
-            _remove(entry)
+        plan = _journal_names(path.parent / name, path.name, int(m["pid"]))
+        if plan is not None:
+            new, old = path.parent / plan[0], path.parent / plan[1]
+            st = _own(new)
+            if not os.path.lexists(path) and st is not None and stat.S_ISDIR(st.st_mode):
+                os.replace(new, path)  # killed between the two renames: roll forward to the complete new folder
+                fsync_dir(path.parent)
+            _remove_own(old)
+            _remove_own(new)
+        _remove_own(path.parent / name)
+    for name in names:
+        m = _TEMP.match(name)
+        if m and m["name"] == path.name and not _alive(int(m["pid"])):
+            _remove_own(path.parent / name)
 
 
-def sweep(root: str | os.PathLike) -> int:
-    """Recover every interrupted write below `root` (see `recover`); returns how many leftovers were removed."""
+def sweep(root: str | os.PathLike, folders: Iterable[str] = ()) -> int:
+    """Recover every interrupted write in `root` and in each of its sub-`folders` lorasum writes (not below them,
+    and never through a symlink); returns how many leftovers were removed."""
     root = Path(root)
     removed = 0
-    for folder, dirs, files in os.walk(root):
-        for name in [*files, *dirs]:
-            m = _TEMP.match(name) or _LEGACY.match(name) or _JOURNAL.match(name)
-            if m:
-                before = os.path.lexists(os.path.join(folder, name))
-                recover(Path(folder) / m["name"])
-                removed += before and not os.path.lexists(os.path.join(folder, name))
-        dirs[:] = [d for d in dirs if os.path.isdir(os.path.join(folder, d))]
+    for folder in [root, *(root / f for f in folders)]:
+        st = _own(folder)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            continue
+        names = os.listdir(folder)
+        for target in sorted({m["name"] for n in names if (m := _TEMP.match(n) or _JOURNAL.match(n))}):
+            recover(folder / target)
+        removed += len(set(names) - set(os.listdir(folder)))
     return removed
 
 
@@ -200,7 +228,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise LorasumError(f"cannot write {path}: it is a folder; choose a file path")
     recover(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _write_error(path, e) from None
     try:
@@ -254,8 +282,8 @@ def _replace_dir(new: Path, path: Path) -> None:
         fsync_dir(path.parent)
         shutil.rmtree(new, ignore_errors=True)  # now the old folder
         return
-    journal = path.with_name(f".{path.name}.{os.getpid()}.journal")
-    old = path.with_name(f"{_temp_prefix(path)}{new.name.split('.')[-2]}.old")
+    journal = path.with_name(f"{temp_prefix(path.name)}journal")
+    old = path.with_name(f"{temp_prefix(path.name)}{new.name.split('.')[-2]}.old")
     atomic_write_json(journal, {"target": path.name, "new": new.name, "old": old.name})
     os.replace(path, old)
     pause_for_test("aside", str(path), str(new))
@@ -278,7 +306,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     _make_parent(path)
     recover(path)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent))
     except OSError as e:
         raise _write_error(path, e) from None
     os.chmod(tmp, 0o777 & ~_umask())
@@ -349,50 +377,3 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-# --- test-only hook -------------------------------------------------------------------------------------------------
-PAUSE_ENV = "LORASUM_TEST_PAUSE"  # "train" (after the first optimizer step) or "write[:PART]" (temp file written,
-PAUSE_MARKER_ENV = "LORASUM_TEST_PAUSE_MARKER"  # not yet renamed; PART: a substring of the target path)
-BARRIER_ENV = "LORASUM_TEST_BARRIER"  # "DIR:N": N processes meet in DIR before they start work
-
-
-def pause_for_test(point: str, target: str = "", holding: str = "") -> None:
-    """Test-only: with LORASUM_TEST_PAUSE naming this point, write the marker file (its text: `holding`, else
-    `target`, else this process's pid) and sleep, so a test can SIGKILL the process exactly here. Once the marker
-    exists, later arrivals pass (a retried job is not paused again). Unset (outside tests) it does nothing."""
-    want = os.environ.get(PAUSE_ENV)
-    if not want:
-        return
-    name, _, part = want.partition(":")
-    if name != point or part not in target:
-        return
-    marker = os.environ.get(PAUSE_MARKER_ENV)
-    if marker and os.path.exists(marker):
-        return  # one pause per marker: a job retried after the kill runs through
-    if marker:
-        tmp = f"{marker}.{os.getpid()}.tmp"  # two workers can arrive at once: each its own temp, the first link wins
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(holding or target or str(os.getpid()))
-        try:
-            os.link(tmp, marker)
-        except FileExistsError:
-            return  # another process holds the pause; this one runs through
-        finally:
-            os.unlink(tmp)
-    deadline = time.monotonic() + 600  # a test that never kills still ends
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def barrier_for_test() -> None:
-    """Test-only: with LORASUM_TEST_BARRIER=DIR:N, wait until N processes (this one included) have arrived, so a
-    test of parallel workers does not depend on which one finished starting first. Unset it does nothing."""
-    want = os.environ.get(BARRIER_ENV)
-    if not want:
-        return
-    folder, _, n = want.rpartition(":")
-    open(os.path.join(folder, f"{socket.gethostname()}.{os.getpid()}"), "w").close()
-    deadline = time.monotonic() + 120
-    while len(os.listdir(folder)) < int(n) and time.monotonic() < deadline:
-        time.sleep(0.02)

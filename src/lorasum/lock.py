@@ -10,10 +10,12 @@ is free is the trace of a killed run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -46,12 +48,17 @@ def folder_lock(folder: str | os.PathLike, what: str = "run folder", key: str | 
     ({} otherwise). A live holder is a LorasumError naming its pid."""
     folder = Path(folder)
     path = folder / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:  # never through a symlink: truncating the lock would empty whatever it points to
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LorasumError(f"{path} is a symbolic link, which lorasum never makes; remove it or choose another "
+                               f"{what}", key=key) from None
         raise LorasumError(f"cannot lock {what} {folder}: {e.strerror}; choose a folder you can write to",
                            key=key) from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise LorasumError(f"{path} is not a plain file; remove it or choose another {what}", key=key)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

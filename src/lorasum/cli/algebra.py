@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..outputs import ADAPTER, MERGED, WEIGHT_SEARCH
 from .args import add_data_args, add_model_args, check_out, load, parse_max_rank, parse_term, print_json, terms_text
 
 
@@ -179,7 +180,7 @@ def compose(terms: list[tuple[str, float]], out: str, max_rank: int | None = Non
 def compose_command(args: argparse.Namespace) -> int:
     method, params = method_choice(args)
     max_rank = parse_max_rank(args.max_rank)
-    check_out(args.out)
+    check_out(args.out, ADAPTER)
     report = compose([parse_term(t) for t in args.adapters], args.out, max_rank, method, params, args)
     if args.json:
         print_json(report)
@@ -208,7 +209,7 @@ def merge(args: argparse.Namespace) -> int:
     if not args.adapter:
         raise LorasumError("merge needs at least one --adapter DIR[:W]")
     method, params = method_choice(args)
-    out = check_out(args.out)
+    out = check_out(args.out, MERGED)
     adapters = load_terms(parse_term(t) for t in args.adapter)
     check_compatible([a for a, _ in adapters])
     lm = load(args)
@@ -226,7 +227,6 @@ def merge(args: argparse.Namespace) -> int:
 def search_weights(args: argparse.Namespace) -> int:
     """Optuna TPE over the adapters' weights on pooled validation perplexity; best.json and OUT/adapter."""
     from ..delta.peft_format import load_terms
-    from ..files import check_out_path
     from ..lm.adapters import check_base
     from ..tune.weights import check_search, run_search
     from .args import data_config, expand_domains
@@ -234,7 +234,7 @@ def search_weights(args: argparse.Namespace) -> int:
     method, params = method_choice(args)
     adapters = [a for a, _ in load_terms(args.adapters)]
     search = check_search(adapters, method, params, args.trials, args.per_module, args.search_seed)
-    out = check_out_path(args.out, "--out")
+    out = check_out(args.out, WEIGHT_SEARCH)
     lm = load(args)
     check_base(lm, [(a, 1.0) for a in adapters])
     best = run_search(lm, search, expand_domains(args.data), data_config(args), out, args.max_length,

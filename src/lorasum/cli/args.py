@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..cluster import EXECUTORS, ExecutorOptions
 from ..errors import LorasumError
-from ..files import check_out_path, read_json
+from ..files import read_json
+from ..outputs import OutKind, check_out_dir
 
 SPLITS = ("train", "validation", "test")
 
@@ -84,16 +85,10 @@ def terms_text(adapters: list[dict]) -> str:
     return " + ".join(f"{a['weight']:g}*{a['name']}" for a in adapters)
 
 
-def check_out(path: str, overwrite: bool | None = None) -> Path:
-    """`--out` before any work: a nameable folder with no file in the way that is absent or empty, or (where the
-    command has --overwrite and it is given) replaceable."""
-    out = check_out_path(path, "--out")
-    if overwrite or not out.is_dir() or not any(out.iterdir()):
-        return out
-    what = " (it holds a finished adapter)" if (out / "adapter_config.json").exists() else ""
-    fix = "choose a new folder, or pass --overwrite to replace it" if overwrite is not None else \
-        "choose a new folder or remove it"
-    raise LorasumError(f"--out {out} exists and is not empty{what}; {fix}")
+def check_out(path: str, kind: OutKind, overwrite: bool | None = None) -> Path:
+    """`--out` before any work, by the one output rule (`outputs.check_out_dir`); `overwrite` None where the command
+    has no --overwrite."""
+    return check_out_dir(path, kind, overwrite)
 
 
 def parse_max_rank(text: str | None) -> int | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..outputs import ADAPTER
 from .algebra import add_method_args, merged_terms, method_choice
 from .args import add_data_args, add_model_args, check_out, data_config, expand_domains, load, parse_term, \
     print_json, terms_text, train_config
@@ -25,7 +26,7 @@ def train(args: argparse.Namespace) -> int:
     if args.rslora:
         flags["use_rslora"] = True
     cfg = train_config(args.params, flags)
-    check_out(args.out, overwrite=args.overwrite)
+    check_out(args.out, ADAPTER, overwrite=args.overwrite)
     res = train_adapter(load(args), args.data, args.out, cfg, data_config(args), args.overwrite)
     for e in res.epochs:
         print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}  val loss {e['val_loss']:.4f}  "
@@ -116,7 +117,7 @@ def demo(args: argparse.Namespace) -> int:
     from ..lm.evaluate import evaluate
     from ..lm.train import TrainConfig, train_adapter
 
-    out = check_out(args.out, overwrite=args.overwrite)  # never replace a folder the user did not name for it
+    out = check_out(args.out, ADAPTER, overwrite=args.overwrite)  # never replace a folder lorasum did not make
     loaded, domain = load(args), args.domain
     n_train, n_test = args.train_records, args.test_records
     data = DataConfig(data_dir=args.data_dir, max_records={"train": n_train, "validation": 50, "test": n_test})
@@ -139,7 +140,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.add_argument("--data", required=True, help="domain or partition: math, medicine[category=GARD], math+finance")
     p.add_argument("--out", required=True, help="adapter folder to write (stock PEFT format + lorasum.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (an adapter or not)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished adapter lorasum wrote at --out")
     p.add_argument("--params", default=None, help="JSON file of training parameters (e.g. a tuning best.json)")
     p.add_argument("--targets", nargs="+", default=None, help="module names to adapt (default: architecture preset)")
     for name, typ in TRAIN_FLAGS:
@@ -194,5 +195,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-records", type=int, default=200)
     p.add_argument("--test-records", type=int, default=200)
     p.add_argument("--out", default="runs/demo", help="adapter folder to write (absent or empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished adapter lorasum wrote at --out")
     p.set_defaults(func=demo, parser=p)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from .args import (add_data_args, add_executor_args, add_model_args, data_config, executor_options, load,
-                   train_config)
+from ..outputs import TUNE
+from .args import (add_data_args, add_executor_args, add_model_args, check_out, data_config, executor_options,
+                   load, train_config)
 
 
 def experiment(args: argparse.Namespace) -> int:
@@ -51,6 +52,7 @@ def tune(args: argparse.Namespace) -> int:
     from ..tune.space import default_space, load_space
 
     executor = executor_options(args)
+    check_out(args.out, TUNE)
     space = load_space(args.space) if args.space else default_space()
     fixed = {k: getattr(args, k) for k in ("r", "alpha", "max_length", "seed", "init", "loss_on", "targets")
              if getattr(args, k) is not None}

@@ -122,6 +122,8 @@ def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
         raise LorasumError(f"{run_dir / 'results.json'} has no digest (written before lorasum signed its results, "
                            f"so it may have been edited) and does not render ({type(e).__name__}); regenerate it "
                            f"with `lorasum experiment --config {run_dir / 'config.json'} --out {run_dir}`") from None
+    if (run_dir / "figures").is_symlink():  # lorasum never makes one: writing through it would land outside the run
+        raise LorasumError(f"{run_dir / 'figures'} is a symbolic link, which lorasum never makes; remove it and rerun")
     for name, png in pngs.items():
         atomic_write_bytes(run_dir / "figures" / f"{name}.png", png)
     atomic_write_text(run_dir / "report.md", md_text)

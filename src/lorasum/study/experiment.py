@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..errors import LorasumError
-from ..files import atomic_write_json, check_out_path, read_json, sha256_file, sweep
+from ..files import atomic_write_json, check_out_path, is_temp_name, read_json, sha256_file, sweep
 from ..lm.data import SPLITS, load_domain, parse_spec, partition_domains, require_nonempty, resolve_source
 from ..lm.models import torch_threads
 from ..lm.train import init_seed
@@ -206,8 +206,24 @@ def _check_run_dir(cfg: ExperimentConfig, run_dir: Path, overwrite: bool) -> Non
             raise LorasumError(f"{run_dir} holds a run made with a different config (differs in: {', '.join(diff)})"
                                f"{moved}; pass --overwrite to switch it to this config (unchanged jobs are reused) "
                                "or choose another --out")
-    elif run_dir.exists() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
-        raise LorasumError(f"{run_dir} exists and is not a lorasum run folder; choose another run folder", key="out")
+    elif run_dir.exists():
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE and not is_temp_name(p.name))
+        if foreign:  # hidden names count: a folder holding only .git is someone's, not an empty run folder
+            raise LorasumError(f"{run_dir} exists and is not a lorasum run folder (it holds '{foreign[0]}'); choose "
+                               "another run folder", key="out")
+    _check_no_links(run_dir)
+
+
+def _check_no_links(run_dir: Path) -> None:
+    """lorasum makes no symlinks in a run folder: one there (an entry, or an adapter under adapters/) would let a
+    job read or write outside the run, so it is refused."""
+    tops = list(run_dir.iterdir()) if run_dir.is_dir() else []
+    adapters = run_dir / "adapters"
+    inner = list(adapters.iterdir()) if adapters.is_dir() and not adapters.is_symlink() else []
+    link = next((p for p in [*tops, *inner] if p.is_symlink()), None)
+    if link is not None:
+        raise LorasumError(f"{link} is a symbolic link, which lorasum never makes in a run folder; remove it (the "
+                           "job that wrote it runs again) or choose another run folder", key="out")
 
 
 def _check_domains(cfg: ExperimentConfig) -> None:
@@ -260,7 +276,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
             if stale:
                 print(f"lorasum: {run_dir}: the run by pid {stale.get('pid', '?')} was killed; resuming from its "
                       "finished jobs", file=sys.stderr)
-            sweep(run_dir)
+            sweep(run_dir, sorted({k.folder for k in JOB_KINDS.values()} | {"figures", "tune"}))
             _check_run_dir(cfg, run_dir, overwrite)  # again, now that no other run can change it
             _check_domains(cfg)
             with torch_threads(cfg.threads):  # this run's thread count, the caller's again afterwards

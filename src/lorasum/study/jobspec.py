@@ -143,4 +143,11 @@ def with_key(spec: dict) -> dict:
 
 
 def adapter_dir(run_dir: str | Path, train_key: str) -> Path:
-    return Path(run_dir) / "adapters" / train_key
+    """RUN_DIR/adapters/<train key>; a symlink there (lorasum never makes one) is refused, so a job never reads or
+    replaces a folder outside its run."""
+    path = Path(run_dir) / "adapters" / train_key
+    link = next((p for p in (path.parent, path) if p.is_symlink()), None)
+    if link is not None:
+        raise LorasumError(f"{link} is a symbolic link, which lorasum never makes in a run folder; remove it (the "
+                           "adapter is trained again)")
+    return path

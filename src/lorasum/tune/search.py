@@ -32,7 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from ..errors import DivergedError, LorasumError
-from ..files import atomic_write_json, atomic_write_text, barrier_for_test, sweep
+from ..files import atomic_write_json, atomic_write_text, barrier_for_test, sweep, temp_prefix
 from ..lm.data import DataConfig, load_domain, partition_domains, require_nonempty
 from ..lm.train import TrainConfig, train_adapter
 from ..progress import progress
@@ -243,7 +243,7 @@ def work(loaded, search: Search, study, scratch: Path, worker: str, after_trial=
             if epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: best val loss {best[0]:.4f}")
 
-        with tempfile.TemporaryDirectory(prefix=f".trial.{os.getpid()}.", suffix=".tmp", dir=scratch) as tmp:
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("trial"), suffix=".tmp", dir=scratch) as tmp:
             try:
                 res = train_adapter(loaded, search.partition, Path(tmp) / "adapter", cfg, search.data,
                                     on_epoch=on_epoch)  # the adapter itself is not kept

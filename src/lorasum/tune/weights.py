@@ -115,13 +115,19 @@ def search_weights(loaded, search: WeightSearch, examples: dict, out: str | Path
     {weights, method, params, value, trial, trials}. `setup` (model, data, adapters) is stored on the study, so a
     rerun with another is refused."""
     out = Path(out)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{out / 'study.db'}"
     space = {n: Param(n, LOW, HIGH) for n in search.names}
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = open_study(open_storage(url), "weights", storage_label(url), space,
-                       {**(setup or {}), "method": search.method, "params": search.params,
-                        "per_module": search.per_module}, search.seed, search.trials)
+    try:
+        study = open_study(open_storage(url), "weights", storage_label(url), space,
+                           {**(setup or {}), "method": search.method, "params": search.params,
+                            "per_module": search.per_module}, search.seed, search.trials)
+    except BaseException:
+        if made and not any(out.iterdir()):  # a refused storage leaves no empty --out behind
+            out.rmdir()
+        raise
     if not study.trials:
         study.enqueue_trial({n: 1.0 for n in search.names})  # the plain method: the baseline to beat
 
