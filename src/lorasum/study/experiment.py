@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import LorasumError
 from ..files import atomic_write_json, check_out_path, is_temp_name, read_json, sha256_file, sweep
 from ..lm.data import SPLITS, load_domain, parse_spec, partition_domains, require_nonempty, resolve_source
-from ..lm.models import torch_threads
+from ..lm.models import check_positions, load_model, torch_threads
 from ..lm.train import init_seed
 from ..lock import LOCK_FILE, folder_lock
 from ..progress import progress
@@ -244,8 +244,13 @@ def _check_domains(cfg: ExperimentConfig) -> None:
 
 def _remove_if_unused(run_dir: Path) -> None:
     """Remove a run folder this call created when the run stopped before any job or tuning study left a result."""
+    def cheap(p: Path) -> bool:  # an empty tune folder, or checks/ holding only data statistics (seconds to redo)
+        return p.is_dir() and not p.is_symlink() and (
+            (p.name == "tune" and not any(p.iterdir())) or
+            (p.name == "checks" and all(c.name.startswith("data_stats-") for c in p.iterdir())))
+
     leftovers = [p for p in run_dir.iterdir() if p.name not in ("config.json", "timings.json", LOCK_FILE)
-                 and not (p.name == "tune" and p.is_dir() and not any(p.iterdir()))]
+                 and not is_temp_name(p.name) and not cheap(p)]
     if not leftovers:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -266,6 +271,9 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
     cfg.data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else cfg.data_dir
     _check_run_dir(cfg, run_dir, overwrite)  # before the lock file is made: never inside a folder that is not a run
     check_out_path(run_dir, "--out")
+    if executor.kind == "serial":  # the model this process runs every job on: its limits are checked before any write
+        loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
+        check_positions(loaded, cfg.train.max_length)
     made = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
