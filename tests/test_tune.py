@@ -297,7 +297,7 @@ def test_a_failed_tune_removes_only_the_study_it_created_and_no_trial_finished_i
     assert run_cli(*tune_args(ddir, out, 1))[0] == 0
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    leftover = out / f".trial.{dead.pid}.k2j4h5g6.tmp"  # the temp folder of a trial whose process was killed
+    leftover = out / f".trial.lorasum-{dead.pid}.k2j4h5g6.tmp"  # the temp folder of a trial whose process was killed
     (leftover / "adapter").mkdir(parents=True)
     monkeypatch.setattr(search, "train_adapter", diverges)
     one_line_error(run_cli(*tune_args(ddir, out, 2)), "lr loss became NaN")

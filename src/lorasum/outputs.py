@@ -27,9 +27,9 @@ class OutKind:
 ADAPTER = OutKind("adapter", frozenset({"adapter_config.json", "adapter_model.safetensors", "lorasum.json"}),
                   marker="lorasum.json")
 MERGED = OutKind("merged model", None, marker="lorasum-merge.json")
-TUNE = OutKind("tuning study", frozenset({"best.json", "trials.csv", "summary.md", "history.png", "importance.png",
-                                          "space.yaml", "study.db", "study.db.lock", "study.journal",
-                                          "study.journal.lock"}), resumes=True)
+TUNE = OutKind("tuning study", frozenset({"best.json", "trials.csv", "summary.json", "summary.md", "history.png",
+                                          "importance.png", "space.yaml", "study.db", "study.db.lock",
+                                          "study.journal", "study.journal.lock"}), resumes=True)
 WEIGHT_SEARCH = OutKind("weight search", frozenset({"best.json", "study.db", "study.db.lock", "adapter"}),
                         resumes=True, inner={"adapter": ADAPTER})
 
@@ -44,10 +44,10 @@ def foreign_entry(folder: Path, kind: OutKind) -> str | None:
         return plain[0] if plain else None
     for name in names:
         path = folder / name
+        if is_temp_name(name):  # an in-flight write's name: recovery removes it (or, if a symlink, ignores it)
+            continue
         if path.is_symlink():
             return name
-        if is_temp_name(name):
-            continue
         if kind.names is not None and name not in kind.names:
             return name
         if name in kind.inner:

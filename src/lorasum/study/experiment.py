@@ -220,7 +220,7 @@ def _check_no_links(run_dir: Path) -> None:
     tops = list(run_dir.iterdir()) if run_dir.is_dir() else []
     adapters = run_dir / "adapters"
     inner = list(adapters.iterdir()) if adapters.is_dir() and not adapters.is_symlink() else []
-    link = next((p for p in [*tops, *inner] if p.is_symlink()), None)
+    link = next((p for p in [*tops, *inner] if p.is_symlink() and not is_temp_name(p.name)), None)
     if link is not None:
         raise LorasumError(f"{link} is a symbolic link, which lorasum never makes in a run folder; remove it (the "
                            "job that wrote it runs again) or choose another run folder", key="out")
