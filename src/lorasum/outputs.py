@@ -24,8 +24,8 @@ class OutKind:
     inner: dict[str, OutKind] = field(default_factory=dict)  # sub-folders lorasum writes, each of its own kind
 
 
-ADAPTER = OutKind("adapter", frozenset({"adapter_config.json", "adapter_model.safetensors", "lorasum.json"}),
-                  marker="lorasum.json")
+ADAPTER = OutKind("adapter", frozenset({"adapter_config.json", "adapter_model.safetensors", "lorasum.json",
+                                        "README.md"}), marker="lorasum.json")  # README.md: PEFT's model card
 MERGED = OutKind("merged model", None, marker="lorasum-merge.json")
 TUNE = OutKind("tuning study", frozenset({"best.json", "trials.csv", "summary.json", "summary.md", "history.png",
                                           "importance.png", "space.yaml", "study.db", "study.db.lock",
