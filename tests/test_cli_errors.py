@@ -230,18 +230,18 @@ def test_error_is_one_line_in_a_real_process(mismatched, ddir, tmp_path):
     assert not out.exists()
 
 
-def test_non_empty_out_without_adapter_is_never_replaced_silently(tmp_path, ddir, run_cli):
+def test_non_empty_out_without_adapter_is_never_replaced(tmp_path, ddir, run_cli):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
     common = ["train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors", "--out", out,
               "--max-train", 4, "--max-validation", 2, "--max-length", 16]
-    assert_one_line_error(run_cli(*common), str(out), "not empty", "--overwrite")
+    assert_one_line_error(run_cli(*common), str(out), "not empty", "notes.txt", "--overwrite")
     assert listing(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "mine"]  # no temp folder left beside it
-    rc, stdout, err, _ = run_cli(*common, "--overwrite")  # asked for: the folder is replaced by the adapter
-    assert rc == 0, err
-    assert "notes.txt" not in listing(out) and (out / "adapter_config.json").is_file()
+    # --overwrite replaces only what lorasum made: a folder holding the user's file is still refused
+    assert_one_line_error(run_cli(*common, "--overwrite"), str(out), "notes.txt", "lorasum did not write")
+    assert listing(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "mine"]
 
 
