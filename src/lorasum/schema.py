@@ -101,6 +101,13 @@ def convert(tp: Any, v: Any, where: str | None = "config", prefix: str = "", str
     return v
 
 
+def check_count(value: int, key: str, high: int) -> int:
+    """The one rule for a count (rank, batch size, epochs, trials, workers): a whole number in [1, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise LorasumError(f"must be at least 1 and at most {high}, got {show(value)}", key=key)
+    return value
+
+
 def field_types(cls: type) -> dict[str, Any]:
     """{field name: resolved annotation} of a dataclass."""
     hints = typing.get_type_hints(cls)

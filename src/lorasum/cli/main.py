@@ -11,6 +11,7 @@ import sys
 import warnings
 
 from ..errors import LorasumError
+from ..progress import quiet_libraries
 from . import algebra, core, study
 
 
@@ -31,6 +32,7 @@ def _message(e: LorasumError, parser: argparse.ArgumentParser | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Unable to fetch remote file.*")
     try:

@@ -47,9 +47,11 @@ def job(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
+    from ..files import check_out_path
     from ..tune.search import HEARTBEAT_S, tune
     from ..tune.space import default_space, load_space
 
+    check_out_path(args.out, "--out")  # a name the filesystem takes, in a folder this user may write (or resume in)
     executor = executor_options(args)
     space = load_space(args.space) if args.space else default_space()
     fixed = {k: getattr(args, k) for k in ("r", "alpha", "max_length", "seed", "init", "loss_on", "targets")

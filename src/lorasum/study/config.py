@@ -14,7 +14,7 @@ from ..yamlfile import read_yaml
 from ..lm.data import SPLITS, DataConfig, check_domain
 from ..lm.train import INIT_MODES, TrainConfig, check_seed
 from ..lm.models import MAX_THREADS
-from ..tune.search import HEARTBEAT_S
+from ..tune.search import HEARTBEAT_S, MAX_HEARTBEAT_S
 from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
 from ..delta.methods import method_params
 from .grid import COMPOSITIONS, DEFAULT_COMPOSITIONS, METHOD_COMPOSITIONS, grid_points
@@ -23,7 +23,6 @@ TUNE_MODES = ("shared", "per_partition")
 EVAL_SCOPES = ("all", "own")
 MAX_BOOTSTRAP = 100_000  # resamples: more would only exhaust memory after the whole grid has run
 MAX_RECORDS = 10**9  # record caps and minimums: a bigger number means "all" and only overflows the work estimate
-MAX_HEARTBEAT_S = 86_400
 
 
 def _show(value) -> str:
