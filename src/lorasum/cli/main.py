@@ -32,13 +32,13 @@ def _message(e: LorasumError, parser: argparse.ArgumentParser | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_libraries()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Unable to fetch remote file.*")
     try:
         from transformers.utils import logging as hf_logging  # after parsing: `lorasum --help` stays torch-free
 
         hf_logging.set_verbosity_error()
+        quiet_libraries()
         if getattr(args, "threads", None) is not None:
             from ..lm.models import set_threads
 
