@@ -62,7 +62,7 @@ def test_strict_sources_take_no_numeric_strings():
 def test_train_config_rules_are_keyed_and_shared():
     with pytest.raises(LorasumError) as e:
         TrainConfig.from_dict({"epochs": 0}, "run.yaml")
-    assert str(e.value) == "run.yaml: 'epochs' must be at least 1, got 0"
+    assert str(e.value) == "run.yaml: 'epochs' must be at least 1 and at most 1000, got 0"
     with pytest.raises(LorasumError) as e:
         check_max_length(4)
     assert (str(e.value), e.value.as_flag()) == ("max_length 4 is too short; use at least 8 tokens",
@@ -75,4 +75,4 @@ def test_the_cli_writes_the_flag_of_a_keyed_error(run_cli, tiny_data):
     assert (rc, out, err) == (2, "", "lorasum: error: --max-length 4 is too short; use at least 8 tokens\n")
     rc, out, err, _ = run_cli("train", "--model", "tiny-gpt2", "--data", "colors", "--data-dir", tiny_data,
                               "--out", "x", "--epochs", "0")
-    assert (rc, err) == (2, "lorasum: error: --epochs must be at least 1, got 0\n")
+    assert (rc, err) == (2, "lorasum: error: --epochs must be at least 1 and at most 1000, got 0\n")

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from .errors import LorasumError
+from .schema import check_count
 
 EXECUTORS = ("serial", "ray")
+MAX_WORKERS = 4096  # worker processes: more than any cluster lorasum targets, and each loads the model
 RETRIES = 3  # work whose Ray worker died is started again elsewhere this many times
 _NO_RAY = "ray needs Ray installed: pip install 'lorasum[ray]' (or pip install ray) on the driver and every node"
 
@@ -32,8 +34,8 @@ class ExecutorOptions:
     def check(self) -> None:
         if self.kind not in EXECUTORS:
             raise LorasumError(f"must be one of {', '.join(EXECUTORS)}, got {self.kind!r}", key="executor")
-        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
-            raise LorasumError(f"must be at least 1, got {self.workers}", key="workers")
+        if self.workers is not None:
+            check_count(self.workers, "workers", MAX_WORKERS)
         if self.kind == "serial" and (self.workers is not None or self.address):
             raise LorasumError("--workers and --address apply to --executor ray only", key="executor")
         if self.address is not None:

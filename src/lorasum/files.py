@@ -83,7 +83,7 @@ def check_out_path(path: str | os.PathLike, flag: str = "--out", folder: bool = 
         raise LorasumError(f"{flag} {path} exists and is not a folder; choose another path")
     if not folder and path.is_dir():
         raise LorasumError(f"{flag} {path} is a folder; pass a file path, e.g. {flag} {path / 'out.jsonl'}")
-    nearest = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    nearest = next(p for p in [*([path] if folder else []), path.parent, *path.parent.parents] if p.exists())
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise LorasumError(f"{flag} {path}: {nearest.resolve()} is not writable by this user; "
                            "choose a folder you can write to")

@@ -22,7 +22,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from .errors import LorasumError
+from .errors import LorasumError, show
 
 T = TypeVar("T")
 _FLOAT_MAX = sys.float_info.max
@@ -101,6 +101,13 @@ def convert(tp: Any, v: Any, where: str | None = "config", prefix: str = "", str
     return v
 
 
+def check_count(value: int, key: str, high: int) -> int:
+    """The one rule for a count (rank, batch size, epochs, trials, workers): a whole number in [1, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise LorasumError(f"must be at least 1 and at most {high}, got {show(value)}", key=key)
+    return value
+
+
 def field_types(cls: type) -> dict[str, Any]:
     """{field name: resolved annotation} of a dataclass."""
     hints = typing.get_type_hints(cls)
@@ -112,9 +119,10 @@ def check_keys(d: dict, known, where: str | None, prefix: str = "") -> None:
     known = list(known)
     for key in d:
         if key not in known:
-            close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+            name = key if isinstance(key, str) and len(key) <= 80 else show(key)
+            close = difflib.get_close_matches(name, [str(k) for k in known], n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(map(str, known))}"
-            raise LorasumError(_at(where, f"unknown config key '{prefix}{key}'{hint}"))
+            raise LorasumError(_at(where, f"unknown config key '{prefix}{name}'{hint}"))
 
 
 def parse(cls: type[T], d: Any, where: str | None = "config", prefix: str = "", strict: bool = False) -> T:
@@ -122,7 +130,7 @@ def parse(cls: type[T], d: Any, where: str | None = "config", prefix: str = "", 
     (whose keyed errors come back as `WHERE: 'PREFIX.key' message`)."""
     if not isinstance(d, dict):
         raise LorasumError(_at(where, f"{f'{prefix.rstrip(chr(46))!r} ' if prefix else ''}expected a mapping of "
-                                      f"{cls.__name__} keys, got {d!r:.60}"))
+                                      f"{cls.__name__} keys, got {show(d)}"))
     types_ = field_types(cls)
     check_keys(d, types_, where, prefix)
     values = {}
@@ -132,7 +140,7 @@ def parse(cls: type[T], d: Any, where: str | None = "config", prefix: str = "", 
         try:
             values[name] = convert(types_[name], v, where, f"{prefix}{name}.", strict)
         except Mismatch:
-            raise LorasumError(_at(where, f"'{prefix}{name}' must be {describe(types_[name])}, got {v!r:.80}")) from None
+            raise LorasumError(_at(where, f"'{prefix}{name}' must be {describe(types_[name])}, got {show(v, 80)}")) from None
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

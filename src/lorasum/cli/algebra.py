@@ -100,7 +100,12 @@ def method_choice(args: argparse.Namespace, seed: bool = True) -> tuple[str, dic
     from ..delta.methods import METHODS, method_params
     from ..lm.peft_merge import PEFT_METHODS
 
-    name = args.method or "sum"
+    from ..errors import LorasumError
+
+    name = "sum" if args.method is None else args.method  # `--method ''` names no method: refused, not the sum
+    if name != "sum" and not getattr(args, "adapter", True):
+        raise LorasumError(f"{name!r:.40} merges adapters, and none is given; pass --adapter DIR[:WEIGHT], or leave "
+                           "--method out", key="method")
     given = {k: _flag_value(getattr(args, k, None), k, kind) for k, kind in METHOD_FLAGS if seed or k != "seed"}
     params = method_params(name, given, {**METHODS, **PEFT_METHODS})
     if not seed and "seed" in params and getattr(args, "seed", None) is not None:
@@ -159,7 +164,9 @@ def compose(terms: list[tuple[str, float]], out: str, max_rank: int | None = Non
     lm = None
     if is_peft(method):
         from ..lm.adapters import check_base
+        from ..lm.peft_merge import check_combinable
 
+        check_combinable(adapters, method)  # what PEFT would refuse, before the model is loaded for it
         lm = load(args)
         check_base(lm, adapters)
     merged = combine(adapters, method, params, lm, name=Path(out).name)
@@ -231,11 +238,19 @@ def search_weights(args: argparse.Namespace) -> int:
     from ..tune.weights import check_search, run_search
     from .args import data_config, expand_domains
 
+    from ..lm.data import check_max_length
+    from ..lm.models import check_positions
+    from ..lm.train import LIMITS
+    from ..schema import check_count
+
     method, params = method_choice(args)
+    check_max_length(args.max_length)
+    check_count(args.batch_size, "batch_size", LIMITS["eval_batch_size"])
     adapters = [a for a, _ in load_terms(args.adapters)]
     search = check_search(adapters, method, params, args.trials, args.per_module, args.search_seed)
     out = check_out(args.out, WEIGHT_SEARCH)
     lm = load(args)
+    check_positions(lm, args.max_length)  # before the study is created: a refusal leaves no study.db
     check_base(lm, [(a, 1.0) for a in adapters])
     best = run_search(lm, search, expand_domains(args.data), data_config(args), out, args.max_length,
                       args.batch_size, args.loss_on, args.storage)

@@ -13,6 +13,7 @@ from .algebra import add_method_args, merged_terms, method_choice
 from .args import add_data_args, add_model_args, check_out, data_config, expand_domains, load, parse_term, \
     print_json, terms_text, train_config
 
+MAX_DEMO_RECORDS = 100_000  # a demo's slice: more is an experiment, not a demo
 TRAIN_FLAGS = (("r", int), ("alpha", float), ("dropout", float), ("max_length", int), ("batch_size", int),
                ("epochs", int), ("lr", float), ("warmup_ratio", float), ("weight_decay", float), ("seed", int),
                ("init", str))
@@ -41,8 +42,10 @@ def evaluate(args: argparse.Namespace) -> int:
     from ..lm.data import check_max_length
     from ..lm.evaluate import evaluate
 
-    if args.batch_size < 1:
-        raise LorasumError(f"must be at least 1, got {args.batch_size}", key="batch_size")
+    from ..lm.train import LIMITS
+    from ..schema import check_count
+
+    check_count(args.batch_size, "batch_size", LIMITS["eval_batch_size"])
     check_max_length(args.max_length)
     if args.per_example:
         path = check_out_path(args.per_example, "--per-example", folder=False)
@@ -116,10 +119,11 @@ def demo(args: argparse.Namespace) -> int:
     from ..lm.data import DataConfig
     from ..lm.evaluate import evaluate
     from ..lm.train import TrainConfig, train_adapter
+    from ..schema import check_count
 
+    n_train, n_test = (check_count(getattr(args, k), k, MAX_DEMO_RECORDS) for k in ("train_records", "test_records"))
     out = check_out(args.out, ADAPTER, overwrite=args.overwrite)  # never replace a folder lorasum did not make
     loaded, domain = load(args), args.domain
-    n_train, n_test = args.train_records, args.test_records
     data = DataConfig(data_dir=args.data_dir, max_records={"train": n_train, "validation": 50, "test": n_test})
     print(f"[1/3] perplexity of {loaded.model_id} on {domain} (test, {n_test} records)")
     base = evaluate(loaded, [domain], [], data)["results"][domain]

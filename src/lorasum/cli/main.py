@@ -11,6 +11,7 @@ import sys
 import warnings
 
 from ..errors import LorasumError
+from ..progress import quiet_libraries
 from . import algebra, core, study
 
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging  # after parsing: `lorasum --help` stays torch-free
 
         hf_logging.set_verbosity_error()
+        quiet_libraries()
         if getattr(args, "threads", None) is not None:
             from ..lm.models import set_threads
 

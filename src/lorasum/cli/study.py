@@ -48,9 +48,11 @@ def job(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
+    from ..files import check_out_path
     from ..tune.search import HEARTBEAT_S, tune
     from ..tune.space import default_space, load_space
 
+    check_out_path(args.out, "--out")  # a name the filesystem takes, in a folder this user may write (or resume in)
     executor = executor_options(args)
     check_out(args.out, TUNE)
     space = load_space(args.space) if args.space else default_space()

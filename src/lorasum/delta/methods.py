@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from peft.utils import merge_utils
 
-from ..errors import LorasumError
+from ..errors import LorasumError, show
 from .compose import DenseDelta, concat_factors, raise_overflow
 from .factors import Adapter, LoraFactors, check_compatible, delta_matrix
 
@@ -183,6 +183,7 @@ METHODS: dict[str, Method] = {
     "breadcrumbs": Method(breadcrumbs, dense=True, params={"density": 0.2, "gamma": 0.01}),
 }
 
+MAX_LAM = 1000.0  # task_arithmetic's λ: beyond this the scaled deltas swamp the base model (or overflow)
 HYPERPARAMETERS = ("density", "gamma", "lam", "seed")  # every method's, for the "takes none" check
 
 
@@ -210,21 +211,22 @@ def method_params(name: str, given: dict, registry: dict[str, Method] = METHODS)
     if "density" in params:
         d = params["density"]
         if not _number(d) or not 0 < d <= 1:
-            raise LorasumError(f"must be in (0, 1], got {d!r}; e.g. --density 0.2 keeps 20% of each ΔW",
+            raise LorasumError(f"must be in (0, 1], got {show(d)}; e.g. --density 0.2 keeps 20% of each ΔW",
                                key="density")
     if "gamma" in params:
         g = params["gamma"]
         if not _number(g) or not 0 <= g < 1:
-            raise LorasumError(f"must be in [0, 1), got {g!r}; e.g. --gamma 0.01 drops the top 1%", key="gamma")
+            raise LorasumError(f"must be in [0, 1), got {show(g)}; e.g. --gamma 0.01 drops the top 1%", key="gamma")
         if params["density"] + g > 1:
             raise LorasumError(f"{g:g} plus density {params['density']:g} exceeds 1 (dropped top share + kept share); "
                                "lower one of them", key="gamma")
-    if "lam" in params and not _number(params["lam"]):
-        raise LorasumError(f"must be a finite number, got {params['lam']!r}", key="lam")
+    if "lam" in params and not (_number(params["lam"]) and abs(params["lam"]) <= MAX_LAM):
+        raise LorasumError(f"must be a finite number in [-{MAX_LAM:g}, {MAX_LAM:g}], got {show(params['lam'])}; "
+                           "task arithmetic's λ is usually 0.3 to 1.5", key="lam")
     if "seed" in params:
         s = params["seed"]
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
-            raise LorasumError(f"must be a whole number in [0, 2**63), got {s!r}", key="seed")
+            raise LorasumError(f"must be a whole number in [0, 2**63), got {show(s)}", key="seed")
     return params
 
 
@@ -244,6 +246,10 @@ def merge_layer(name: str, layer: str, terms: list[tuple[LoraFactors, float]], p
     hp = {k: v for k, v in params.items() if k != "seed"}
     if not method.dense:
         return method.fn(terms, **hp)
+    entries = terms[0][0].B.shape[0] * terms[0][0].A.shape[1]
+    if "density" in hp and int(hp["density"] * entries) < 1:  # nothing kept: an all-zero delta, never asked for
+        raise LorasumError(f"{hp['density']:g} keeps no entry of layer '{layer}' ({entries} entries); use at least "
+                           f"{1 / entries:.3g}, e.g. --density 0.2", key="density")
     dtype = torch.promote_types(torch.float32, terms[0][0].A.dtype)
     deltas = [delta_matrix(f, dtype) for f, _ in terms]  # each sᵢ Bᵢ Aᵢ, (out, in)
     weights = torch.tensor([w for _, w in terms], dtype=dtype)

@@ -11,25 +11,20 @@ exactly the union of its domains' test sets.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import os
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from ..errors import LorasumError
-from ..files import parse_json, sha256_file
+from ..files import sha256_file
+from .datafiles import DATA_DIR_ENV, EXTENSIONS, data_dir_from, read_rows, resolve_source  # noqa: F401 - re-exported
 
 SPLITS = ("train", "validation", "test")
 SPLIT_BOUNDS = (0.8, 0.9)  # train < 0.8 <= validation < 0.9 <= test
-EXTENSIONS = (".jsonl", ".csv", ".parquet")
-DATA_DIR_ENV = "LORASUM_DATA_DIR"
 
 # The one prompt template (documented in the README). The answer follows "Answer:" after one space; EOS ends it.
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
@@ -124,102 +119,6 @@ def check_domain(spec: str, key: str | None = None) -> None:
                                    "(values may also hold spaces)", key=key)
 
 
-def data_dir_from(data_dir: str | None) -> Path | None:
-    d = data_dir or os.environ.get(DATA_DIR_ENV)
-    return Path(d) if d else None
-
-
-def resolve_source(source: str, data_dir: str | None) -> str:
-    """A domain name -> `<data_dir>/<name>.<ext>`; a path stays a path; `hf:` ids stay ids."""
-    if source.startswith("hf:"):
-        return source
-    p = Path(source)
-    if p.suffix in EXTENSIONS or os.sep in source:
-        if p.is_dir():
-            raise LorasumError(f"{source} is a folder, not a data file; pass a .jsonl, .csv or .parquet file")
-        if not p.is_file():
-            raise LorasumError(f"data file not found: {source}")
-        return _supported(str(p))
-    d = data_dir_from(data_dir)
-    if d is None:
-        raise LorasumError(f"domain '{source}' needs a data directory: set data_dir (--data-dir DIR) or {DATA_DIR_ENV}")
-    if not d.is_dir():
-        raise LorasumError(f"data directory not found: {d} (from data_dir / --data-dir or {DATA_DIR_ENV})")
-    for ext in EXTENSIONS:
-        if (d / f"{source}{ext}").is_file():
-            return str(d / f"{source}{ext}")
-        if (d / f"{source}{ext}").is_dir():
-            raise LorasumError(f"{d / f'{source}{ext}'} is a folder, not a data file; rename it or pass another "
-                               "data directory")
-    if (d / source).is_file():
-        return _supported(str(d / source))
-    found = sorted({f.stem for f in d.iterdir() if f.suffix in EXTENSIONS and f.is_file()})
-    raise LorasumError(f"unknown domain '{source}' in {d}; found: {', '.join(found) or 'no .jsonl/.csv/.parquet files'}")
-
-
-def _supported(path: str) -> str:
-    """A data file of a format lorasum reads; another extension (e.g. .json) is refused rather than read as empty."""
-    if not path.endswith(EXTENSIONS):
-        raise LorasumError(f"{path}: unsupported data file extension '{Path(path).suffix}'; use .jsonl (one JSON "
-                           "object a line), .csv or .parquet")
-    return path
-
-
-def _read_rows(path: str) -> list[tuple[int, dict]]:
-    """(line number, row) pairs; bad bytes or JSON name the file and line."""
-    rows: list[tuple[int, dict]] = []
-    if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is allowed
-                except UnicodeDecodeError:
-                    raise LorasumError(f"{path}:{lineno}: line is not valid UTF-8; re-encode the file as UTF-8") from None
-                if not line.strip():
-                    continue
-                row = parse_json(line, f"{path}:{lineno}", "write one JSON object per line")
-                if not isinstance(row, dict):
-                    raise LorasumError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                rows.append((lineno, row))
-    elif path.endswith(".csv"):
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8-sig")  # a byte-order mark is allowed
-        except UnicodeDecodeError as e:
-            line = raw[:e.start].count(b"\n") + 1
-            raise LorasumError(f"{path}:{line}: line is not valid UTF-8; re-encode the file as UTF-8") from None
-        csv.field_size_limit(2**31 - 1)  # long answers are real; the default limit (128 KiB) is not a property of data
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows = []
-        for r in reader:
-            rows.append((reader.line_num, dict(r)))  # line_num: the record's last physical line
-    elif path.endswith(".parquet"):
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for corrupt files
-            raise LorasumError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
-        rows = [(i, r) for i, r in enumerate(table.to_pylist(), 1)]
-    elif path.startswith("hf:"):
-        rows = _read_hub(path[3:])
-    return rows
-
-
-def _read_hub(dataset_id: str) -> list[tuple[int, dict]]:
-    """A hub dataset (`hf:org/name` or `hf:org/name:config`); needs network access, so untested here."""
-    import datasets  # only for hub domains: the package adds ~1 s to every process that imports this module
-
-    name, _, config = dataset_id.partition(":")
-    try:
-        ds = datasets.load_dataset(name, config or None)
-    except Exception as e:  # noqa: BLE001
-        raise LorasumError(f"cannot load hub dataset '{name}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    rows: list[tuple[int, dict]] = []
-    for split in ds:  # all upstream splits are pooled: lorasum splits by content itself
-        rows.extend((len(rows) + 1, dict(r)) for r in ds[split])
-    return rows
-
-
 def load_domain(spec: str, config: DataConfig | None = None) -> Domain:
     """Resolve one domain spec (no `+`) to its split, capped records."""
     config = config or DataConfig()
@@ -231,7 +130,7 @@ def load_domain(spec: str, config: DataConfig | None = None) -> Domain:
     source, filters = parse_spec(spec)
     path = resolve_source(source, config.data_dir)
     qf, af = config.question_field, config.answer_field
-    rows = _read_rows(path)
+    rows = read_rows(path)
     _check_filter_fields(spec, path, filters, rows)
     by_split: dict[str, list[Record]] = {s: [] for s in SPLITS}
     skipped = dict.fromkeys(SPLITS, 0)

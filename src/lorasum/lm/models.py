@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from ..errors import LorasumError
+from ..progress import quiet_module
 from ..identity import DEFAULT_MODEL, SMOLLM2_GGUF, SMOLLM2_PACKAGE, canonical_base_id
 
 # LoRA target modules per architecture (config.model_type). GPT-2's `c_proj` matches both attn.c_proj and
@@ -178,6 +179,9 @@ def _smollm2() -> LoadedModel:
 def _load_gguf(path: Path) -> LoadedModel:
     if not path.is_file():
         raise LorasumError(f"GGUF file not found: {path}")
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    quiet_module(gguf_utils)  # its conversion bar is a bare tqdm, outside transformers' switch
     with quiet_hub_logging():
         try:
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -38,6 +38,18 @@ PEFT_METHODS: dict[str, Method] = {
 }
 
 
+def check_combinable(adapters: list[tuple[Adapter, float]], method: str) -> None:
+    """Refuse what PEFT's add_weighted_adapter would refuse only after a model is loaded: adapters that do not share
+    layers, or (with more than one) ranks that differ."""
+    if not adapters:
+        raise LorasumError("no adapters to combine; pass at least one PATH[:WEIGHT]")
+    check_compatible([a for a, _ in adapters])
+    ranks = sorted({f.rank for a, _ in adapters for f in a.layers.values()})
+    if len(adapters) > 1 and len(ranks) > 1:
+        raise LorasumError(f"{method} (PEFT's add_weighted_adapter) needs every adapter at one rank, got ranks "
+                           f"{', '.join(map(str, ranks))}; use --method sum (exact, any ranks)", key="method")
+
+
 def peft_combined(loaded: LoadedModel, adapters: list[tuple[Adapter, float]], combination: str,
                   name: str = "peft", **kwargs) -> Adapter:
     """Load the adapters' folders into PEFT on `loaded.model`, combine them with `combination`, and return the

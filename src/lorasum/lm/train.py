@@ -35,6 +35,9 @@ from .models import LoadedModel, check_positions, check_targets, targets_for, we
 
 INIT_MODES = ("independent", "shared")
 SEED_LIMIT = 2**63  # seeds are 0 ≤ seed < 2⁶³: torch, random and numpy all accept them
+# Upper bounds of the counts a user sets: far above any useful value, low enough that a typo (an extra digit run)
+# is refused at once instead of allocating a rank-10⁹ LoRA or looping for a geological time.
+LIMITS = {"r": 4096, "batch_size": 65_536, "eval_batch_size": 65_536, "epochs": 1000}
 
 
 def check_seed(value, key: str = "seed") -> int:
@@ -88,9 +91,8 @@ class TrainConfig:
     def check(self) -> None:
         """Value rules (types are the schema's: see from_dict); errors are keyed by the field."""
         check_max_length(self.max_length)
-        for name in ("r", "batch_size", "epochs", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise LorasumError(f"must be at least 1, got {getattr(self, name)}", key=name)
+        for name, high in LIMITS.items():
+            schema.check_count(getattr(self, name), name, high)
         if not 0 <= self.dropout < 1:
             raise LorasumError(f"must be in [0, 1), got {self.dropout}", key="dropout")
         if self.loss_on not in ("all", "answer"):

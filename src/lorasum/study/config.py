@@ -6,17 +6,15 @@ import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
-import yaml
 
 from .. import schema
-from ..errors import LorasumError
+from ..errors import LorasumError, show
 from ..files import read_json
+from ..yamlfile import read_yaml
 from ..lm.data import SPLITS, DataConfig, check_domain
 from ..lm.train import INIT_MODES, TrainConfig, check_seed
 from ..lm.models import MAX_THREADS
-from ..tune.search import HEARTBEAT_S
+from ..tune.search import HEARTBEAT_S, MAX_HEARTBEAT_S
 from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
 from ..delta.methods import method_params
 from .grid import COMPOSITIONS, DEFAULT_COMPOSITIONS, METHOD_COMPOSITIONS, grid_points
@@ -25,7 +23,6 @@ TUNE_MODES = ("shared", "per_partition")
 EVAL_SCOPES = ("all", "own")
 MAX_BOOTSTRAP = 100_000  # resamples: more would only exhaust memory after the whole grid has run
 MAX_RECORDS = 10**9  # record caps and minimums: a bigger number means "all" and only overflows the work estimate
-MAX_HEARTBEAT_S = 86_400
 
 
 def _show(value) -> str:
@@ -47,11 +44,11 @@ class TuneSettings:
 
     def check(self) -> None:
         if self.mode not in TUNE_MODES:
-            raise LorasumError(f"must be one of {', '.join(TUNE_MODES)}, got {self.mode!r}", key="mode")
+            raise LorasumError(f"must be one of {', '.join(TUNE_MODES)}, got {show(self.mode)}", key="mode")
         if self.trials < 1:
-            raise LorasumError(f"must be an integer of at least 1, got {self.trials!r}", key="trials")
+            raise LorasumError(f"must be an integer of at least 1, got {show(self.trials)}", key="trials")
         if self.storage is not None and "://" not in self.storage:
-            raise LorasumError(f"must be an SQLAlchemy URL (e.g. postgresql://host/db) or null, got {self.storage!r}",
+            raise LorasumError(f"must be an SQLAlchemy URL (e.g. postgresql://host/db) or null, got {show(self.storage)}",
                                key="storage")
         if not 1 <= self.heartbeat <= MAX_HEARTBEAT_S:
             raise LorasumError(f"must be a whole number of seconds in [1, {MAX_HEARTBEAT_S}], got "
@@ -69,7 +66,7 @@ def tune_section(value) -> dict | None:
     if isinstance(value, str):
         value = {"mode": value}
     if not isinstance(value, dict):
-        raise LorasumError(f"'tune' must be null, 'shared', 'per_partition' or a mapping, got {value!r}")
+        raise LorasumError(f"'tune' must be null, 'shared', 'per_partition' or a mapping, got {show(value)}")
     return asdict(schema.parse(TuneSettings, value, None, prefix="tune."))
 
 
@@ -118,7 +115,7 @@ class ExperimentConfig:
 
     def check(self) -> None:
         if len(self.domains) < 2:
-            raise LorasumError(f"needs at least 2 domains, got {self.domains!r}", key="domains")
+            raise LorasumError(f"needs at least 2 domains, got {show(self.domains)}", key="domains")
         if len(set(self.domains)) != len(self.domains):
             dup = sorted({d for d in self.domains if self.domains.count(d) > 1})
             raise LorasumError(f"names {', '.join(dup)} more than once", key="domains")
@@ -158,25 +155,25 @@ class ExperimentConfig:
             raise LorasumError(f"must be in [100, {MAX_BOOTSTRAP}], got {_show(self.bootstrap_samples)}",
                                key="bootstrap_samples")
         if self.eval_loss_on not in ("all", "answer"):
-            raise LorasumError(f"must be 'all' or 'answer', got '{self.eval_loss_on}'", key="eval_loss_on")
+            raise LorasumError(f"must be 'all' or 'answer', got {show(self.eval_loss_on)}", key="eval_loss_on")
         if self.init_modes is not None:
             if not self.init_modes or len(set(self.init_modes)) != len(self.init_modes):
-                raise LorasumError(f"must be a non-empty list of distinct modes, got {self.init_modes!r}",
+                raise LorasumError(f"must be a non-empty list of distinct modes, got {show(self.init_modes)}",
                                    key="init_modes")
             for m in self.init_modes:
                 if m not in INIT_MODES:
-                    raise LorasumError(f"names unknown mode {m!r}; known: {', '.join(INIT_MODES)}", key="init_modes")
+                    raise LorasumError(f"names unknown mode {show(m)}; known: {', '.join(INIT_MODES)}", key="init_modes")
         if not self.unlearn_weights or len(set(self.unlearn_weights)) != len(self.unlearn_weights) \
                 or not all(0 < w <= 2 for w in self.unlearn_weights):
-            raise LorasumError(f"must be distinct weights in (0, 2], got {self.unlearn_weights!r}",
+            raise LorasumError(f"must be distinct weights in (0, 2], got {show(self.unlearn_weights)}",
                                key="unlearn_weights")
         if self.eval_scope not in EVAL_SCOPES:
-            raise LorasumError(f"must be one of {', '.join(EVAL_SCOPES)}, got {self.eval_scope!r}", key="eval_scope")
+            raise LorasumError(f"must be one of {', '.join(EVAL_SCOPES)}, got {show(self.eval_scope)}", key="eval_scope")
         for split, n in (self.min_records or {}).items():
             if split not in SPLITS:
-                raise LorasumError(f"names unknown split {split!r:.40}; use {', '.join(SPLITS)}", key="min_records")
+                raise LorasumError(f"names unknown split {show(split)}; use {', '.join(SPLITS)}", key="min_records")
             if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_RECORDS:
-                raise LorasumError(f"{split!r} must be a whole number in [0, {MAX_RECORDS:.0e}], got {_show(n)}",
+                raise LorasumError(f"{show(split)} must be a whole number in [0, {MAX_RECORDS:.0e}], got {_show(n)}",
                                    key="min_records")
         if not self.retention_tolerance >= 0:
             raise LorasumError(f"must be >= 0, got {self.retention_tolerance}", key="retention_tolerance")
@@ -185,16 +182,16 @@ class ExperimentConfig:
     def _check_methods(self) -> None:
         """method_grid: known methods, each parameter a non-empty list, every point allowed by the method."""
         if self.method_grid is not None and not isinstance(self.method_grid, dict):
-            raise LorasumError(f"must be a mapping {{method: {{param: [values]}}}}, got {self.method_grid!r:.60}",
+            raise LorasumError(f"must be a mapping {{method: {{param: [values]}}}}, got {show(self.method_grid)}",
                                key="method_grid")
         for name, grid in (self.method_grid or {}).items():
             if name not in METHOD_COMPOSITIONS or name == "weight_search":
-                raise LorasumError(f"names {name!r:.40}, not a merge method with hyperparameters; use one of "
+                raise LorasumError(f"names {show(name)}, not a merge method with hyperparameters; use one of "
                                    f"{', '.join(m for m in METHOD_COMPOSITIONS if m != 'weight_search')}",
                                    key="method_grid")
             if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
                 raise LorasumError(f"{name}: must map each hyperparameter to a non-empty list of values, e.g. "
-                                   f"{{density: [0.1, 0.2]}}, got {grid!r:.60}", key="method_grid")
+                                   f"{{density: [0.1, 0.2]}}, got {show(grid)}", key="method_grid")
             for point in grid_points(grid):
                 try:
                     method_params(name, dict(point))
@@ -283,23 +280,10 @@ def load_config(path: str | None = None, preset: str | None = None, overrides: d
 
 
 def read_config_file(path: str) -> dict:
-    """A YAML or (`.json`) JSON config file as a mapping; unreadable, invalid or too deeply nested text is one
-    error naming the file."""
+    """A YAML or (`.json`) JSON config file as a mapping; unreadable, invalid, oversized or too deeply nested text
+    is one error naming the file."""
     fix = "write the config as one mapping of config keys"
-    if path.endswith(".json"):
-        return read_json(path, "config", fix)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LorasumError(f"config {path} not found; check the --config path") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LorasumError(f"cannot read config {path}: {getattr(e, 'strerror', None) or e}; {fix}") from None
-    try:
-        data = yaml.safe_load(text)
-    except RecursionError:
-        raise LorasumError(f"{path}: YAML nested too deeply to read; {fix}") from None
-    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer beyond the interpreter's digit limit
-        raise LorasumError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); {fix}") from None
+    data = read_json(path, "config", fix) if path.endswith(".json") else read_yaml(path, "config", fix)
     if not isinstance(data, dict):
         raise LorasumError(f"{path}: expected a mapping of config keys; {fix}")
     return data

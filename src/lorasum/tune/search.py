@@ -36,10 +36,13 @@ from ..files import atomic_write_json, atomic_write_text, barrier_for_test, swee
 from ..lm.data import DataConfig, load_domain, partition_domains, require_nonempty
 from ..lm.train import TrainConfig, train_adapter
 from ..progress import progress
+from .. import schema
 from ..schema import config_diff
 from .space import Space, default_space, space_dict, space_yaml
 from .summary import write_summary
 
+MAX_HEARTBEAT_S = 86_400  # a day between heartbeats: the longest a trial may go silent
+MAX_TRIALS = 100_000  # finished trials of one study; TPE gains nothing long before this
 HEARTBEAT_S = 30  # a running trial records a heartbeat this often; stale (failed, retried) after 2x without one
 STATES_DONE = ("COMPLETE", "PRUNED")  # the trial states that count towards --trials
 
@@ -189,10 +192,8 @@ def prepare(model_id: str, partitions: str | list[str], out: Path, trials: int, 
             base: TrainConfig | None = None, seed: int = 0, heartbeat: int = HEARTBEAT_S,
             default_store: str = "study.db") -> Search:
     """Check the inputs and describe the study, before anything is written."""
-    if not isinstance(trials, int) or trials < 1:
-        raise LorasumError(f"must be at least 1 (the total number of finished trials), got {trials}", key="trials")
-    if heartbeat < 1:
-        raise LorasumError(f"must be at least 1 second, got {heartbeat}", key="heartbeat")
+    schema.check_count(trials, "trials", MAX_TRIALS)
+    schema.check_count(heartbeat, "heartbeat", MAX_HEARTBEAT_S)
     space = space or default_space()
     base = TrainConfig.from_dict(asdict(base)) if base is not None else TrainConfig()
     data = data or DataConfig()

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .. import schema
-from ..errors import LorasumError
+from ..errors import LorasumError, show
 from ..lm.train import TrainConfig
+from ..yamlfile import read_yaml
 
 # Training parameters the search may vary (their types are TrainConfig's). r, alpha, max_length and targets stay
 # fixed across partitions (paper §3).
@@ -59,11 +59,11 @@ def _value(name: str, v: Any, where: str) -> Any:
         x = schema.convert(TUNABLE[name], v)
     except schema.Mismatch:
         raise LorasumError(f"{where}: '{name}' values must be "
-                           f"{'integers' if TUNABLE[name] is int else 'numbers'}, got {v!r}") from None
+                           f"{'integers' if TUNABLE[name] is int else 'numbers'}, got {show(v)}") from None
     try:
         TrainConfig.from_dict({name: x}, where=None)
     except LorasumError as e:
-        raise LorasumError(f"{where}: '{name}' value {v!r} is not allowed ({e})") from None
+        raise LorasumError(f"{where}: '{name}' value {show(v)} is not allowed ({e})") from None
     return x
 
 
@@ -77,16 +77,16 @@ def parse_space(d: Any, where: str = "space") -> Space:
         if name not in TUNABLE:
             close = difflib.get_close_matches(str(name), TUNABLE, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise LorasumError(f"{where}: unknown parameter '{name}'; {hint}tunable: {', '.join(TUNABLE)}")
+            raise LorasumError(f"{where}: unknown parameter {show(name)}; {hint}tunable: {', '.join(TUNABLE)}")
         if not isinstance(spec, dict):
-            raise LorasumError(f"{where}: '{name}' must be {{low: .., high: ..}} or {{choices: [..]}}, got {spec!r}")
+            raise LorasumError(f"{where}: '{name}' must be {{low: .., high: ..}} or {{choices: [..]}}, got {show(spec)}")
         keys = set(spec)
         if keys == {"choices"}:
             ch = [_value(name, v, where) for v in spec["choices"]] if isinstance(spec["choices"], list) else None
             if not ch:
                 raise LorasumError(f"{where}: '{name}' has an empty 'choices' list; give at least one value")
             if len(set(ch)) != len(ch):
-                raise LorasumError(f"{where}: '{name}' lists a choice more than once: {ch}")
+                raise LorasumError(f"{where}: '{name}' lists a choice more than once: {show(ch)}")
             space[name] = Param(name, choices=tuple(ch))
             continue
         if not {"low", "high"} <= keys <= {"low", "high", "log"}:
@@ -94,7 +94,7 @@ def parse_space(d: Any, where: str = "space") -> Space:
                                f"got keys {sorted(keys)}")
         low, high, log = _value(name, spec["low"], where), _value(name, spec["high"], where), spec.get("log", False)
         if not isinstance(log, bool):
-            raise LorasumError(f"{where}: '{name}.log' must be true or false, got {log!r}")
+            raise LorasumError(f"{where}: '{name}.log' must be true or false, got {show(log)}")
         if low == high:
             raise LorasumError(f"{where}: '{name}' has an empty range (low = high = {low}); widen it, or drop "
                                f"'{name}' from the space to keep it fixed")
@@ -116,12 +116,7 @@ def space_dict(space: Space) -> dict:
 
 def load_space(path: str) -> Space:
     """A YAML (or JSON) file holding the whole search space; parameters it omits keep their training value."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise LorasumError(f"cannot read --space {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise LorasumError(f"--space {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path, "--space", "write the space as a mapping {param: {low, high[, log]} | {choices}}")
     return parse_space(data, f"--space {path}")
 
 

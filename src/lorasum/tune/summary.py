@@ -63,6 +63,13 @@ def md_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def md_text(text: str) -> str:
+    """A user-chosen name as literal Markdown text: HTML and Markdown markup escaped, one line."""
+    text = " ".join(str(text).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "".join(f"\\{c}" if c in "\\`*_{}[]()#+-.!|~" else c for c in text)
+
+
 def write_summary(study, out: Path, best: dict) -> dict:
     """trials.csv, summary.json (history + importances), history.png, importance.png, summary.md."""
     rows = trial_rows(study)
@@ -79,7 +86,7 @@ def write_summary(study, out: Path, best: dict) -> dict:
     name = study.study_name
     atomic_write_bytes(out / "history.png", history_png(summary["history"], f"optimisation history: {name}"))
     atomic_write_bytes(out / "importance.png", importance_png(imp, note, f"parameter importances: {name}"))
-    lines = [f"# Tuning: {study.study_name}", ""]
+    lines = [f"# Tuning: {md_text(study.study_name)}", ""]
     if best:
         lines += [f"Best trial **{best['trial']}**: validation loss **{best['value']:.6g}** "
                   f"({best['trials']['complete']} complete, {best['trials']['pruned']} pruned of "

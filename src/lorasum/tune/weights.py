@@ -24,7 +24,8 @@ from ..errors import LorasumError
 from ..files import atomic_write_json
 from ..lm.data import DataConfig, load_domain, require_nonempty, require_predicted_tokens, tokenize_records
 from ..lm.evaluate import per_example_nll
-from .search import finished, open_storage, open_study, storage_label
+from .. import schema
+from .search import MAX_TRIALS, finished, open_storage, open_study, storage_label
 from .space import Param
 
 GROUPS = ("attn", "mlp")  # --per-module: one weight per adapter for each
@@ -52,9 +53,7 @@ class WeightSearch:
 def check_search(adapters: list[Adapter], method: str, params: dict | None, trials, per_module: bool = False,
                  seed: int = 0) -> WeightSearch:
     """The inputs checked before anything is written: ≥ 2 adapters, a known lorasum method, trials ≥ 1."""
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise LorasumError(f"must be a whole number of at least 1 (the total number of finished trials), got "
-                           f"{trials!r}", key="trials")
+    schema.check_count(trials, "trials", MAX_TRIALS)
     if len(adapters) < 2:
         raise LorasumError(f"weight search needs at least 2 adapters, got {len(adapters)}; pass A B [C ...]")
     check_method(method, METHODS)

@@ -1,0 +1,432 @@
+"""Bounded inputs: every value a user supplies is bounded where it enters (YAML size and alias expansion, data file
+size and lines, counts and merge hyperparameters, output names), and every refusal is one line naming the file,
+field or value, with exit code 2 and nothing left behind. Memory bombs run in a subprocess under an address-space
+limit, so a regression fails in seconds instead of exhausting the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import color_rows, write_jsonl
+from delta_fixtures import make_adapter
+
+from lorasum import yamlfile
+from lorasum.errors import LorasumError, show
+from lorasum.lm import datafiles
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+BOMB = "&a [lol,lol,lol,lol,lol,lol,lol,lol,lol]"  # nine levels of nine aliases each: 9**9 values, ~330 bytes
+for level in "bcdefghi":
+    BOMB = f"{BOMB}\n- &{level} [{','.join([f'*{chr(ord(level) - 1)}'] * 9)}]"
+
+
+def one_line_error(result, *culprits) -> str:
+    rc, out, err = result[:3]
+    assert rc == 2, (rc, out, err)
+    assert err.startswith("lorasum: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for c in culprits:
+        assert str(c) in err, f"{c!r} not named in {err!r}"
+    return err
+
+
+def bounded_cli(argvs: list[list[str]], memory: int = 3 << 30, timeout: int = 120) -> list[tuple[int, str, str]]:
+    """Run `lorasum ARGV` for each argv in one fresh process limited to `memory` bytes of address space."""
+    code = ("import contextlib, io, json, resource, sys\n"
+            f"resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))\n"
+            "from lorasum.cli.main import main\n"
+            "res = []\n"
+            "for argv in json.loads(sys.argv[1]):\n"
+            "    out, err = io.StringIO(), io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+            "        rc = main(argv)\n"
+            "    res.append([rc, out.getvalue(), err.getvalue()])\n"
+            "print(json.dumps(res))\n")
+    env = {**os.environ, "PYTHONPATH": SRC, "LORASUM_PROGRESS": "0"}
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return [tuple(r) for r in json.loads(p.stdout.splitlines()[-1])]
+
+
+# --- YAML: one reader, an alias/size/depth budget -----------------------------------------------------------------
+def test_a_yaml_alias_bomb_is_refused_in_one_line_wherever_it_sits(tmp_path):
+    """The bomb under domains, tune.space, unlearn_weights, and as --space: refused before any value is built."""
+    files = {
+        "domains": f"domains:\n- {BOMB}\n",
+        "tune": "tune:\n  space:\n    lr:\n      choices:\n      - " + BOMB.replace("\n", "\n      ") + "\n",
+        "unlearn": f"unlearn_weights:\n- {BOMB}\n",
+        "space": "lr:\n  choices:\n  - " + BOMB.replace("\n", "\n  ") + "\n",
+    }
+    paths = {}
+    for name, text in files.items():
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(text)
+        assert len(text) < 700
+    argvs = [["experiment", "--config", str(paths[n]), "--out", str(tmp_path / f"run-{n}")]
+             for n in ("domains", "tune", "unlearn")]
+    argvs.append(["tune", "--data", "colors", "--trials", "1", "--space", str(paths["space"]),
+                  "--out", str(tmp_path / "tuned")])
+    start = time.monotonic()
+    for (name, path), result in zip(paths.items(), bounded_cli(argvs)):
+        one_line_error(result, str(path), f"more than {yamlfile.MAX_YAML_NODES} values")
+    assert time.monotonic() - start < 90
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
+
+
+def test_yaml_budgets_at_and_past_their_limits(tmp_path, monkeypatch):
+    fix = "fix it"
+    monkeypatch.setattr(yamlfile, "MAX_YAML_NODES", 9)
+    assert yamlfile.parse_yaml("a: &x [1, 2]\nb: *x", "f.yaml", fix) == {"a": [1, 2], "b": [1, 2]}  # 9 values
+    with pytest.raises(LorasumError, match=r"f.yaml: YAML expands to more than 9 values"):
+        yamlfile.parse_yaml("a: &x [1, 2, 3]\nb: *x", "f.yaml", fix)  # 11 values, one alias counted in full
+    monkeypatch.setattr(yamlfile, "MAX_YAML_DEPTH", 3)
+    assert yamlfile.parse_yaml("[[[1]]]", "f.yaml", fix) == [[[1]]]
+    with pytest.raises(LorasumError, match="nested more than 3 levels"):
+        yamlfile.parse_yaml("[[[[1]]]]", "f.yaml", fix)
+    with pytest.raises(LorasumError, match="refers to a node that contains it"):
+        yamlfile.parse_yaml("&a [*a]", "f.yaml", fix)
+    monkeypatch.setattr(yamlfile, "MAX_YAML_BYTES", 20)
+    f = tmp_path / "s.yaml"
+    f.write_text("a: " + "x" * 16 + "\n")  # 20 bytes
+    assert yamlfile.read_yaml(f, "config", fix) == {"a": "x" * 16}
+    f.write_text("a: " + "x" * 17 + "\n")
+    with pytest.raises(LorasumError, match=rf"config {f} is 21 bytes; YAML files are limited to 20 bytes"):
+        yamlfile.read_yaml(f, "config", fix)
+
+
+@pytest.mark.parametrize("content, culprit", [
+    (b"lr:\n  choices: [" + b"9" * 5000 + b"]\n", "4300 digits"),
+    (b"\x00\x01\xff\xfe binary", "not UTF-8"),
+    (b"[" * 100_000, "nested too deeply"),
+    (b"lr: {low: 1, high: " + b"[" * 5000 + b"]" * 5000 + b"}\n", "nested"),
+])
+def test_a_hostile_space_file_is_one_line(tmp_path, run_cli, content, culprit):
+    space = tmp_path / "space.yaml"
+    space.write_bytes(content)
+    out = tmp_path / "out"
+    one_line_error(run_cli("tune", "--data", "colors", "--trials", "1", "--space", space, "--out", out),
+                   f"--space {space}", culprit)
+    assert not out.exists()
+
+
+def test_a_space_that_is_a_fifo_is_refused_without_opening_it(tmp_path, run_cli):
+    fifo = tmp_path / "space.yaml"
+    os.mkfifo(fifo)
+    one_line_error(run_cli("tune", "--data", "colors", "--trials", "1", "--space", fifo, "--out", tmp_path / "o"),
+                   str(fifo), "not a regular file")
+
+
+def test_messages_quote_a_bounded_form_of_any_value():
+    bomb: list = [1, 2]
+    for _ in range(64):
+        bomb = [bomb, bomb]  # 2**64 leaves: the full repr could never be built
+    start = time.monotonic()
+    for value in (bomb, 10**5000, "x" * 10**6, b"\0" * 10**6, {"k": bomb}):
+        assert len(show(value)) <= 64
+    assert time.monotonic() - start < 1
+    assert show([1, "a", None]) == "[1, 'a', None]"
+    from lorasum import schema
+    from lorasum.lm.train import TrainConfig
+
+    with pytest.raises(LorasumError) as e:
+        schema.parse(TrainConfig, {"lr": bomb}, "run.yaml")
+    assert str(e.value).startswith("run.yaml: 'lr' must be a number, got [[[") and len(str(e.value)) < 150
+
+
+# --- data files: bounded size, streamed lines, only regular files --------------------------------------------------
+def _read(path: Path, data_dir: Path | None = None):
+    return datafiles.read_rows(datafiles.resolve_source(str(path) if data_dir is None else path.stem,
+                                                        None if data_dir is None else str(data_dir)))
+
+
+def test_a_huge_sparse_data_file_is_refused_before_it_is_read(tmp_path):
+    """2 GB sparse .csv and .jsonl files (no disk used) are refused in one line, under a 1 GiB memory limit."""
+    for ext in (".csv", ".jsonl"):
+        f = tmp_path / f"big{ext}"
+        subprocess.run(["truncate", "-s", "2G", str(f)], check=True)
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+            "from lorasum.errors import LorasumError\n"
+            "from lorasum.lm.datafiles import read_rows, resolve_source\n"
+            "for f in sys.argv[1:]:\n"
+            "    try:\n"
+            "        read_rows(resolve_source(f, None))\n"
+            "    except LorasumError as e:\n"
+            "        print(e)\n")
+    start = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.csv"), str(tmp_path / "big.jsonl")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC}, timeout=60)
+    assert time.monotonic() - start < 30
+    lines = p.stdout.splitlines()
+    assert len(lines) == 2, (p.stdout, p.stderr[-2000:])
+    for line, ext in zip(lines, (".csv", ".jsonl")):
+        assert f"big{ext} is 2147483648 bytes, over the {datafiles.MAX_DATA_BYTES}-byte limit" in line
+
+
+def test_data_file_size_limit_at_and_past_it(tmp_path, monkeypatch):
+    f = write_jsonl(tmp_path / "colors.jsonl", color_rows(5))
+    monkeypatch.setattr(datafiles, "MAX_DATA_BYTES", f.stat().st_size)
+    assert len(_read(f)) == 5
+    monkeypatch.setattr(datafiles, "MAX_DATA_BYTES", f.stat().st_size - 1)
+    with pytest.raises(LorasumError, match=rf"data file {f} is {f.stat().st_size} bytes, over the"):
+        _read(f)
+
+
+def test_parquet_is_bounded_by_its_uncompressed_size(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"question": ["q" * 10_000] * 50, "answer": ["a"] * 50}), f)
+    meta = pq.ParquetFile(f).metadata
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    assert size > f.stat().st_size  # compressed on disk
+    monkeypatch.setattr(datafiles, "MAX_DATA_BYTES", size)
+    assert len(_read(f)) == 50
+    monkeypatch.setattr(datafiles, "MAX_DATA_BYTES", size - 1)
+    with pytest.raises(LorasumError, match=rf"holds {size} bytes uncompressed"):
+        _read(f)
+
+
+def test_a_record_line_and_a_csv_field_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(datafiles, "MAX_RECORD_BYTES", 64)
+    f = tmp_path / "d.jsonl"
+    line = json.dumps({"question": "q", "answer": ""})
+    line = json.dumps({"question": "q", "answer": "a" * (63 - len(line))}) + "\n"
+    assert len(line) == 64
+    f.write_text(line + line)
+    assert len(_read(f)) == 2
+    f.write_text(line + line[:-2] + "a\"}\n")  # 65 bytes
+    with pytest.raises(LorasumError, match=rf"{f}:2: line is over 64 bytes"):
+        _read(f)
+    c = tmp_path / "d.csv"
+    c.write_text('question,answer\nq,"' + "a" * 30 + "\n" + "a" * 30 + '"\n')  # one field over two short lines
+    assert len(_read(c)) == 1
+    c.write_text('question,answer\nq,"' + "a" * 40 + "\n" + "a" * 40 + '"\n')  # the field is over 64 bytes
+    with pytest.raises(LorasumError, match=rf"{c}:\d: not valid CSV .*field larger than field limit"):
+        _read(c)
+
+
+def test_special_files_named_as_data_are_one_line(tmp_path, run_cli):
+    d = tmp_path / "data"
+    d.mkdir()
+    os.mkfifo(d / "math.jsonl")
+    with pytest.raises(LorasumError, match=r"math.jsonl is a FIFO \(named pipe\), not a regular file"):
+        _read(d / "math.jsonl", d)
+    (d / "math.jsonl").unlink()
+    (d / "math.jsonl").symlink_to("/dev/zero")
+    with pytest.raises(LorasumError, match="math.jsonl is a character device, not a regular file"):
+        _read(d / "math.jsonl", d)
+    (d / "math.jsonl").unlink()
+    (d / "math.jsonl").symlink_to(d / "math.jsonl")
+    with pytest.raises(LorasumError, match="math.jsonl is a symlink loop"):
+        _read(d / "math.jsonl", d)
+    with pytest.raises(LorasumError, match="math.jsonl is a symlink loop"):
+        _read(d / "math.jsonl")  # named as a path
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(LorasumError, match=f"data directory {loop} is a symlink loop"):
+        datafiles.resolve_source("math", str(loop))
+    one_line_error(run_cli("data", "stats", "--model", "tiny-gpt2", "--data-dir", d, "math"),
+                   str(d / "math.jsonl"), "symlink loop")
+
+
+def _as_nobody(fn) -> str:
+    """fn()'s result, computed in a forked child running as an unprivileged user (root reads anything)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges, report, exit without running pytest's teardown
+        try:
+            os.close(r)
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            text = fn()
+        except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+            text = f"child failed: {type(e).__name__}: {e}"
+        os.write(w, text.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        text = f.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_unreadable_data_folder_and_file_are_one_line():
+    root = Path(tempfile.mkdtemp(prefix="lorasum-perm-"))
+    locked, ok = root / "locked", root / "ok"
+    try:
+        os.chmod(root, 0o755)
+        for folder in (locked, ok):
+            write_jsonl(folder / "math.jsonl", color_rows(3))
+        os.chmod(locked, 0o000)
+        os.chmod(ok, 0o755)
+        os.chmod(ok / "math.jsonl", 0o000)
+
+        def read_both() -> str:
+            lines = []
+            for d in (locked, ok):
+                try:
+                    datafiles.read_rows(datafiles.resolve_source("math", str(d)))
+                    lines.append("read")
+                except LorasumError as e:
+                    lines.append(str(e))
+            return "\n".join(lines)
+
+        lines = _as_nobody(read_both).splitlines()
+        assert lines[0].startswith(f"data directory {locked} is not readable by this user"), lines
+        assert lines[1] == f"cannot read data file {ok / 'math.jsonl'}: Permission denied; check its permissions"
+    finally:
+        os.chmod(locked, 0o755)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+# --- counts and merge hyperparameters ------------------------------------------------------------------------------
+@pytest.fixture
+def ddir(tmp_path) -> Path:
+    d = tmp_path / "data"
+    write_jsonl(d / "colors.jsonl", color_rows(40))
+    return d
+
+
+def test_counts_are_bounded_where_they_enter(tmp_path, ddir, run_cli):
+    from lorasum.cluster import MAX_WORKERS, ExecutorOptions
+    from lorasum.lm.train import LIMITS, TrainConfig
+
+    out = tmp_path / "out"
+    base = ("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors", "--out", out)
+    for flag, key in (("--r", "r"), ("--epochs", "epochs"), ("--batch-size", "batch_size")):
+        TrainConfig(**{key: LIMITS[key]}).check()  # at the limit: accepted
+        one_line_error(run_cli(*base, flag, LIMITS[key] + 1), f"{flag} must be at least 1 and at most {LIMITS[key]}")
+    assert not out.exists()
+    with pytest.raises(LorasumError) as e:
+        ExecutorOptions("ray", MAX_WORKERS + 1).check()
+    assert e.value.key == "workers" and f"at most {MAX_WORKERS}" in str(e.value)
+    try:
+        ExecutorOptions("ray", MAX_WORKERS).check()
+    except LorasumError as e2:
+        assert e2.key != "workers"  # Ray may be missing here; the count itself is accepted
+    one_line_error(run_cli("demo", "--data-dir", ddir, "--domain", "colors", "--train-records", "0", "--out", out),
+                   "--train-records must be at least 1")
+    one_line_error(run_cli("demo", "--data-dir", ddir, "--domain", "colors", "--test-records", str(10**9),
+                           "--out", out), "--test-records must be at least 1 and at most 100000")
+    assert not out.exists()
+
+
+@pytest.fixture
+def pair(tmp_path) -> tuple[Path, Path]:
+    return make_adapter(tmp_path / "a", seed=0), make_adapter(tmp_path / "b", seed=1)
+
+
+def test_merge_hyperparameters_are_bounded(tmp_path, pair, run_cli):
+    from lorasum.delta.methods import MAX_LAM, method_params
+
+    a, b = pair
+    out = tmp_path / "c"
+    assert method_params("task_arithmetic", {"lam": MAX_LAM})["lam"] == MAX_LAM
+    one_line_error(run_cli("compose", a, b, "--method", "task_arithmetic", "--lam", "1e308", "--out", out),
+                   "--lam must be a finite number in [-1000, 1000], got 1e+308")
+    err = one_line_error(run_cli("compose", a, b, "--method", "ties", "--density", "1e-300", "--out", out),
+                         "--density 1e-300 keeps no entry of layer")
+    assert not out.exists()
+    from lorasum.delta.peft_format import load_adapter
+
+    smallest = min(f.B.shape[0] * f.A.shape[1] for f in load_adapter(a).layers.values())
+    assert f"({smallest} entries)" in err or "entries)" in err
+    rc, _, err, _ = run_cli("compose", a, b, "--method", "ties", "--density", repr(1.0001 / smallest), "--out", out)
+    assert rc == 0, err  # one entry of the smallest layer kept: accepted
+    one_line_error(run_cli("compose", a, b, "--method", "", "--out", tmp_path / "d"), "'' is not a merge method")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_method_without_adapters_and_peft_ranks_are_refused_before_loading(tmp_path, pair, run_cli, monkeypatch):
+    import lorasum.cli.algebra as algebra
+    import lorasum.cli.core as core
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(core, "load", no_load)
+    monkeypatch.setattr(algebra, "load", no_load)
+    one_line_error(run_cli("generate", "--model", "tiny-gpt2", "hi", "--method", "ties"),
+                   "--method 'ties' merges adapters, and none is given")
+    one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data", "colors", "--method", "mean"), "--method 'mean'")
+    wide = make_adapter(tmp_path / "wide", r=8)
+    out = tmp_path / "c"
+    one_line_error(run_cli("compose", pair[0], wide, "--method", "peft_linear", "--model", "tiny-gpt2", "--out", out),
+                   "--method peft_linear (PEFT's add_weighted_adapter) needs every adapter at one rank, got ranks 4, 8")
+    assert not out.exists()
+
+
+def test_search_weights_max_length_beyond_positions_leaves_no_study(tmp_path, ddir, pair, run_cli):
+    out = tmp_path / "search"
+    one_line_error(run_cli("search-weights", *pair, "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors",
+                           "--trials", "1", "--max-length", "100000", "--out", out),
+                   "--max-length 100000", "256 positions")
+    assert not out.exists()
+
+
+# --- tune --out and the study name ---------------------------------------------------------------------------------
+def _mount_tmpfs(where: Path, *options: str) -> bool:
+    where.mkdir(exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(("size=1m", *options)), "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+def test_tune_out_is_checked_where_it_enters(tmp_path, ddir, run_cli):
+    base = ("tune", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors", "--trials", "1")
+    long = "x" * 256
+    one_line_error(run_cli(*base, "--out", tmp_path / long), "--out", "256 bytes")
+    mnt = tmp_path / "mnt"
+    if not _mount_tmpfs(mnt):
+        pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
+    try:
+        (mnt / "tuned").mkdir()
+        (mnt / "tuned" / "study.db").write_bytes(b"")  # a study to resume
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        for out in (mnt / "new", mnt / "tuned"):
+            one_line_error(run_cli(*base, "--out", out), f"--out {out}", "is not writable")
+        assert sorted(p.name for p in mnt.iterdir()) == ["tuned"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_the_study_name_is_escaped_in_summary_md(tmp_path):
+    import optuna
+
+    from lorasum.tune.summary import write_summary
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(study_name="<img src=x onerror=alert(1)> **bold** [l](http://e)\n# head")
+    write_summary(study, tmp_path, {})
+    title = (tmp_path / "summary.md").read_text().splitlines()[0]
+    assert title == (r"# Tuning: &lt;img src=x onerror=alert\(1\)&gt; \*\*bold\*\* \[l\]\(http://e\) \# head")
+
+
+def test_progress_off_silences_library_bars(tmp_path, pair, run_cli, monkeypatch):
+    """LORASUM_PROGRESS=0 (set for every test) also silences transformers' shard bars and GGUF's bare tqdm."""
+    import types
+
+    from transformers.utils import logging as hf_logging
+
+    from lorasum.progress import quiet_module
+
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # restored after the test; main sets it under LORASUM_PROGRESS=0
+    rc, out, err, _ = run_cli("merge", "--model", "tiny-gpt2", "--adapter", pair[0], "--out", tmp_path / "m")
+    assert rc == 0 and err == "", err
+    assert not hf_logging.is_progress_bar_enabled()
+    from tqdm.auto import tqdm
+
+    module = types.SimpleNamespace(tqdm=tqdm)
+    quiet_module(module)
+    assert module.tqdm(range(3), desc="GGUF").disable
