@@ -3,6 +3,7 @@ and the once-per-session embedded SmolLM2 + real data (fail under CI=true, skip 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -25,6 +26,50 @@ SHAPES = {3: "triangle", 4: "square", 5: "pentagon", 6: "hexagon", 8: "octagon"}
 
 # Caps used for the session's trained adapters (per domain and split).
 TINY_CAPS = {"train": 32, "validation": 8, "test": 8}
+
+
+# --- devices ---------------------------------------------------------------------------------------------------
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Tolerance multiplier per device for float32 comparisons against float64 CPU references: a GPU sums in another
+# order (and in tiles), so its round-off is a few times the CPU's; 10x leaves room without hiding a real error.
+LOOSER = {"cpu": 1.0, "cuda": 10.0}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Each device the numeric tests run on: always cpu, and cuda where a GPU is visible."""
+    return request.param
+
+
+def float32_noise(ref32: torch.Tensor, ref64: torch.Tensor, device: str = "cpu") -> float:
+    """A tolerance for a float32 result against a float64 reference `ref64`: 10x the error of a float32 reference
+    computation of the same thing (`ref32`, e.g. stock PEFT in float32), at least 8 eps32 of max|ref64|, and looser
+    on a GPU (see LOOSER). Measured here, it follows the magnitudes involved (activations, depth, sum lengths)."""
+    eps = torch.finfo(torch.float32).eps
+    gap = float((on_cpu64(ref32) - on_cpu64(ref64)).abs().max())
+    return 10 * LOOSER[device] * max(gap, 8 * eps * float(ref64.abs().max()))
+
+
+def on_cpu64(t: torch.Tensor) -> torch.Tensor:
+    """A result brought back for comparison with a CPU float64 reference."""
+    return t.detach().to("cpu", torch.float64)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _takes_device(argv: list[str]) -> bool:
+    """Whether the subcommand in argv has a --device flag (and argv does not set it)."""
+    from lorasum.cli.main import build_parser
+
+    if "--device" in argv or not argv:
+        return False
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = sub.choices.get(argv[0])
+    return command is not None and "--device" in command._option_string_actions
 
 
 # --- tiny data ---------------------------------------------------------------------------------------------------
@@ -92,7 +137,7 @@ def tiny_adapters(tiny_data, tmp_path_factory) -> dict:
     data = DataConfig(data_dir=str(tiny_data), max_records=dict(TINY_CAPS))
     out: dict = {"data": data}
     for model in ("tiny-gpt2", "tiny-llama"):
-        lm = load_model(model)
+        lm = load_model(model, device="cpu")
         out[model] = {"results": {}}
         for i, domain in enumerate(("colors", "shapes")):
             cfg = TrainConfig(epochs=2, lr=2e-2, batch_size=8, seed=i, dropout=0.0)
@@ -106,15 +151,19 @@ def tiny_adapters(tiny_data, tmp_path_factory) -> dict:
 @pytest.fixture
 def run_cli(capfd):
     """Run `lorasum ...` in-process; returns (rc, stdout, stderr, recorded warnings). stderr is captured at the fd
-    level, so logging handlers bound to the real stderr are caught too."""
+    level, so logging handlers bound to the real stderr are caught too. A command that loads a model runs on the
+    CPU unless the test passes --device: its results are compared with CPU references."""
     from lorasum.cli.main import main
 
     capfd.readouterr()
 
     def run(*args):
+        argv = [str(a) for a in args]
+        if _takes_device(argv):
+            argv += ["--device", "cpu"]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
-            rc = main([str(a) for a in args])
+            rc = main(argv)
         out, err = capfd.readouterr()
         return rc, out, err, [str(w.message) for w in caught]
 
@@ -162,10 +211,10 @@ def peft_sum_model():
     """A factory for the independent reference: stock PEFT with adapters A and B summed by add_weighted_adapter
     ("cat": exact) and set active, on a fresh base model."""
 
-    def build(model: str, folders, weights):
+    def build(model: str, folders, weights, device: str = "cpu"):
         from lorasum.lm.models import load_model
 
-        base = load_model(model).model
+        base = load_model(model, device=device).model
         pm = peft_from_pretrained_strict(base, folders[0], "a0")
         for i, f in enumerate(folders[1:], 1):
             peft_strict_load(pm, f, f"a{i}")

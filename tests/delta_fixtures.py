@@ -22,7 +22,7 @@ def make_adapter(out: Path, model: str = "tiny-gpt2", seed: int = 0, r: int = 4,
     """Save a stock PEFT LoRA adapter with random A and B (B is zero at PEFT init) into `out`."""
     from peft import LoraConfig, get_peft_model
 
-    lm = load_model(model)
+    lm = load_model(model, device="cpu")
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or lm.default_targets, use_rslora=use_rslora,
                      fan_in_fan_out=FAN_IN_FAN_OUT[model], **lora_kwargs)
     pm = get_peft_model(lm.model, cfg)
@@ -48,7 +48,7 @@ def peft_merged_state(model: str, folders: list[Path], weights: list[float]) -> 
     """Independent reference: stock PEFT load_adapter×n + add_weighted_adapter('cat') + merge_and_unload."""
     from peft import PeftModel
 
-    base = load_model(model).model
+    base = load_model(model, device="cpu").model
     pm = PeftModel.from_pretrained(base, str(folders[0]), adapter_name="a0")
     for i, f in enumerate(folders[1:], 1):
         pm.load_adapter(str(f), adapter_name=f"a{i}")
@@ -73,6 +73,16 @@ def cos64(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    """Logits of fixed random ids (drawn on the CPU, run on the model's device), brought back to the CPU."""
     ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(next(model.parameters()).device)).logits.cpu()
+
+
+def moved(adapter, device: str):
+    """The adapter with its factors on `device` (as a caller holding them on a GPU would pass them)."""
+    from lorasum.delta.factors import Adapter, LoraFactors
+
+    layers = {n: LoraFactors(f.A.to(device), f.B.to(device), f.scale, f.fan_in_fan_out)
+              for n, f in adapter.layers.items()}
+    return Adapter(adapter.name, adapter.path, adapter.config, layers, adapter.lorasum)

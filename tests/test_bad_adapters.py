@@ -38,7 +38,7 @@ def peft_deltas(model: str, folder: Path) -> dict[str, torch.Tensor]:
     fan_in_fan_out), keyed by the base model's layer path."""
     from peft import PeftModel
 
-    pm = PeftModel.from_pretrained(load_model(model).model, str(folder))
+    pm = PeftModel.from_pretrained(load_model(model, device="cpu").model, str(folder))
     out = {}
     for name, module in pm.named_modules():
         if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
@@ -245,7 +245,7 @@ def test_overflow_check_leaves_the_model_unchanged(tmp_path):
     from lorasum.delta.apply import apply_adapters
     from lorasum.delta.peft_format import load_terms
 
-    lm = load_model("tiny-gpt2")
+    lm = load_model("tiny-gpt2", device="cpu")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     a = make_adapter(tmp_path / "a")
     with pytest.raises(LorasumError, match="Inf or NaN"):

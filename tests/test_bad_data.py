@@ -83,8 +83,8 @@ def test_the_adapters_data_record_counts_the_records_left_out(tmp_path):
 
     write_jsonl(tmp_path / "d.jsonl", [*color_rows(40), *({"question": "", "answer": f"a{i}"} for i in range(6))])
     data = DataConfig(data_dir=str(tmp_path), max_records={"train": 8, "validation": 4})
-    train_adapter(load_model("tiny-gpt2"), "d", tmp_path / "ad", TrainConfig(epochs=1, batch_size=8, max_length=32),
-                  data)
+    train_adapter(load_model("tiny-gpt2", device="cpu"), "d", tmp_path / "ad",
+                  TrainConfig(epochs=1, batch_size=8, max_length=32), data)
     meta = json.loads((tmp_path / "ad" / "lorasum.json").read_text())
     assert sum(meta["data"]["domains"][0]["skipped_empty"].values()) == 6
 

@@ -108,7 +108,7 @@ def test_pickle_only_model_folder(tmp_path, run_cli):
     from lorasum.lm.models import load_model
 
     folder = tmp_path / "pickled"
-    load_model("tiny-gpt2").model.config.save_pretrained(folder)
+    load_model("tiny-gpt2", device="cpu").model.config.save_pretrained(folder)
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     one_line_error(run_cli("generate", "--model", folder, "q"), str(folder), "pytorch_model.bin",
                    "never loads", "safetensors")

@@ -176,7 +176,7 @@ def mismatched(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("mismatch")
     torch.manual_seed(0)
-    out = {"llama_on_gpt2": peft_adapter(root / "llama", load_model("tiny-llama").model,
+    out = {"llama_on_gpt2": peft_adapter(root / "llama", load_model("tiny-llama", device="cpu").model,
                                          ["q_proj", "v_proj", "down_proj"])}
     narrow = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2))
@@ -202,7 +202,7 @@ def test_adapter_that_does_not_fit_the_model(case, model, pattern, mismatched, d
     err = assert_one_line_error(run_cli("generate", "--model", model, "--adapter", folder, "hello"))
     assert re.search(pattern, err), err
     # API level: nothing was applied before the mismatch was found
-    lm = load_model(model)
+    lm = load_model(model, device="cpu")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     with pytest.raises(LorasumError, match=pattern):
         evaluate(lm, ["colors"], [str(folder)], DataConfig(data_dir=str(ddir)))
@@ -322,7 +322,7 @@ def bad_args_workspace(tmp_path_factory) -> Path:
     (w / "afile").write_text("a file, not a folder")
     (w / "params.json").write_text(json.dumps({"r": "4", "alpha": 8}))
     (w / "params2.json").write_text(json.dumps({"targets": "c_attn"}))
-    peft_adapter(w / "ad", load_model("tiny-gpt2").model, ["c_attn"])
+    peft_adapter(w / "ad", load_model("tiny-gpt2", device="cpu").model, ["c_attn"])
     return w
 
 

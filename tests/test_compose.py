@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
-from delta_fixtures import dense64, logits, make_adapter, peft_merged_state
+from conftest import LOOSER, on_cpu64
+from delta_fixtures import cos64, dense64, logits, make_adapter, moved, peft_merged_state
 
 from lorasum.cli.main import main
 from lorasum.delta.compose import compress, truncate_factors, weighted_sum
+from lorasum.delta.similarity import cosine_matrices
 from lorasum.delta.peft_format import load_adapter
 from lorasum.delta.apply import apply_adapters
 from lorasum.lm.models import load_model
@@ -29,7 +31,7 @@ def _peft_load(model: str, folder):
     """Load a folder with stock PEFT; also return the key-level load result to check for missing/unexpected keys."""
     from peft import PeftModel
 
-    pm = PeftModel.from_pretrained(load_model(model).model, str(folder))
+    pm = PeftModel.from_pretrained(load_model(model, device="cpu").model, str(folder))
     res = pm.load_adapter(str(folder), adapter_name="check")
     pm.set_adapter("default")
     return pm, res
@@ -46,6 +48,32 @@ def test_weighted_sum_vs_dense_float64(trio):
         assert float((got - ref).norm() / ref.norm()) <= 1e-6
 
 
+def test_algebra_on_a_device_matches_float64_on_the_cpu(trio, device):
+    """Factors held on `device`: the sum, its rank cap and the cosines stay there and match CPU float64 references."""
+    model, folders = trio
+    ads = [load_adapter(f) for f in folders]
+    on = [moved(a, device) for a in ads]
+    total = weighted_sum(list(zip(on, WEIGHTS)))
+    small, _ = compress(total, 3)
+    layers, cos = cosine_matrices(on)
+    loose = LOOSER[device]
+    for li, m in enumerate(layers):
+        f = total.layers[m]
+        assert f.A.device.type == f.B.device.type == small.layers[m].B.device.type == torch.device(device).type
+        ref = sum(w * dense64(a, m) for a, w in zip(ads, WEIGHTS))
+        got = on_cpu64(f.scale * (f.B @ f.A))
+        # float32 products of rank 10: each entry ~10 eps32 of the factors' scale; 1e-6 of the norm leaves > 10x
+        assert float((got - ref).norm() / ref.norm()) <= 1e-6 * loose
+        u, s, vh = torch.linalg.svd(ref, full_matrices=False)
+        best = (u[:, :3] * s[:3]) @ vh[:3]
+        g = small.layers[m]
+        assert float((on_cpu64(g.scale * (g.B @ g.A)) - best).norm()) <= 1e-5 * loose * float(ref.norm())
+        for i in range(3):
+            for j in range(3):  # cosines in [-1, 1] from float32 Gram products: ~1e-7 off float64
+                want = cos64(dense64(ads[i], m), dense64(ads[j], m))
+                assert float(cos[li, i, j]) == pytest.approx(want, abs=1e-6 * loose)
+
+
 def test_cli_compose_reloads_in_peft_with_equal_logits(trio, tmp_path, capsys):
     model, folders = trio
     out = tmp_path / "sum"
@@ -56,7 +84,7 @@ def test_cli_compose_reloads_in_peft_with_equal_logits(trio, tmp_path, capsys):
     pm, res = _peft_load(model, out)
     assert not res.unexpected_keys and not [k for k in res.missing_keys if "lora_" in k]
     # reference 1: the base model with the summed deltas added by apply_adapters
-    summed = load_model(model).model
+    summed = load_model(model, device="cpu").model
     apply_adapters(summed, [(load_adapter(f), w) for f, w in zip(folders, WEIGHTS)])
     assert torch.allclose(logits(pm), logits(summed), atol=1e-5, rtol=0)
     # reference 2: stock PEFT cat + merge_and_unload on the original adapters
@@ -75,7 +103,7 @@ def test_subtraction_is_zero(trio, tmp_path):
         assert float(dense64(diff, m).norm()) <= 1e-6 * float(dense64(a, m).norm())
     assert main(["compose", str(folders[0]), f"{folders[0]}:-1", "--out", str(tmp_path / "z")]) == 0
     pm, _ = _peft_load(model, tmp_path / "z")
-    base = load_model(model).model
+    base = load_model(model, device="cpu").model
     assert torch.allclose(logits(pm), logits(base), atol=1e-5, rtol=0)
 
 
@@ -89,7 +117,7 @@ def test_mixed_ranks_saved_with_rank_pattern(tmp_path):
     assert cfg["r"] == 8 and set(cfg["rank_pattern"].values()) == {6}
     pm, res = _peft_load("tiny-gpt2", out)
     assert not res.unexpected_keys and not [k for k in res.missing_keys if "lora_" in k]
-    summed = load_model("tiny-gpt2").model
+    summed = load_model("tiny-gpt2", device="cpu").model
     apply_adapters(summed, [(load_adapter(a), 1.0), (load_adapter(b), 0.5)])
     assert torch.allclose(logits(pm), logits(summed), atol=1e-5, rtol=0)
     back = load_adapter(out)  # our own loader reads the patterns back with scale 1

@@ -54,7 +54,7 @@ def test_existing_path_with_colon_is_a_path(tmp_path):
 # --- loading ----------------------------------------------------------------------------------------------------
 def test_load_gpt2_layers_and_factors(gpt2_dir):
     a = load_adapter(gpt2_dir)
-    model = load_model("tiny-gpt2").model
+    model = load_model("tiny-gpt2", device="cpu").model
     assert a.name == "gpt2a" and a.config["r"] == 4
     assert set(a.layers) == {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj",
                                                                                "mlp.c_proj")}
@@ -74,7 +74,7 @@ def test_dense_delta_matches_peft_merge(tmp_path, model):
     """ΔW in the base weight's layout equals what stock PEFT's merge_and_unload adds (paper eq. 1 for Conv1D)."""
     folder = make_adapter(tmp_path / "a", model, seed=3)
     a = load_adapter(folder)
-    base = load_model(model).model.state_dict()
+    base = load_model(model, device="cpu").model.state_dict()
     merged = peft_merged_state(model, [folder], [1.0])
     for name, f in a.layers.items():
         d = dense_delta(f)
@@ -97,7 +97,7 @@ def test_scales_match_peft(tmp_path, kwargs, want):
 
     folder = make_adapter(tmp_path / "a", "tiny-gpt2", **kwargs)
     a = load_adapter(folder)
-    pm = PeftModel.from_pretrained(load_model("tiny-gpt2").model, str(folder))
+    pm = PeftModel.from_pretrained(load_model("tiny-gpt2", device="cpu").model, str(folder))
     for name, f in a.layers.items():
         assert f.scale == pytest.approx(pm.base_model.model.get_submodule(name).scaling["default"], abs=0)
         assert f.scale == pytest.approx(want(name))

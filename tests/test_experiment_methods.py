@@ -37,7 +37,7 @@ def test_density_is_chosen_on_validation_and_reported_on_test(method_run):
     cfg, run, data, results = method_run
     p = plan(cfg, run.resolve())
     adapters = [load_adapter(run / "adapters" / p["train"][(d, 0)]["key"]) for d in ("alpha", "beta")]
-    lm = load_model("tiny-gpt2")
+    lm = load_model("tiny-gpt2", device="cpu")
     dc = DataConfig(str(data), max_records={"validation": cfg.max_validation, "test": cfg.max_test})
 
     def ppl(density, split):

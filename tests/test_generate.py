@@ -34,7 +34,7 @@ def same_state(model, before) -> bool:
 
 @pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-llama"])
 def test_greedy_matches_reference_with_and_without_adapters(model_name, tiny_adapters, strict_reload):
-    lm = load_model(model_name)
+    lm = load_model(model_name, device="cpu")
     before = state(lm.model)
     q = "what color is item 7?"
     base = generate(lm, q, max_new_tokens=20)
@@ -45,14 +45,14 @@ def test_greedy_matches_reference_with_and_without_adapters(model_name, tiny_ada
     assert same_state(lm.model, before)
     tuned = generate(lm, q, [str(folder)], max_new_tokens=20)
     assert same_state(lm.model, before)  # the adapter is removed again, bit for bit
-    ref = strict_reload(load_model(model_name).model, folder).eval()
+    ref = strict_reload(load_model(model_name, device="cpu").model, folder).eval()
     assert tuned == argmax_loop(ref, lm.tokenizer, q, 20)
     assert tuned != base  # the adapter (trained on this question's pattern) changes the continuation
     assert generate(lm, q, max_new_tokens=20) == base
 
 
 def test_sampling_is_seeded_and_restores_the_model():
-    lm = load_model("tiny-llama")
+    lm = load_model("tiny-llama", device="cpu")
     before = state(lm.model)
     q = "pick something"
     runs = {seed: generate(lm, q, max_new_tokens=12, temperature=1.0, seed=seed) for seed in (0, 1, 2)}
@@ -62,7 +62,7 @@ def test_sampling_is_seeded_and_restores_the_model():
 
 
 def test_prompt_template_and_chat_template_error():
-    lm = load_model("tiny-gpt2")
+    lm = load_model("tiny-gpt2", device="cpu")
     assert build_prompt(lm.tokenizer, "why?") == "Question: why?\nAnswer:"
     from lorasum.errors import LorasumError
 
@@ -75,7 +75,7 @@ def test_generate_cli(tiny_adapters, run_cli):
     rc, out, err, _ = run_cli("generate", "--model", "tiny-gpt2", "--adapter", f"{folder}:0.5",
                               "--max-new-tokens", 16, "how many sides has a square?")
     assert rc == 0, err
-    lm = load_model("tiny-gpt2")
+    lm = load_model("tiny-gpt2", device="cpu")
     assert out == generate(lm, "how many sides has a square?", [(folder, 0.5)], max_new_tokens=16) + "\n"
     for bad, culprit in ((["--max-new-tokens", 0], "--max-new-tokens"), (["--top-p", 0], "--top-p"),
                          (["--temperature", -1], "--temperature"), (["--template", "chat"], "chat template")):
@@ -87,7 +87,7 @@ def test_generate_cli(tiny_adapters, run_cli):
 @pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-llama"])
 def test_two_adapters_equal_stock_peft_with_both_deltas(model_name, tiny_adapters, peft_sum_model):
     """generate with A and B:0.5 equals greedy decoding on stock PEFT's exact sum (add_weighted_adapter, cat)."""
-    lm = load_model(model_name)
+    lm = load_model(model_name, device="cpu")
     before = state(lm.model)
     q = "what color is item 12?"
     colors, shapes = tiny_adapters[model_name]["colors"], tiny_adapters[model_name]["shapes"]
@@ -112,7 +112,7 @@ def next_logits(lm, q, terms):
 
 def test_chat_template_formats_the_prompt(tiny_adapters, strict_reload):
     """--template chat: the tokenizer's own template (the tiny byte tokenizer has none, so one is set here)."""
-    lm = load_model("tiny-gpt2")
+    lm = load_model("tiny-gpt2", device="cpu")
     lm.tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                                   "{% if add_generation_prompt %}<assistant>{% endif %}")
     q = "what color is item 3?"
@@ -120,7 +120,7 @@ def test_chat_template_formats_the_prompt(tiny_adapters, strict_reload):
     assert prompt == "<user>what color is item 3?\n<assistant>"
     folder = tiny_adapters["tiny-gpt2"]["colors"]
     got = generate(lm, q, [str(folder)], max_new_tokens=12, template="chat")
-    ref = strict_reload(load_model("tiny-gpt2").model, folder).eval()
+    ref = strict_reload(load_model("tiny-gpt2", device="cpu").model, folder).eval()
     ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     new: list[int] = []
     with torch.no_grad():

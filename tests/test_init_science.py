@@ -35,7 +35,8 @@ def test_init_seeds_are_stable_hashes_and_dropout_does_not_depend_on_the_mode():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     data = write_smoke_domains(tmp_path_factory.mktemp("initdata"))
-    return load_model("tiny-gpt2"), DataConfig(str(data), max_records={"train": 16, "validation": 8, "test": 8})
+    caps = {"train": 16, "validation": 8, "test": 8}
+    return load_model("tiny-gpt2", device="cpu"), DataConfig(str(data), max_records=caps)
 
 
 def _train(lm, data, part, folder, init, **kw):

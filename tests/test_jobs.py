@@ -36,7 +36,7 @@ def in_process(tmp_path_factory):
     p = plan(cfg, root / "run")
     specs = {"train": p["train"][("colors", seed)], "train2": p["train"][("shapes", seed)],
              "similarity": p["sims"][("pair", ("colors", "shapes"), seed)], "inplace": p["checks"][("colors", seed)]}
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, device="cpu")
     for spec in specs.values():
         run_job(spec, loaded)
     return root, specs

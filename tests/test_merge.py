@@ -32,7 +32,7 @@ def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
 def test_apply_matches_peft_merge_and_remove_restores(pair):
     model, folders = pair
     ads = list(zip([load_adapter(f) for f in folders], WEIGHTS))
-    m = load_model(model).model
+    m = load_model(model, device="cpu").model
     before = {k: v.clone() for k, v in m.state_dict().items()}
     apply_adapters(m, ads)
     ref = peft_merged_state(model, folders, WEIGHTS)  # stock PEFT cat + merge_and_unload
@@ -49,7 +49,7 @@ def test_apply_matches_peft_merge_and_remove_restores(pair):
 def test_single_adapter_weight_and_sign(pair):
     model, folders = pair
     a = load_adapter(folders[0])
-    m1, m2 = load_model(model).model, load_model(model).model
+    m1, m2 = load_model(model, device="cpu").model, load_model(model, device="cpu").model
     apply_adapters(m1, [(a, 0.5)])
     apply_adapters(m2, [(a, -0.5)], sign=-1.0)  # (−1)·(−0.5) = +0.5
     ref = peft_merged_state(model, [folders[0]], [0.5])
@@ -61,7 +61,7 @@ def test_single_adapter_weight_and_sign(pair):
 def test_snapshot_restore_is_exact_over_many_compositions(pair):
     model, folders = pair
     ads = [load_adapter(f) for f in folders]
-    m = load_model(model).model
+    m = load_model(model, device="cpu").model
     names = list(ads[0].layers)
     base = {k: v.clone() for k, v in m.state_dict().items()}
     snap = snapshot_weights(m, names)
@@ -76,9 +76,9 @@ def test_snapshot_restore_is_exact_over_many_compositions(pair):
 def test_applied_context_restores_exactly(pair):
     model, folders = pair
     ads = list(zip([load_adapter(f) for f in folders], WEIGHTS))
-    m = load_model(model).model
+    m = load_model(model, device="cpu").model
     base = {k: v.clone() for k, v in m.state_dict().items()}
-    ref = load_model(model).model
+    ref = load_model(model, device="cpu").model
     apply_adapters(ref, ads)
     with applied(m, ads):
         assert torch.allclose(logits(m), logits(ref), atol=1e-6, rtol=0)
@@ -91,7 +91,7 @@ def test_applied_context_restores_exactly(pair):
 def test_missing_layer_and_shape_mismatch_change_nothing(pair):
     model, folders = pair
     a = load_adapter(folders[0])
-    m = load_model(model).model
+    m = load_model(model, device="cpu").model
     before = {k: v.clone() for k, v in m.state_dict().items()}
     f = next(iter(a.layers.values()))
     bogus = Adapter("bogus", "", a.config, {**a.layers, "zzz.not.here": f})
@@ -112,11 +112,11 @@ def test_cli_merge_saves_model(pair, tmp_path, capsys):
     model, folders = pair
     out = tmp_path / "merged"
     argv = ["merge", "--model", model, "--adapter", f"{folders[0]}:{WEIGHTS[0]}", "--adapter",
-            f"{folders[1]}:{WEIGHTS[1]}", "--out", str(out)]
+            f"{folders[1]}:{WEIGHTS[1]}", "--out", str(out), "--device", "cpu"]
     assert main(argv) == 0
     assert "wrote" in capsys.readouterr().out
-    reloaded = load_model(str(out))
-    ref = load_model(model).model
+    reloaded = load_model(str(out), device="cpu")
+    ref = load_model(model, device="cpu").model
     apply_adapters(ref, list(zip([load_adapter(f) for f in folders], WEIGHTS)))
     assert torch.allclose(logits(reloaded.model), logits(ref), atol=1e-5, rtol=0)
     meta = json.loads((out / "lorasum-merge.json").read_text())
@@ -154,7 +154,7 @@ def test_cli_merge_wrong_base(pair, tmp_path, capsys):
 def test_correct_hash_accepted(tmp_path, capsys):
     from lorasum.lm.models import weights_fingerprint
 
-    sha = weights_fingerprint(load_model("tiny-gpt2").model)
+    sha = weights_fingerprint(load_model("tiny-gpt2", device="cpu").model)
     a = make_adapter(tmp_path / "a", "tiny-gpt2", seed=1, base="tiny-gpt2")
     (a / "lorasum.json").write_text(json.dumps({"base_model": {"id": "tiny-gpt2", "weights_sha256": sha}}))
     assert main(["merge", "--model", "tiny-gpt2", "--adapter", str(a), "--out", str(tmp_path / "m")]) == 0
@@ -204,7 +204,7 @@ def test_embedded_gguf_path_is_the_builtin_model(tmp_path, monkeypatch, capsys):
     from lorasum.delta.apply import check_model_matches
     from lorasum.identity import SMOLLM2_GGUF, SMOLLM2_PACKAGE
 
-    tiny = load_model("tiny-gpt2")
+    tiny = load_model("tiny-gpt2", device="cpu")
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny.tokenizer)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny.model)
     embedded = tmp_path / SMOLLM2_PACKAGE / SMOLLM2_GGUF
@@ -214,12 +214,12 @@ def test_embedded_gguf_path_is_the_builtin_model(tmp_path, monkeypatch, capsys):
         f.write_bytes(b"GGUF")
     assert canonical_base_id(str(embedded)) == "smollm2-135m"
     assert canonical_base_id(str(other)) == canonical_base_id("MyModel.Q8_0") == "MyModel.Q8_0"
-    assert load_model(str(embedded)).model_id == "smollm2-135m"
-    assert load_model(str(other)).model_id == "MyModel.Q8_0"
+    assert load_model(str(embedded), device="cpu").model_id == "smollm2-135m"
+    assert load_model(str(other), device="cpu").model_id == "MyModel.Q8_0"
     trained = Adapter("math", "", {}, {}, {"base_model": {"id": "smollm2-135m"}})
-    check_model_matches(trained, load_model(str(embedded)).model_id)  # accepted
+    check_model_matches(trained, load_model(str(embedded), device="cpu").model_id)  # accepted
     with pytest.raises(LorasumError, match="trained on 'smollm2-135m' but the model is 'MyModel.Q8_0'"):
-        check_model_matches(trained, load_model(str(other)).model_id)
+        check_model_matches(trained, load_model(str(other), device="cpu").model_id)
     # stock PEFT records the .gguf path it was given: it matches the model loaded from that file
     stock = Adapter("x", "", {"base_model_name_or_path": str(other)}, {})
-    check_model_matches(stock, load_model(str(other)).model_id)
+    check_model_matches(stock, load_model(str(other), device="cpu").model_id)

@@ -87,7 +87,7 @@ def test_method_equals_reference_on_dense_deltas_and_applies_in_layout(trio, met
     merged = merge([(load_adapter(f), w) for f, w in zip(folders, WEIGHTS)], method, PARAMS[method])
     raw = [raw_deltas(f) for f in folders]
     assert set(merged.layers) == set(raw[0])
-    lm = load_model(model)
+    lm = load_model(model, device="cpu")
     before = snapshot_weights(lm.model, merged.layers)
     apply_adapters(lm.model, [(merged, 1.0)])
     after = snapshot_weights(lm.model, merged.layers)
@@ -211,7 +211,7 @@ def test_peft_linear_is_peft_factorwise_and_leaves_the_model_alone(trio):
     model, folders = trio
     same = [folders[0], folders[2]]  # PEFT's linear needs equal ranks
     ads = [(load_adapter(f), w) for f, w in zip(same, [1.0, -0.61])]
-    lm = load_model(model)
+    lm = load_model(model, device="cpu")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     got = peft_combined(lm, ads, "linear")
     assert {k: v for k, v in lm.model.state_dict().items()}.keys() == before.keys()
@@ -236,7 +236,7 @@ def test_peft_cannot_combine_different_ranks(trio):
 
     model, folders = trio
     ads = [(load_adapter(f), 1.0) for f in folders[:2]]  # r = 4 and 2
-    lm = load_model(model)
+    lm = load_model(model, device="cpu")
     with pytest.raises(LorasumError, match="cannot combine these adapters with combination_type 'linear'"):
         peft_combined(lm, ads, "linear")
     assert not hasattr(lm.model, "peft_config")
@@ -257,9 +257,9 @@ def test_cli_compose_ties_writes_a_stock_peft_adapter(trio, tmp_path, run_cli, s
         assert meta["method"] == "ties" and meta["params"] == {"density": DENSITY}
         assert set(meta["layer_errors"]) == set(ref)
         assert (meta["relative_error"] == 0.0) == exact and (exact or meta["relative_error"] > 0.01)
-        pm = strict_reload(load_model(model).model, out)
+        pm = strict_reload(load_model(model, device="cpu").model, out)
         merged = pm.merge_and_unload()
-        base = dict(load_model(model).model.named_modules())
+        base = dict(load_model(model, device="cpu").model.named_modules())
         mods = dict(merged.named_modules())
         for layer, want in ref.items():
             change = (mods[layer].weight - base[layer].weight).detach().double()
@@ -275,13 +275,13 @@ def test_cli_merge_and_eval_apply_the_method_exactly(trio, tmp_path, run_cli, ti
     rc, _, err, _ = run_cli("merge", "--model", model, *sum((["--adapter", t] for t in terms), []),
                             "--method", "breadcrumbs", "--density", DENSITY, "--gamma", "0.05", "--out", out)
     assert rc == 0, err
-    ref_model = load_model(model).model  # base + the reference deltas, added here by hand
+    ref_model = load_model(model, device="cpu").model  # base + the reference deltas, added here by hand
     mods = dict(ref_model.named_modules())
     with torch.no_grad():
         for layer in raw_deltas(folders[0]):
             want = reference("breadcrumbs", [raw_deltas(f)[layer] for f in folders], layer).float()
             mods[layer].weight += want.T if FAN_IN_FAN_OUT[model] else want
-    saved = load_model(str(out)).model
+    saved = load_model(str(out), device="cpu").model
     torch.testing.assert_close(logits(saved), logits(ref_model), rtol=0, atol=1e-5)
     args = ["eval", "--model", model, "--data-dir", tiny_data, "--data", "colors", "--max-test", "4", "--json"]
     rc, by_method, err, _ = run_cli(*args, *sum((["--adapter", t] for t in terms), []), "--method", "breadcrumbs",

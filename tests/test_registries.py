@@ -43,7 +43,7 @@ def test_a_registered_composition_flows_into_results_and_reports(tmp_path, monke
     # independent reference: evaluate the same two adapters at weight 0.5 in place, on the same test records
     p = plan(cfg, run.resolve())
     folders = [run / "adapters" / p["train"][(d, 0)]["key"] for d in ("alpha", "beta")]
-    ref = evaluate(load_model("tiny-gpt2"), ["alpha", "beta"], [(f, 0.5) for f in folders],
+    ref = evaluate(load_model("tiny-gpt2", device="cpu"), ["alpha", "beta"], [(f, 0.5) for f in folders],
                    DataConfig(str(data), max_records={"test": cfg.max_test}))["results"]
     assert math.isclose(half["perplexity"]["mean"], ref["pooled"]["perplexity"], rel_tol=1e-6)
     assert math.isclose(results["perplexity"]["half_sum[alpha+beta]"]["alpha"]["mean"], ref["alpha"]["perplexity"],

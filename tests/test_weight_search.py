@@ -21,7 +21,7 @@ MODEL = "tiny-gpt2"
 
 @pytest.fixture(scope="module")
 def lm():
-    return load_model(MODEL)
+    return load_model(MODEL, device="cpu")
 
 
 def _setup(tiny_adapters, tiny_data):

@@ -8,6 +8,7 @@ statistics off and token authentication chosen explicitly. Ray is an optional ex
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -82,6 +83,23 @@ def _probe(address: str, timeout: float = 3.0) -> None:
         raise LorasumError(f"{address}: no Ray cluster answers ({e.strerror or e}); start one with `ray start --head "
                            f"--port {port}` on that machine, or omit --address to run a local one",
                            key="address") from None
+
+
+def uses_gpu(device: str | None, gpu_present: bool) -> bool:
+    """Whether jobs with this device run on a CUDA GPU (None/auto: the GPU if present, as load_model picks)."""
+    if device in (None, "auto"):
+        return gpu_present
+    return str(device).split(":", 1)[0] == "cuda"
+
+
+def worker_resources(device: str | None, workers: int, threads: int, gpu_present: bool) -> dict:
+    """Ray's options for each of `workers` worker actors: its CPU threads and, when the jobs run on a GPU, an equal
+    share of one GPU (1/workers, rounded down to Ray's 0.0001 resolution so that the shares fit in it), so that
+    all workers sit on the same GPU, each keeping its model resident. On the CPU: threads only."""
+    options: dict = {"num_cpus": threads}
+    if uses_gpu(device, gpu_present):
+        options["num_gpus"] = math.floor(10_000 / max(1, workers)) / 10_000
+    return options
 
 
 def connect(opts: ExecutorOptions, threads: int, env: dict | None = None):

@@ -33,12 +33,28 @@ def git_revision() -> str | None:
     return rev + ("+dirty" if dirty else "")
 
 
-@functools.lru_cache(maxsize=1)
-def provenance() -> dict:
+def device_name(device: str | None = None) -> str:
+    """The device a run uses, in words: the GPU's name for cuda[:N] (None/auto: the GPU if present, as load_model
+    picks), `cpu (<architecture>)` on the CPU, else the device string."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return str(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev.index or 0)
+    return f"cpu ({platform.machine()})" if dev.type == "cpu" else str(dev)
+
+
+@functools.lru_cache(maxsize=8)
+def provenance(device: str | None = None) -> dict:
+    """Versions, revision and the device (see device_name) with torch's CUDA version (None on a CPU-only build)."""
     return {
         **{pkg: _version(pkg) for pkg in PACKAGES},
         "python": platform.python_version(),
         "git_revision": git_revision(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
+        "device": device_name(device),
+        "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
     }

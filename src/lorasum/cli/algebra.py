@@ -154,6 +154,7 @@ def compose(terms: list[tuple[str, float]], out: str, max_rank: int | None = Non
     Returns a report: inputs, method, output path, rank, and the relative Frobenius errors per layer and overall.
     """
     from ..delta.compose import to_factors
+    from ..delta.methods import merge_to_factors
     from ..delta.peft_format import load_terms, save_adapter
     from ..errors import LorasumError
 
@@ -169,8 +170,10 @@ def compose(terms: list[tuple[str, float]], out: str, max_rank: int | None = Non
         check_combinable(adapters, method)  # what PEFT would refuse, before the model is loaded for it
         lm = load(args)
         check_base(lm, adapters)
-    merged = combine(adapters, method, params, lm, name=Path(out).name)
-    total, errors = to_factors(merged, max_rank)
+    if lm is None:  # lorasum's own methods: each dense layer refactored as it is merged
+        total, errors = merge_to_factors(adapters, method, params, max_rank, name=Path(out).name)
+    else:
+        total, errors = to_factors(combine(adapters, method, params, lm, name=Path(out).name), max_rank)
     ranks = sorted({f.rank for f in total.layers.values()})
     record = {"composition": {
         "adapters": [{"name": a.name, "path": a.path, "weight": w} for a, w in adapters],

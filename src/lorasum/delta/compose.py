@@ -25,10 +25,10 @@ def concat_factors(terms: list[tuple[LoraFactors, float]], _cache: dict | None =
     A = torch.cat([f.A for f, _ in terms], dim=0)  # (Σr, in)
     B = torch.cat([f.B.T for f, _ in terms], dim=0).T  # (out, Σr), column-major like loaded factors
     A, B = (A, B) if A.dtype == dtype and B.dtype == dtype else (A.to(dtype), B.to(dtype))
-    key = (dtype, tuple((w * f.scale, f.rank) for f, w in terms))
+    key = (dtype, B.device, tuple((w * f.scale, f.rank) for f, w in terms))
     col_scale = None if _cache is None else _cache.get(key)
     if col_scale is None:  # (Σr,): each adapter's w·s repeated over its rank
-        col_scale = torch.tensor([c for c, r in key[1] for _ in range(r)], dtype=dtype)
+        col_scale = torch.tensor([c for c, r in key[2] for _ in range(r)], dtype=dtype, device=B.device)
         if _cache is not None:
             _cache[key] = col_scale
     return LoraFactors(A, B.mul_(col_scale), 1.0, terms[0][0].fan_in_fan_out)
@@ -58,7 +58,8 @@ def raise_overflow(adapters: list[tuple[Adapter, float]], terms: list[tuple[Lora
     for (a, w), (f, _) in zip(adapters, terms):
         dtype = torch.promote_types(torch.float32, f.B.dtype)
         big = w * f.scale
-        if not math.isfinite(big) or not torch.isfinite(f.B.to(dtype) * torch.tensor(big, dtype=dtype)).all():
+        big_t = torch.tensor(big, dtype=dtype, device=f.B.device) if math.isfinite(big) else None
+        if big_t is None or not torch.isfinite(f.B.to(dtype) * big_t).all():
             raise LorasumError(f"weight {w:g} for adapter '{a.name}' overflows {str(dtype).removeprefix('torch.')} "
                                f"at layer '{layer}' (weight × scale × lora_B exceeds its range); use a smaller weight")
     raise LorasumError(f"the weighted sum overflows at layer '{layer}'; use smaller weights")
@@ -136,21 +137,29 @@ def to_factors(adapter: Adapter, max_rank: int | None = None) -> tuple[Adapter, 
     per layer and overall (√(Σ error² / Σ norm²))."""
     if max_rank is not None:
         check_max_rank(max_rank)
-    layers, per_layer = {}, {}
-    tot_err2 = tot_norm2 = 0.0
+    layers, norms = {}, {}
     for name, f in adapter.layers.items():
-        if isinstance(f, DenseDelta):
-            layers[name], err2, norm2 = factor_dense(f, max_rank or f.cap or min(f.shape))
-        elif max_rank is not None and f.rank > max_rank:
-            layers[name], err2, norm2 = truncate_factors(f, max_rank)
-        else:
-            layers[name], err2, norm2 = f, 0.0, _factored_norm2(f)
-        per_layer[name] = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
-        tot_err2 += err2
-        tot_norm2 += norm2
-    overall = math.sqrt(tot_err2 / tot_norm2) if tot_norm2 > 0 else 0.0
+        layers[name], *norms[name] = layer_factors(f, max_rank)
     out = Adapter(adapter.name, adapter.path, copy.deepcopy(adapter.config), layers, adapter.base_record())
-    return out, {"max_rank": max_rank, "overall": overall, "layers": per_layer}
+    return out, error_report(norms, max_rank)
+
+
+def layer_factors(f: LoraFactors | DenseDelta, max_rank: int | None) -> tuple[LoraFactors, float, float]:
+    """One layer as `to_factors` makes it: (factors, error², norm²)."""
+    if isinstance(f, DenseDelta):
+        return factor_dense(f, max_rank or f.cap or min(f.shape))
+    if max_rank is not None and f.rank > max_rank:
+        return truncate_factors(f, max_rank)
+    return f, 0.0, _factored_norm2(f)
+
+
+def error_report(norms: dict[str, tuple[float, float]], max_rank: int | None) -> dict:
+    """The relative Frobenius errors from each layer's (error², norm²): per layer, and overall as
+    √(Σ error² / Σ norm²)."""
+    per_layer = {name: math.sqrt(e / n) if n > 0 else 0.0 for name, (e, n) in norms.items()}
+    tot_err2, tot_norm2 = sum(e for e, _ in norms.values()), sum(n for _, n in norms.values())
+    overall = math.sqrt(tot_err2 / tot_norm2) if tot_norm2 > 0 else 0.0
+    return {"max_rank": max_rank, "overall": overall, "layers": per_layer}
 
 
 def check_max_rank(max_rank) -> int:

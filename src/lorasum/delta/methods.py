@@ -24,8 +24,13 @@ import numpy as np
 import torch
 from peft.utils import merge_utils
 
+<<<<<<< HEAD
 from ..errors import LorasumError, show
 from .compose import DenseDelta, concat_factors, raise_overflow
+=======
+from ..errors import LorasumError
+from .compose import DenseDelta, check_max_rank, concat_factors, error_report, layer_factors, raise_overflow
+>>>>>>> wip-20
 from .factors import Adapter, LoraFactors, check_compatible, delta_matrix
 
 
@@ -252,8 +257,11 @@ def merge_layer(name: str, layer: str, terms: list[tuple[LoraFactors, float]], p
                            f"{1 / entries:.3g}, e.g. --density 0.2", key="density")
     dtype = torch.promote_types(torch.float32, terms[0][0].A.dtype)
     deltas = [delta_matrix(f, dtype) for f, _ in terms]  # each sᵢ Bᵢ Aᵢ, (out, in)
-    weights = torch.tensor([w for _, w in terms], dtype=dtype)
-    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+    device = deltas[0].device
+    weights = torch.tensor([w for _, w in terms], dtype=dtype, device=device)
+    # the random masks are drawn on the deltas' device: fork its generator too, so the caller's is left as it was
+    forked = [device] if device.type == "cuda" else []
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=forked):
         warnings.simplefilter("ignore")  # PEFT warns at density 1 ("no pruning will be performed")
         if method.random:
             torch.manual_seed(layer_seed(params["seed"], layer))
@@ -265,19 +273,37 @@ def merge(adapters: list[tuple[Adapter, float]], method: str = "sum", params: di
           name: str = "merged") -> Adapter:
     """The adapters merged layer by layer with `method`; dense methods leave DenseDelta layers (apply them with
     delta.apply, or make them factors with delta.compose.to_factors). Weights must be finite."""
+    out = dict(_merged_layers(adapters, method, params))
+    first = adapters[0][0]
+    return Adapter(name, "", copy.deepcopy(first.config), out, first.base_record())
+
+
+def merge_to_factors(adapters: list[tuple[Adapter, float]], method: str = "sum", params: dict | None = None,
+                     max_rank: int | None = None, name: str = "merged") -> tuple[Adapter, dict]:
+    """`delta.compose.to_factors(merge(...), max_rank)`, one layer at a time: a dense layer is refactored as soon as
+    it is merged, so at most one layer's dense ΔWs are held (a 7B-shaped stack's would not fit together)."""
+    if max_rank is not None:
+        check_max_rank(max_rank)
+    layers, norms = {}, {}
+    for layer, merged in _merged_layers(adapters, method, params):
+        layers[layer], *norms[layer] = layer_factors(merged, max_rank)
+        del merged
+    first = adapters[0][0]
+    return Adapter(name, "", copy.deepcopy(first.config), layers, first.base_record()), error_report(norms, max_rank)
+
+
+def _merged_layers(adapters: list[tuple[Adapter, float]], method: str, params: dict | None):
+    """(layer, merged layer) in layer order, each checked finite; the inputs are checked before the first."""
     if not adapters:
         raise LorasumError("no adapters to merge; pass at least one PATH[:WEIGHT]")
     for a, w in adapters:
         if not math.isfinite(w):
             raise LorasumError(f"weight {w} for adapter '{a.name}' is not a finite number")
     params = method_params(method, params or {})
-    layers = check_compatible([a for a, _ in adapters])
-    first = adapters[0][0]
-    out = {}
-    for layer in layers:
+    for layer in check_compatible([a for a, _ in adapters]):
         terms = [(a.layers[layer], float(w)) for a, w in adapters]
-        out[layer] = merge_layer(method, layer, terms, params)
-        held = out[layer].delta if isinstance(out[layer], DenseDelta) else out[layer].B
+        merged = merge_layer(method, layer, terms, params)
+        held = merged.delta if isinstance(merged, DenseDelta) else merged.B
         if not torch.isfinite(held).all():
             raise_overflow(adapters, terms, layer)  # names the weight that overflows
-    return Adapter(name, "", copy.deepcopy(first.config), out, first.base_record())
+        yield layer, merged

@@ -126,8 +126,9 @@ def unit_gram_matrices(adapters: list[Adapter], dtype: torch.dtype = torch.float
     n = len(adapters)
     if compute_dtype is None:
         compute_dtype = torch.promote_types(adapters[0].layers[layers[0]].A.dtype, torch.float32)
-    gram = torch.empty(len(layers), n, n, dtype=dtype)
-    scales = torch.tensor([[a.layers[m].scale for a in adapters] for m in layers], dtype=dtype)  # (L, N)
+    device = adapters[0].layers[layers[0]].A.device  # the results live where the factors do
+    gram = torch.empty(len(layers), n, n, dtype=dtype, device=device)
+    scales = torch.tensor([[a.layers[m].scale for a in adapters] for m in layers], dtype=dtype, device=device)  # (L, N)
     for ((out, inp), ranks), idx in groups.items():
         names = [layers[i] for i in idx]
         gram[idx] = _group_gram(adapters, names, out, inp, ranks, dtype, compute_dtype)
@@ -147,7 +148,7 @@ def _group_gram(adapters: list[Adapter], names: list[str], out: int, inp: int, r
     if len(set(ranks)) == 1:  # equal ranks: block sums by a reshape
         r = ranks[0]
         return H.view(L, n, r, n, r).sum(dim=(2, 4))
-    P = torch.zeros(R, n, dtype=dtype)  # (R, N) block indicator
+    P = torch.zeros(R, n, dtype=dtype, device=H.device)  # (R, N) block indicator
     P[torch.arange(R), torch.repeat_interleave(torch.arange(n), torch.tensor(ranks))] = 1.0
     return P.T @ H @ P  # (L, N, N)
 

@@ -276,12 +276,23 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
     tok = loaded.tokenizer
     if tok.pad_token is None:  # GPT-2 has none; padding is masked by attention mask, so EOS is safe to reuse
         tok.pad_token = tok.eos_token
-    loaded.model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        deterministic_cuda()
+    loaded.model.to(device=dev, dtype=resolve_dtype(dtype))
     if autocast not in (None, "none", "off"):
         loaded.autocast_dtype = resolve_dtype(autocast)
         if loaded.autocast_dtype == torch.float32:
             loaded.autocast_dtype = None
     return loaded
+
+
+def deterministic_cuda() -> None:
+    """Seeded reruns on one GPU give the same numbers: cuBLAS with a fixed workspace (set before its first use; a
+    value already in the environment is kept) and torch's deterministic algorithms where torch has them (an op
+    without one warns and runs as it is)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -215,7 +215,8 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
             "base_model": {"id": loaded.model_id, "model_type": loaded.model_type, "weights_sha256": base_sha},
             "train": asdict(cfg), "data": {**asdict(data), "domains": [d.fingerprint() for d in domains]},
             "seed": cfg.seed, "init": {"mode": cfg.init, "seed": a_seed}, "epochs": result.epochs, "best_epoch": result.best_epoch,
-            "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s, "provenance": provenance(),
+            "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s,
+            "provenance": provenance(str(next(loaded.model.parameters()).device)),
         }
         with atomic_dir(out, overwrite=overwrite) as tmp:
             peft_model.save_pretrained(str(tmp), save_embedding_layers=False)

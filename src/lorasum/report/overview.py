@@ -22,6 +22,12 @@ def _records(r: dict) -> str:
     return ", ".join(f"{v} {sp}" for sp, v in n.items())
 
 
+def device_text(prov: dict) -> str:
+    """The device a run used, with torch's CUDA version when it has one: `NVIDIA H200 (CUDA 13.0)`."""
+    device = str(prov.get("device") or "")
+    return f"{device} (CUDA {prov['cuda']})" if device and prov.get("cuda") and not device.startswith("cpu") else device
+
+
 def run_facts(r: dict, timings: dict | None = None) -> list[tuple[str, str]]:
     """(label, value) pairs of what was run; the compute time only with `timings` (timings.json)."""
     cfg = r.get("config")
@@ -31,6 +37,7 @@ def run_facts(r: dict, timings: dict | None = None) -> list[tuple[str, str]]:
     init = r.get("init") or {}
     modes = init.get("modes") or []
     facts = [("model", str(cfg.get("model", ""))),
+             ("device", device_text(r.get("provenance") or {})),
              ("domains", ", ".join(map(str, cfg.get("domains", [])))),
              ("seeds", ", ".join(map(str, cfg.get("seeds", [])))),
              ("init", (f"{init['primary']}" + (f" (also run: {', '.join(m for m in modes if m != init['primary'])})"

@@ -246,9 +246,16 @@ def data_section(r: dict) -> list[Section]:
                     summary=summary)]
 
 
+def _shown(key: str, value) -> str:
+    """A provenance value as text; an absent one says what its absence means."""
+    if value is not None:
+        return str(value)
+    return {"cuda": "no CUDA (a CPU-only torch)", "git_revision": "not a git checkout"}.get(key, "not installed")
+
+
 def provenance_section(r: dict) -> list[Section]:
     cfg, prov = r["config"], r["provenance"]
-    rows = ([[k, str(v)] for k, v in sorted(prov.items())]
+    rows = ([[k, _shown(k, v)] for k, v in sorted(prov.items())]
             + [["config hash", r["config_hash"]], ["model", cfg["model"]], ["seeds", ", ".join(map(str, cfg["seeds"]))]]
             + ([["tuning", f"{r['tuning']['mode']}, {r['tuning']['trials']} trials"
                  + (" (confounded)" if r["tuning"]["confounded"] else "")]] if r.get("tuning") else []))

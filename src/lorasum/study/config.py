@@ -13,7 +13,7 @@ from ..files import read_json
 from ..yamlfile import read_yaml
 from ..lm.data import SPLITS, DataConfig, check_domain
 from ..lm.train import INIT_MODES, TrainConfig, check_seed
-from ..lm.models import MAX_THREADS
+from ..lm.models import MAX_THREADS, resolve_device
 from ..tune.search import HEARTBEAT_S, MAX_HEARTBEAT_S
 from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
 from ..delta.methods import method_params
@@ -276,7 +276,12 @@ def load_config(path: str | None = None, preset: str | None = None, overrides: d
         where = path
         merged = _merge(merged, read_config_file(path))
     merged = _merge(merged, overrides or {})
-    return ExperimentConfig.from_dict(merged, where)
+    cfg = ExperimentConfig.from_dict(merged, where)
+    try:  # a device torch does not know, or a GPU this machine lacks, is refused before any work
+        resolve_device(cfg.device)
+    except LorasumError as e:
+        raise LorasumError(f"{where}: '{e.key}' {e.message}") from None
+    return cfg
 
 
 def read_config_file(path: str) -> dict:

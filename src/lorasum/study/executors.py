@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..cluster import RETRIES, ExecutorOptions, connect, reraise
+import torch
+
+from ..cluster import RETRIES, ExecutorOptions, connect, reraise, worker_resources
 from ..errors import LorasumError
 from ..files import atomic_dir, atomic_write_bytes
 from ..lm.data import partition_domains, resolve_source
@@ -152,7 +154,8 @@ def run_ray(jobs: list[dict], run_dir: Path, threads: int, opts: ExecutorOptions
     try:
         cpus = int(ray.cluster_resources().get("CPU", threads))
         n = opts.workers or max(1, cpus // threads)
-        actor = ray.remote(num_cpus=threads, max_restarts=0)(Worker)
+        device = next((j.get("device") for j in jobs if JOB_KINDS[j["kind"]].needs_model), None)  # one per run
+        actor = ray.remote(max_restarts=0, **worker_resources(device, n, threads, torch.cuda.is_available()))(Worker)
         idle = [actor.remote(threads) for _ in range(n)]
         blobs: dict[str, object] = {}  # data file or run-folder input -> object ref, shipped once
 

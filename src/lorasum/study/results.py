@@ -193,7 +193,7 @@ def assemble(cfg: ExperimentConfig, plans: dict[str, dict], run_dir: str | Path,
         "init_comparison": _init_comparison(bodies) if len(modes) > 1 else None,
         "table1": _table1(cfg, primary),
         "data": _data_section(cfg, primary),
-        "provenance": {k: v for k, v in provenance().items() if k != "torch_threads"},
+        "provenance": {k: v for k, v in provenance(cfg.device).items() if k != "torch_threads"},
     }
     if tuning:  # how the hyperparameters were tuned (per_partition: confounded)
         out["tuning"] = tuning

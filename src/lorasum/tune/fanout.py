@@ -21,7 +21,7 @@ from pathlib import Path
 
 import optuna
 
-from ..cluster import RETRIES, ExecutorOptions, connect, reraise
+from ..cluster import RETRIES, ExecutorOptions, connect, reraise, worker_resources
 from ..errors import LorasumError
 from ..lm.data import partition_domains, resolve_source
 from ..lm.models import load_model, set_threads
@@ -70,8 +70,9 @@ def tune_on_ray(loaded, model: tuple, partitions: str | list[str], out: str | Pa
             files = [f for f in files if not f.startswith("hf:")]
             refs = [ray.put(Path(f).read_bytes()) for f in files]
             names = [Path(f).name for f in files]
-            task = ray.remote(num_cpus=threads, max_retries=0)(_worker)
             n = opts.workers or max(1, int(ray.cluster_resources().get("CPU", threads)) // threads)
+            gpu = next(loaded.model.parameters()).device.type == "cuda"  # the driver's model: where `model` loads
+            task = ray.remote(max_retries=0, **worker_resources(model[1], n, threads, gpu))(_worker)
             host = socket.gethostname()
 
             def launch(i: int, attempt: int):
