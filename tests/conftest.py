@@ -4,9 +4,12 @@ and the once-per-session embedded SmolLM2 + real data (fail under CI=true, skip 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
+import socket
+import threading
 import warnings
 from pathlib import Path
 
@@ -145,6 +148,38 @@ def tiny_adapters(tiny_data, tmp_path_factory) -> dict:
             out[model]["results"][domain] = train_adapter(lm, domain, folder, cfg, data)
             out[model][domain] = folder
     return out
+
+
+# --- servers that are not Ray heads -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def socket_server(reply: bytes | None):
+    """A real TCP server on 127.0.0.1 that accepts every connection and sends `reply` (None: says nothing, keeping
+    the connection open); yields its port."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if reply is not None:
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        srv.close()
+        for conn in held:
+            conn.close()
+
+
+H2_SETTINGS_FRAME = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # what a gRPC server (a Ray head) sends first
 
 
 # --- CLI --------------------------------------------------------------------------------------------------------

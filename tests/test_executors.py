@@ -260,15 +260,13 @@ def test_a_tuning_worker_killed_mid_trial_is_relaunched_and_its_trial_failed(tmp
 
 
 def test_tune_on_a_cluster_without_shared_storage_is_refused(tmp_path, capsys):
-    from conftest import color_rows, write_jsonl
+    from conftest import H2_SETTINGS_FRAME, color_rows, socket_server, write_jsonl
 
     write_jsonl(tmp_path / "data" / "colors.jsonl", color_rows(40))
-    with socket.socket() as s:  # something listening, so the address check passes and the storage rule speaks
-        s.bind(("127.0.0.1", 0))
-        s.listen()
+    with socket_server(H2_SETTINGS_FRAME) as port:  # answers like a Ray head, so the storage rule speaks
         rc = main(["tune", "--model", "tiny-gpt2", "--data-dir", str(tmp_path / "data"), "--data", "colors",
                    "--trials", "2", "--out", str(tmp_path / "out"), "--executor", "ray", "--address",
-                   f"127.0.0.1:{s.getsockname()[1]}"])
+                   f"127.0.0.1:{port}"])
     err = capsys.readouterr().err
     assert rc == 2 and "tuning on a Ray cluster needs a study every node reaches: pass --storage postgresql://" in err
     assert not (tmp_path / "out").exists()

@@ -2,13 +2,18 @@
 checks that refuse bad ones before any work, and the connection to a local runtime or an existing cluster.
 
 A local runtime is pinned to 127.0.0.1 (Ray otherwise advertises the machine's outward address), with usage
-statistics off and token authentication chosen explicitly. Ray is an optional extra: `pip install 'lorasum[ray]'`.
+statistics off and token authentication chosen explicitly. A loopback `--address` stays loopback: Ray would swap
+127.0.0.1 for the machine's outward address before connecting, so the driver is pinned to loopback too. Before Ray
+retries for a minute, `_probe` checks within seconds that the address speaks gRPC's HTTP/2, as a Ray head does. Ray
+is an optional extra: `pip install 'lorasum[ray]'`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -59,13 +64,30 @@ LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0",  # no usage reports
              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local runtime: every component on the loopback address
 
 
-def import_ray(local: bool):
-    """Ray, imported on demand (an optional extra); a local runtime is pinned to 127.0.0.1 before the import."""
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray resolves "127.0.0.1" to 127.0.0.1, not outward
+
+
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT names this machine's loopback interface (localhost, 127.x.x.x, ::1)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def import_ray(local: bool, loopback: bool = False):
+    """Ray, imported on demand (an optional extra); a local runtime is pinned to 127.0.0.1 before the import, and so
+    is a driver joining a cluster at a loopback address (`loopback`)."""
     if local:
         for k, v in LOCAL_ENV.items():
             os.environ.setdefault(k, v)
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if loopback:
+            os.environ.update(LOOPBACK_ENV)
     try:
         import ray
     except ImportError:
@@ -73,16 +95,38 @@ def import_ray(local: bool):
     return ray
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+H2_SETTINGS = 4  # the frame type a gRPC server (a Ray head's GCS) sends first
+
+
 def _probe(address: str, timeout: float = 3.0) -> None:
-    """Refuse within seconds an address where nothing listens (ray.init would retry for a minute)."""
+    """Refuse within seconds an address where no Ray head answers (ray.init would retry for a minute): nothing
+    listens, or what listens does not answer an HTTP/2 connection preface with a SETTINGS frame as gRPC does (a
+    plain TCP or HTTP/1 server)."""
     host, _, port = address.rpartition(":")
+    fix = f"start one with `ray start --head --port {port}` on that machine, or omit --address to run a local one"
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as s:
+            s.sendall(H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = s.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+            if len(head) == 9 and head[3] != H2_SETTINGS:
+                s.settimeout(0.5)
+                with contextlib.suppress(OSError):
+                    head += s.recv(64)  # the rest of its first line, for the message
+    except TimeoutError:
+        raise LorasumError(f"{address}: not a Ray head (a server listens there but sent nothing within {timeout:g} s "
+                           f"of a gRPC handshake); {fix}", key="address") from None
     except OSError as e:
-        raise LorasumError(f"{address}: no Ray cluster answers ({e.strerror or e}); start one with `ray start --head "
-                           f"--port {port}` on that machine, or omit --address to run a local one",
-                           key="address") from None
+        raise LorasumError(f"{address}: no Ray cluster answers ({e.strerror or e}); {fix}", key="address") from None
+    if len(head) < 9 or head[3] != H2_SETTINGS:
+        seen = head.decode("ascii", "replace").splitlines()[0] if head.strip() else "it closed the connection"
+        raise LorasumError(f"{address}: not a Ray head (it does not answer a gRPC handshake: {seen!r:.40}); {fix}",
+                           key="address")
 
 
 def uses_gpu(device: str | None, gpu_present: bool) -> bool:
@@ -105,17 +149,32 @@ def worker_resources(device: str | None, workers: int, threads: int, gpu_present
 def connect(opts: ExecutorOptions, threads: int, env: dict | None = None):
     """Join the cluster at --address, or start a local runtime with room for --workers × threads; returns (ray,
     whether this call started it)."""
-    ray = import_ray(local=opts.address is None)
+    loopback = opts.address is not None and is_loopback(opts.address)
+    ray = import_ray(local=opts.address is None, loopback=loopback)
     if ray.is_initialized():
         return ray, False
     runtime_env = {"env_vars": {k: v for k, v in {**os.environ, **(env or {})}.items() if k.startswith("LORASUM_")}}
     kw = dict(log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
     if opts.address:
-        ray.init(address=opts.address, **kw)
+        if loopback:
+            _refuse_outward(ray, opts.address)
+        ray.init(address=opts.address, **({"_node_ip_address": "127.0.0.1"} if loopback else {}), **kw)
     else:
-        ray.init(num_cpus=(opts.workers or max(1, (os.cpu_count() or 1) // threads)) * threads,
+        # "local": always a fresh runtime of this size, never a cluster that `ray start` left running on the machine
+        ray.init(address="local", num_cpus=(opts.workers or max(1, (os.cpu_count() or 1) // threads)) * threads,
                  include_dashboard=False, _node_ip_address="127.0.0.1", **kw)
     return ray, True
+
+
+def _refuse_outward(ray, address: str) -> None:
+    """Refuse a loopback address that Ray would resolve to the machine's outward address (Ray imported before
+    `import_ray` pinned it), before ray.init connects there and retries for a minute."""
+    resolve = getattr(getattr(getattr(ray, "_private", None), "services", None), "resolve_ip_for_localhost", None)
+    node_ip = resolve("127.0.0.1") if resolve is not None else "127.0.0.1"
+    if not is_loopback(f"{node_ip}:0"):
+        raise LorasumError(f"{address}: Ray would connect to {node_ip} instead (it was imported before lorasum "
+                           f"pinned it to loopback); set {', '.join(LOOPBACK_ENV)}=0 in the environment",
+                           key="address")
 
 
 def reraise(error: BaseException, what: str) -> NoReturn:
