@@ -24,13 +24,8 @@ import numpy as np
 import torch
 from peft.utils import merge_utils
 
-<<<<<<< HEAD
 from ..errors import LorasumError, show
-from .compose import DenseDelta, concat_factors, raise_overflow
-=======
-from ..errors import LorasumError
 from .compose import DenseDelta, check_max_rank, concat_factors, error_report, layer_factors, raise_overflow
->>>>>>> wip-20
 from .factors import Adapter, LoraFactors, check_compatible, delta_matrix
 
 
