@@ -164,11 +164,11 @@ def _check_inputs(name: str, label: str, stored: dict | None, current: dict | No
     if not isinstance(stored, dict):
         raise InputsChanged(f"study '{name}' in {label} holds no sha256 of the files it was made from (an older "
                             "lorasum made it), so its trials cannot be trusted for these inputs; use another --out "
-                            "or --study name")
+                            "or --storage")
     changed = [p for p in sorted(set(stored) | set(current)) if stored.get(p) != current.get(p)]
     raise InputsChanged(f"study '{name}' in {label} was made from other file contents: {', '.join(changed[:4])}"
                         f"{' …' if len(changed) > 4 else ''} changed (sha256 differs); restore them, or use another "
-                        "--out or --study name for a new study")
+                        "--out or --storage for a new study")
 
 
 def count_states(study) -> dict[str, int]:
