@@ -133,5 +133,12 @@ def test_a_weight_search_job_restarts_its_study_when_an_adapter_changed(planned,
     assert len(study.trials) == 2 and best["trials"] == 2
     assert study.trials[0].value != old_ones  # trial 0 was scored again, on the changed adapter
     inputs = study.user_attrs["lorasum.setup"]["inputs"]
-    assert inputs[str(run / "adapters" / keys[1] / "adapter_model.safetensors")] == \
+    assert inputs[f"adapters/{keys[1]}/adapter_model.safetensors"] == \
         sha256_file(run / "adapters" / keys[1] / "adapter_model.safetensors")
+    # a moved run keeps its study: inputs are named inside the run, not by path
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    (moved / "searches" / out.name).unlink()
+    capfd.readouterr()
+    assert json.loads(run_job({**spec, "run_dir": str(moved)}, loaded).read_text()) == best
+    assert "starts again" not in capfd.readouterr().err

@@ -106,6 +106,16 @@ def _method_terms(spec: dict) -> list[tuple]:
     return _MERGED[key]
 
 
+def _search_inputs(spec: dict, adapters: list, sources: dict) -> dict:
+    """The study's input files by their names inside the run and data folders (as the key names them, not by
+    path), so a run moved elsewhere or a job run on another machine keeps its study."""
+    inputs = {f"data/{Path(f).name}": sha for f, sha in sources.items()}
+    for term, adapter in zip(spec["adapters"], adapters):
+        for f, sha in input_files([adapter], {}).items():
+            inputs[f"adapters/{term['train_key']}/{Path(f).name}"] = sha
+    return inputs
+
+
 def _run_weight_search(spec: dict, out: Path, loaded: LoadedModel) -> None:
     """tune.weights on the subset's pooled validation split; the study lives beside the artifact (resumable). Its
     trials are keyed on the adapter and data files' sha256s: a study made from other contents (an adapter retrained
@@ -116,7 +126,7 @@ def _run_weight_search(spec: dict, out: Path, loaded: LoadedModel) -> None:
     search = check_search(adapters, spec["method"], spec.get("params"), spec["trials"])
     sources: dict = {}
     examples = validation_examples(loaded, spec["domains"], data, spec["max_length"], spec["loss_on"], sources)
-    study_dir, setup = out.with_suffix(".study"), {"inputs": input_files(adapters, sources)}
+    study_dir, setup = out.with_suffix(".study"), {"inputs": _search_inputs(spec, adapters, sources)}
     try:
         best = search_weights(loaded, search, examples, study_dir, setup=setup, batch_size=spec["batch_size"],
                               loss_on=spec["loss_on"])
