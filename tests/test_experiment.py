@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,3 +209,34 @@ def test_sigkill_during_training_and_during_a_write_then_resume_is_byte_identica
     assert (run / "results.json").read_bytes() == (root / "run" / "results.json").read_bytes()
     assert not held.exists()  # the killed write's temp file was removed by the resume
     assert not [p for p in run.rglob(".*") if p.name != ".lorasum.lock"]
+
+
+def test_a_truncated_adapter_is_retrained_and_the_run_completes(smoke_run, tmp_path, capfd):
+    root, args = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    args = [a if a != str(root / "run") else str(run) for a in args]
+    weights = sorted(run.glob("adapters/*/adapter_model.safetensors"))[0]
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) - 100])  # a torn write a resume must not trust
+    capfd.readouterr()
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    assert f"{weights} is truncated" in err and "its job runs again" in err
+    assert weights.read_bytes() == whole  # retrained, to the same bytes
+    assert (run / "results.json").read_bytes() == (root / "run" / "results.json").read_bytes()
+    assert main(args) == 0 and "truncated" not in capfd.readouterr().err  # and trusted from then on
+
+
+def test_a_results_json_without_its_digest_is_reported_only_as_unsigned(smoke_run, tmp_path):
+    root, _ = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    assert main(["report", str(run)]) == 0
+    assert "unsigned" not in (run / "report.md").read_text() + (run / "report.html").read_text()
+    results = json.loads((run / "results.json").read_text())
+    del results["digest"]
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(run)]) == 0
+    mark = "unsigned: results.json carries no digest; it may have been edited"
+    assert mark in (run / "report.md").read_text() and mark in (run / "report.html").read_text()

@@ -43,21 +43,26 @@ def _ids(secs: list) -> list[str]:
     return [slug(s.heading.split(" — ")[0], taken) for s in secs]
 
 
-def render_md(r: dict) -> str:
+UNSIGNED = "unsigned: results.json carries no digest; it may have been edited"
+
+
+def render_md(r: dict, unsigned: bool = False) -> str:
     """report.md: the same sections in the same order as report.html, every text markdown-escaped; detail sections
-    folded in <details> (GitHub and GitLab draw them collapsed). Deterministic: no wall times."""
-    return _env(autoescape=False).get_template("report.md.j2").render(sections=sections(r), facts=run_facts(r))
+    folded in <details> (GitHub and GitLab draw them collapsed). Deterministic: no wall times. `unsigned` (a
+    results.json without its digest) puts the UNSIGNED mark under the title, since nothing vouches for the numbers."""
+    return _env(autoescape=False).get_template("report.md.j2").render(
+        sections=sections(r), facts=run_facts(r), unsigned=UNSIGNED if unsigned else "")
 
 
-def render_html(r: dict, pngs: dict[str, bytes], timings: dict | None = None) -> str:
+def render_html(r: dict, pngs: dict[str, bytes], timings: dict | None = None, unsigned: bool = False) -> str:
     """The HTML report; with `timings` (timings.json) also the compute time and the speed section, which report.md
-    leaves out. The speed section goes before the first collapsed section (the detail)."""
+    leaves out. The speed section goes before the first collapsed section (the detail). `unsigned`: as render_md."""
     secs = sections(r)
     extra = speed_section(r, timings) if timings else []
     at = next((i for i, s in enumerate(secs) if s.summary), len(secs))
     secs = secs[:at] + extra + secs[at:]
     return _env(autoescape=True).get_template("report.html.j2").render(
-        sections=secs, ids=_ids(secs), pngs=pngs, facts=run_facts(r, timings))
+        sections=secs, ids=_ids(secs), pngs=pngs, facts=run_facts(r, timings), unsigned=UNSIGNED if unsigned else "")
 
 
 def figure_pngs(r: dict) -> dict[str, bytes]:
@@ -115,7 +120,7 @@ def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
         legacy = "digest" not in results
     try:  # a file whose digest matches is what lorasum wrote: a failure to render it is a bug (traceback)
         pngs = figure_pngs(results)
-        md_text, html = render_md(results), render_html(results, pngs, _timings(run_dir))
+        md_text, html = render_md(results, legacy), render_html(results, pngs, _timings(run_dir), legacy)
     except Exception as e:
         if not legacy:
             raise

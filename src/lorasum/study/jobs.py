@@ -21,19 +21,21 @@ from pathlib import Path
 from .. import schema
 from ..delta.apply import apply_adapters, applied, snapshot_weights
 from ..delta.compose import weighted_sum
-from ..delta.peft_format import load_adapter
+from ..delta.peft_format import WEIGHTS_FILE, load_adapter
 from ..delta.similarity import layer_cosines, layer_norms, rms
 from ..delta.subspace import factor_similarity, factor_summary, null_rms
 from ..errors import LorasumError
-from ..files import atomic_write_json, read_json
+from ..files import atomic_write_json, parse_json, read_json
 from ..lm.data import DataConfig, load_domain, parse_spec, partition_domains, require_nonempty, \
     require_predicted_tokens, tokenize_records
-from ..lm.datastats import data_stats
+from ..lm.datastats import domain_stats
 from ..lm.evaluate import per_example_nll
 from ..lm.models import LoadedModel, load_model
 from ..lm.train import TrainConfig, train_adapter
 from .jobspec import AdapterTerm, DataSpec, JobSpec, adapter_dir, job_key
-from ..tune.weights import applied_terms, check_search, search_weights, validation_examples, weight_list
+from ..tune.search import InputsChanged
+from ..tune.weights import applied_terms, check_search, input_files, search_weights, validation_examples, \
+    weight_list
 
 NULL_SAMPLES = 200  # pairs of random deltas behind each random-null RMS
 
@@ -104,15 +106,35 @@ def _method_terms(spec: dict) -> list[tuple]:
     return _MERGED[key]
 
 
+def _search_inputs(spec: dict, adapters: list, sources: dict) -> dict:
+    """The study's input files by their names inside the run and data folders (as the key names them, not by
+    path), so a run moved elsewhere or a job run on another machine keeps its study."""
+    inputs = {f"data/{Path(f).name}": sha for f, sha in sources.items()}
+    for term, adapter in zip(spec["adapters"], adapters):
+        for f, sha in input_files([adapter], {}).items():
+            inputs[f"adapters/{term['train_key']}/{Path(f).name}"] = sha
+    return inputs
+
+
 def _run_weight_search(spec: dict, out: Path, loaded: LoadedModel) -> None:
-    """tune.weights on the subset's pooled validation split; the study lives beside the artifact (resumable)."""
+    """tune.weights on the subset's pooled validation split; the study lives beside the artifact (resumable). Its
+    trials are keyed on the adapter and data files' sha256s: a study made from other contents (an adapter retrained
+    at the same key) is removed, with one line on stderr, and the search starts again."""
     data = _data(spec)
     _check_sources(spec, [load_domain(d, data) for d in spec["domains"]])
     adapters = [a for a, _ in _terms(spec, "adapters")]
     search = check_search(adapters, spec["method"], spec.get("params"), spec["trials"])
-    examples = validation_examples(loaded, spec["domains"], data, spec["max_length"], spec["loss_on"])
-    best = search_weights(loaded, search, examples, out.with_suffix(".study"), batch_size=spec["batch_size"],
-                          loss_on=spec["loss_on"])
+    sources: dict = {}
+    examples = validation_examples(loaded, spec["domains"], data, spec["max_length"], spec["loss_on"], sources)
+    study_dir, setup = out.with_suffix(".study"), {"inputs": _search_inputs(spec, adapters, sources)}
+    try:
+        best = search_weights(loaded, search, examples, study_dir, setup=setup, batch_size=spec["batch_size"],
+                              loss_on=spec["loss_on"])
+    except InputsChanged as e:
+        print(f"lorasum: note: {e}; this job's study is removed and its search starts again", file=sys.stderr)
+        shutil.rmtree(study_dir)
+        best = search_weights(loaded, search, examples, study_dir, setup=setup, batch_size=spec["batch_size"],
+                              loss_on=spec["loss_on"])
     atomic_write_json(out, best)
 
 
@@ -154,7 +176,11 @@ def _run_inplace(spec: dict, out: Path, loaded: LoadedModel) -> None:
 
 
 def _run_data_stats(spec: dict, out: Path, loaded: LoadedModel) -> None:
-    atomic_write_json(out, {"rows": data_stats(spec["domains"], loaded.tokenizer, _data(spec), spec["max_length"])})
+    data = _data(spec)
+    doms = [load_domain(d, data) for d in spec["domains"]]
+    _check_sources(spec, doms)
+    atomic_write_json(out, {"rows": [row for d in doms for row in domain_stats(d, loaded.tokenizer,
+                                                                               spec["max_length"])]})
 
 
 def _train_work(spec: dict) -> float:
@@ -203,21 +229,44 @@ def artifact_path(spec: dict) -> Path:
 
 
 def is_done(spec: dict) -> bool:
-    """The job's artifact exists and can be read; a damaged one (a truncated or invalid JSON file) is removed, with
-    one line on stderr, so that the job runs again instead of breaking every later resume."""
+    """The job's artifact exists and can be read; a damaged one (a truncated or invalid JSON file, a truncated
+    safetensors file) is removed, with one line on stderr, so that the job runs again instead of breaking every
+    later resume."""
     p = artifact_path(spec)
     if JOB_KINDS[spec["kind"]].folder_artifact:
-        if not (p / "adapter_model.safetensors").is_file():
+        if not (p / WEIGHTS_FILE).is_file():
             return False
-        return _readable(p, [p / "adapter_config.json", p / "lorasum.json"])
+        return _readable(p, [p / "adapter_config.json", p / "lorasum.json"], p / WEIGHTS_FILE)
     return p.is_file() and _readable(p, [p])
 
 
-def _readable(artifact: Path, files: list[Path]) -> bool:
-    """Whether every JSON file of a finished artifact reads as a JSON object; if not, the artifact is removed."""
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header whose tensors' data_offsets tile the data, and
+    exactly that much data: a shorter (truncated) or longer file is refused."""
+    fix = "removed: its job runs again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        size = path.stat().st_size
+        if n < 2 or 8 + n > size:
+            raise LorasumError(f"{path} is truncated (its header does not fit in {size} bytes); {fix}")
+        header = parse_json(f.read(n).decode("utf-8", "replace"), str(path), fix)
+    offsets = [t.get("data_offsets") for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)] \
+        if isinstance(header, dict) else []
+    ends = [o[1] for o in offsets if isinstance(o, list) and len(o) == 2 and isinstance(o[1], int)]
+    if 8 + n + max(ends, default=0) != size:
+        raise LorasumError(f"{path} is truncated or damaged ({size} bytes, its header describes "
+                           f"{8 + n + max(ends, default=0)}); {fix}")
+
+
+def _readable(artifact: Path, files: list[Path], tensors: Path | None = None) -> bool:
+    """Whether every JSON file of a finished artifact reads as a JSON object, and its safetensors file (if any) is
+    whole; if not, the artifact is removed."""
     try:
         for f in files:
             read_json(f, "finished-job artifact", "removed: its job runs again")
+        if tensors is not None:
+            check_safetensors(tensors)
     except LorasumError as e:
         shutil.rmtree(artifact, ignore_errors=True) if artifact.is_dir() else artifact.unlink(missing_ok=True)
         print(f"lorasum: {e}", file=sys.stderr)

@@ -143,6 +143,7 @@ def open_study(storage, name: str, label: str, space: Space, setup: dict, seed: 
         for k, v in want.items():
             study.set_user_attr(k, v)
         return study
+    _check_inputs(name, label, (attrs.get("lorasum.setup") or {}).get("inputs"), setup.get("inputs"))
     for key, what in (("lorasum.space", "search space"), ("lorasum.setup", "setup (model, data, fixed training "
                                                                            "parameters)")):
         diff = config_diff(attrs.get(key) or {}, json.loads(json.dumps(want[key])))
@@ -150,6 +151,24 @@ def open_study(storage, name: str, label: str, space: Space, setup: dict, seed: 
             raise LorasumError(f"study '{name}' in {label} was made with a different {what} (differs in: "
                                f"{', '.join(diff)}); use the same one to continue it, or another --study name")
     return study
+
+
+class InputsChanged(LorasumError):
+    """The files a study was made from (their sha256 in setup["inputs"]) changed: its trials score other inputs."""
+
+
+def _check_inputs(name: str, label: str, stored: dict | None, current: dict | None) -> None:
+    """Refuse a study whose recorded input files (path -> sha256) differ from the current ones, naming them."""
+    if current is None or stored == current:
+        return
+    if not isinstance(stored, dict):
+        raise InputsChanged(f"study '{name}' in {label} holds no sha256 of the files it was made from (an older "
+                            "lorasum made it), so its trials cannot be trusted for these inputs; use another --out "
+                            "or --storage")
+    changed = [p for p in sorted(set(stored) | set(current)) if stored.get(p) != current.get(p)]
+    raise InputsChanged(f"study '{name}' in {label} was made from other file contents: {', '.join(changed[:4])}"
+                        f"{' …' if len(changed) > 4 else ''} changed (sha256 differs); restore them, or use another "
+                        "--out or --storage for a new study")
 
 
 def count_states(study) -> dict[str, int]:

@@ -3,7 +3,8 @@ one for MLP modules), minimising the pooled validation perplexity exp(ΣNLL/Σto
 applied exactly in place (delta.apply). The test split is never read.
 
 The study lives in `OUT/study.db` (or any SQLAlchemy URL), like `lorasum tune`: a rerun adds only the missing trials,
-and a rerun with other adapters, data, method or bounds is refused. Trial 0 is all weights 1 (the plain method), so
+and a rerun with other adapters, data, method or bounds is refused, as is one whose adapter or data files changed
+at the same paths (their sha256s are stored on the study). Trial 0 is all weights 1 (the plain method), so
 the best trial is never worse on validation than it.
 """
 
@@ -19,9 +20,9 @@ from ..delta.compose import to_factors, weighted_sum
 from ..delta.factors import Adapter, module_kind
 from ..delta.methods import METHODS, check_method, merge, method_params
 from ..delta.apply import applied
-from ..delta.peft_format import save_adapter
+from ..delta.peft_format import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from ..errors import LorasumError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, sha256_file
 from ..lm.data import DataConfig, load_domain, require_nonempty, require_predicted_tokens, tokenize_records
 from ..lm.evaluate import per_example_nll
 from .. import schema
@@ -30,6 +31,7 @@ from .space import Param
 
 GROUPS = ("attn", "mlp")  # --per-module: one weight per adapter for each
 LOW, HIGH = 0.0, 2.0  # the searched range of every weight
+ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE)  # what an adapter's effect is read from
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,25 @@ def applied_terms(adapters: list[Adapter], weights, method: str, params: dict) -
     return [(combined(adapters, weights, method, params), 1.0)]
 
 
-def validation_examples(loaded, domains: list[str], data: DataConfig, max_length: int, loss_on: str) -> dict:
-    """The domains' validation examples, tokenized (the test split is not touched)."""
+def validation_examples(loaded, domains: list[str], data: DataConfig, max_length: int, loss_on: str,
+                        sources: dict | None = None) -> dict:
+    """The domains' validation examples, tokenized (the test split is not touched); `sources`, when given, gets
+    each data file's sha256 (path -> sha256) as read, for the study's record of its inputs."""
     doms = [load_domain(d, data) for d in domains]
     require_nonempty(doms, "validation")
+    if sources is not None:
+        sources.update({d.source: d.source_sha256 for d in doms})
     examples = {d.spec: tokenize_records(loaded.tokenizer, d.records["validation"], max_length) for d in doms}
     require_predicted_tokens(examples, "validation", max_length, loss_on)
     return examples
+
+
+def input_files(adapters: list[Adapter], sources: dict) -> dict[str, str | None]:
+    """{path: sha256} of every file a study's trials depend on: each adapter's weights and config, each data file.
+    A study keyed on these is refused (or restarted) when one changes at the same path."""
+    files = {str(Path(a.path) / n): sha256_file(Path(a.path) / n) for a in adapters for n in ADAPTER_FILES
+             if (Path(a.path) / n).is_file()}
+    return {**files, **sources}
 
 
 def pooled_ppl(loaded, terms: list, examples: dict, batch_size: int, loss_on: str) -> float:
@@ -173,10 +187,12 @@ def write_search(search: WeightSearch, best: dict, out: str | Path) -> dict:
 def run_search(loaded, search: WeightSearch, domains: list[str], data: DataConfig, out: str | Path,
                max_length: int = 64, batch_size: int = 16, loss_on: str = "all", storage: str | None = None) -> dict:
     """The whole command: validation examples, the study (resumed), best.json and the composed adapter."""
-    examples = validation_examples(loaded, domains, data, max_length, loss_on)
+    sources: dict = {}
+    examples = validation_examples(loaded, domains, data, max_length, loss_on, sources)
     setup = {"model": loaded.model_id, "adapters": [str(a.path) for a in search.adapters],
              "domains": list(examples), "max_records": data.max_records.get("validation"),
-             "split_seed": data.split_seed, "max_length": max_length, "loss_on": loss_on}
+             "split_seed": data.split_seed, "max_length": max_length, "loss_on": loss_on,
+             "inputs": input_files(search.adapters, sources)}
     best = search_weights(loaded, search, examples, out, storage, setup, batch_size, loss_on)
     write_search(search, best, out)
     return best
