@@ -312,7 +312,7 @@ def test_cli_generate_with_a_method(trio, run_cli):
     (["--method", "magnitude_prune", "--seed", "1"], "--seed is not a hyperparameter of method 'magnitude_prune'"),
     (["--method", "peft_linear", "--density", "0.5"], "--density is not a hyperparameter of method 'peft_linear'"),
     (["--method", "breadcrumbs", "--density", "0.99", "--gamma", "0.05"], "--gamma 0.05 plus density 0.99 exceeds 1"),
-    (["--method", "peft_linear"], "cannot combine these adapters with combination_type 'linear'"),
+    (["--method", "peft_linear"], "needs every adapter at one rank, got ranks 2, 4; use --method sum"),
 ])
 def test_cli_bad_method_input_is_one_line_and_writes_nothing(trio, tmp_path, run_cli, extra, word):
     model, folders = trio
