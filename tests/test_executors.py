@@ -175,7 +175,7 @@ def _closed_port() -> int:
 
 @pytest.mark.parametrize("extra,culprits", [
     (["--executor", "ray", "--address", "127.0.0.1:{port}"], ["--address 127.0.0.1:{port}: no Ray cluster answers"]),
-    (["--executor", "ray", "--workers", "0"], ["--workers must be at least 1, got 0"]),
+    (["--executor", "ray", "--workers", "0"], ["--workers must be at least 1 and at most 4096, got 0"]),
     (["--workers", "2"], ["--workers and --address apply to --executor ray only"]),
     (["--executor", "ray", "--address", "nohost"], ["--address must be HOST:PORT"]),
 ])

@@ -222,6 +222,10 @@ def merge(args: argparse.Namespace) -> int:
     out = check_out(args.out, MERGED)
     adapters = load_terms(parse_term(t) for t in args.adapter)
     check_compatible([a for a, _ in adapters])
+    if is_peft(method):
+        from ..lm.peft_merge import check_combinable
+
+        check_combinable(adapters, method)  # what PEFT would refuse, before the model is loaded for it
     lm = load(args)
     fingerprint = check_base(lm, adapters)
     apply_adapters(lm.model, merged_terms(lm, adapters, method, params))
