@@ -121,25 +121,36 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_results_are_identical(seria
     assert (out / "results.json").read_bytes() == want
 
 
-def test_a_killed_driver_resumes_on_either_executor_without_recomputing_finished_jobs(serial, tmp_path):
+@pytest.mark.parametrize("point, where", [
+    ("publish", "adapters/"),  # an adapter folder a worker trained, renamed into place
+    ("write", "sims/"),
+    ("write", "evals/"),
+    ("write", "timings.json"),  # after a job, beside the artifacts
+    ("write", "results.json"),  # every job done, the assembly being published
+])
+def test_a_killed_driver_resumes_on_either_executor_without_recomputing_finished_jobs(serial, tmp_path, point, where):
+    from lorasum.files import is_temp_name
+
     root, want = serial
     marker, log = tmp_path / "write.marker", tmp_path / "stderr.txt"
     out = tmp_path / "run"
     # Only the driver writes below OUT (a worker writes in a private temp run folder, with the same env).
-    env = {**ENV, "LORASUM_TEST_PAUSE": f"write:{out.resolve()}/evals/", "LORASUM_TEST_PAUSE_MARKER": str(marker)}
+    target = f"{out.resolve()}/{where}"
+    env = {**ENV, "LORASUM_TEST_PAUSE": f"{point}:{target}", "LORASUM_TEST_PAUSE_MARKER": str(marker)}
     proc = _start(_args(root / "data", out, "--executor", "ray", "--workers", "2"), env, log)
     try:
         _wait_for(marker, proc, log)
-        assert marker.read_text().startswith(str(out.resolve() / "evals"))
+        assert marker.read_text().startswith(str(out.resolve()))  # the pause held a temp name inside the run
     finally:
-        _kill_group(proc)  # the driver while publishing its first eval artifact, and its Ray processes
+        _kill_group(proc)  # the driver while publishing at this point, and its Ray processes
     finished = {p: p.stat().st_mtime_ns for p in out.glob("adapters/[!.]*/adapter_model.safetensors")}
-    assert finished and not (out / "results.json").exists()
+    assert not (out / "results.json").exists()
     res = subprocess.run([sys.executable, "-m", "lorasum.cli", *_args(root / "data", out)], env=ENV,
                          capture_output=True, text=True, timeout=900)  # resumed serially
     assert res.returncode == 0, res.stderr
     assert (out / "results.json").read_bytes() == want
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # no adapter was trained again
+    assert [p for p in out.rglob("*") if is_temp_name(p.name)] == []  # the interrupted write left nothing behind
 
 
 def test_the_grid_spreads_over_two_nodes_of_a_real_cluster_all_on_127_0_0_1(serial):
