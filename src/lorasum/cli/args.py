@@ -13,9 +13,8 @@ from pathlib import Path
 from ..cluster import EXECUTORS, ExecutorOptions
 from ..errors import LorasumError
 from ..files import read_json
+from ..lm.choices import SPLITS
 from ..outputs import OutKind, check_out_dir
-
-SPLITS = ("train", "validation", "test")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

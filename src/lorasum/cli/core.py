@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import get_args
 
+from ..lm.choices import SPLITS, LossOn
 from ..outputs import ADAPTER
 from .algebra import add_method_args, merged_terms, method_choice
 from .args import add_data_args, add_model_args, check_out, data_config, expand_domains, load, parse_term, \
@@ -149,7 +151,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", nargs="+", default=None, help="module names to adapt (default: architecture preset)")
     for name, typ in TRAIN_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help="training parameter (defaults: README, Training)")
-    p.add_argument("--loss-on", choices=("all", "answer"), default=None, help="default: all tokens (as the paper)")
+    p.add_argument("--loss-on", choices=get_args(LossOn), default=None, help="default: all tokens (as the paper)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
     p.set_defaults(func=train, parser=p)
 
@@ -160,10 +162,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="adapter to add (repeat: their weighted sum, or their --method merge, is applied)")
     add_method_args(p)
     p.add_argument("--data", nargs="+", required=True, help="domains; a+b expands to both (pooled = partition)")
-    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--loss-on", choices=("all", "answer"), default="all")
+    p.add_argument("--loss-on", choices=get_args(LossOn), default="all")
     p.add_argument("--per-example", default=None, metavar="FILE", help="write per-example NLL and tokens (JSONL)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --per-example file")
     p.add_argument("--json", action="store_true", help="print JSON")

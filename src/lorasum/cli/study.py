@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import get_args
 
+from ..lm.choices import LossOn
 from ..outputs import TUNE
 from .args import (add_data_args, add_executor_args, add_model_args, check_out, data_config, executor_options,
                    load, train_config)
@@ -124,7 +126,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", nargs="+", default=None, help="module names to adapt (default: architecture preset)")
     for name, typ in (("r", int), ("alpha", float), ("max_length", int), ("seed", int), ("init", str)):
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help="fixed training parameter")
-    p.add_argument("--loss-on", choices=("all", "answer"), default=None)
+    p.add_argument("--loss-on", choices=get_args(LossOn), default=None)
     add_executor_args(p, "trials run in parallel against one study (parallel TPE is not reproducible trial for "
                       "trial)", workers="parallel trials", address="needs --storage postgresql://… that every node "
                       "reaches")

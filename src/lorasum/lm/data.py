@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import schema
 from ..errors import LorasumError
 from ..files import sha256_file
+from .choices import SPLITS, LossOn, Split  # noqa: F401 - re-exported
 from .datafiles import DATA_DIR_ENV, EXTENSIONS, data_dir_from, read_rows, resolve_source  # noqa: F401 - re-exported
 
-SPLITS = ("train", "validation", "test")
 SPLIT_BOUNDS = (0.8, 0.9)  # train < 0.8 <= validation < 0.9 <= test
 
 # The one prompt template (documented in the README). The answer follows "Answer:" after one space; EOS ends it.
@@ -249,13 +250,13 @@ def tokenize_records(tokenizer, records: list[Record], max_length: int) -> list[
     return [tokenize_record(tokenizer, r, max_length) for r in records]
 
 
-def predicted_tokens(e: Example, loss_on: str = "all") -> int:
+def predicted_tokens(e: Example, loss_on: LossOn = "all") -> int:
     """Tokens the loss is computed on: every position after the first (labels are shifted), or answer tokens only."""
     return sum(e.answer_mask[1:]) if loss_on == "answer" else len(e.input_ids) - 1
 
 
 def require_predicted_tokens(examples: dict[str, list[Example]], split: str, max_length: int,
-                             loss_on: str = "all") -> None:
+                             loss_on: LossOn = "all") -> None:
     """Every domain has tokens to predict (else its perplexity is NaN); the error names the domain and split."""
     for domain, exs in examples.items():
         if exs and not any(predicted_tokens(e, loss_on) for e in exs):
@@ -266,11 +267,12 @@ def require_predicted_tokens(examples: dict[str, list[Example]], split: str, max
                                "see `lorasum data stats`")
 
 
-def collate(examples: list[Example], pad_id: int, loss_on: str = "all") -> dict:
+def collate(examples: list[Example], pad_id: int, loss_on: LossOn = "all") -> dict:
     """Right-padded batch. Padding is excluded by the attention mask (never by token id: pad may equal EOS).
 
     labels are -100 on padding and, with loss_on="answer", on prompt tokens; the model shifts them itself.
     """
+    schema.require(LossOn, loss_on, "loss_on")
     n = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)  # (b, n)
     attn = torch.zeros((len(examples), n), dtype=torch.long)
@@ -282,7 +284,5 @@ def collate(examples: list[Example], pad_id: int, loss_on: str = "all") -> dict:
         lab = torch.tensor(e.input_ids)
         if loss_on == "answer":
             lab[torch.tensor(e.answer_mask) == 0] = -100
-        elif loss_on != "all":
-            raise LorasumError(f"must be 'all' or 'answer', got '{loss_on}'", key="loss_on")
         labels[i, :k] = lab
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}

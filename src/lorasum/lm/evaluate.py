@@ -9,12 +9,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import schema
 from ..delta.apply import applied
 from ..errors import LorasumError
 from ..files import atomic_write_text
 from ..progress import progress
 from .adapters import adapters_for
-from .data import SPLITS, DataConfig, Example, collate, load_domain, require_nonempty, require_predicted_tokens, \
+from .data import DataConfig, Example, Split, collate, load_domain, require_nonempty, require_predicted_tokens, \
     tokenize_records
 from .models import LoadedModel, check_positions
 
@@ -121,8 +122,7 @@ def evaluate(loaded: LoadedModel, domains: list[str], adapters=None, data: DataC
     unchanged when this returns (no round-off accumulates over many calls). `per_example` names a JSONL file for
     each example's NLL and token count.
     """
-    if split not in SPLITS:
-        raise LorasumError(f"must be one of {', '.join(SPLITS)}, got '{split}'", key="split")
+    schema.require(Split, split, "split")
     if not domains:
         raise LorasumError("eval needs at least one domain")
     if len(set(domains)) != len(domains):

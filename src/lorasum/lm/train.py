@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
@@ -27,55 +28,53 @@ from ..errors import DivergedError, LorasumError
 from ..files import atomic_dir, atomic_write_json, pause_for_test, read_json
 from ..progress import progress
 from ..provenance import provenance
-from .data import DataConfig, Example, check_max_length, collate, load_domain, partition_domains, partition_records, \
-    require_nonempty, require_predicted_tokens, tokenize_records
+from ..schema import Range, Rule, Wording
+from .choices import INIT_MODES, InitMode, LossOn  # noqa: F401 - INIT_MODES re-exported
+from .data import DataConfig, Example, check_max_length, collate, load_domain, partition_domains, \
+    partition_records, require_nonempty, require_predicted_tokens, tokenize_records
 from .evaluate import Perplexity, per_example_nll
 from .models import LoadedModel, check_positions, check_targets, targets_for, weights_fingerprint
 
 
-INIT_MODES = ("independent", "shared")
 SEED_LIMIT = 2**63  # seeds are 0 ≤ seed < 2⁶³: torch, random and numpy all accept them
+# The one rule for every seed lorasum takes (training, generation, experiments).
+Seed = Annotated[int, Range(0, SEED_LIMIT - 1), Wording("a whole number from 0 to 2**63 - 1")]
 # Upper bounds of the counts a user sets: far above any useful value, low enough that a typo (an extra digit run)
 # is refused at once instead of allocating a rank-10⁹ LoRA or looping for a geological time.
 LIMITS = {"r": 4096, "batch_size": 65_536, "eval_batch_size": 65_536, "epochs": 1000}
+# Bounds of the real-valued hyperparameters (a non-finite value is refused by every Range).
+Positive = Annotated[float, Range(0, low_open=True), Wording("a finite number > 0")]
+NonNegative = Annotated[float, Range(0), Wording("a finite number ≥ 0")]
+Share = Annotated[float, Range(0, 1, high_open=True), Wording("a finite number in [0, 1)")]
 
 
 def check_seed(value, key: str = "seed") -> int:
-    """The one rule for every seed lorasum takes (training, generation, experiments): a whole number in
-    [0, 2⁶³). Returns it; a LorasumError keyed by `key` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
-        raise LorasumError(f"must be a whole number from 0 to 2**63 - 1, got {value!r:.40}", key=key)
-    return value
-
-
-def _check_number(name: str, value: float, low: float, high: float | None = None, low_open: bool = False) -> None:
-    """`value` is finite, ≥ low (> low with `low_open`) and, with `high`, < high; else a LorasumError keyed by name."""
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value < high)
-    if not ok:
-        rule = f"in [{low:g}, {high:g})" if high is not None else f"{'>' if low_open else '≥'} {low:g}"
-        raise LorasumError(f"must be a finite number {rule}, got {value}", key=name)
+    """A seed given in code or as a flag, by the `Seed` rule. Returns it; a LorasumError keyed by `key` otherwise."""
+    return schema.require(Seed, value, key)
 
 
 @dataclass
 class TrainConfig:
     """Hyperparameters of one adapter. r, alpha, targets and max_length are fixed across partitions (paper §3)."""
 
-    r: int = 4  # LoRA rank (paper: 4)
-    alpha: float = 64.0  # LoRA alpha; the delta is scaled by alpha/r (paper: 64)
-    dropout: float = 0.05  # LoRA dropout (tuned in the paper)
+    r: Annotated[int, Range(1, LIMITS["r"])] = 4  # LoRA rank (paper: 4)
+    alpha: Positive = 64.0  # LoRA alpha; the delta is scaled by alpha/r (paper: 64)
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.05  # LoRA dropout (tuned in the paper)
     targets: list[str] | None = None  # module names; None = the architecture's preset
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
-    max_length: int = 64  # tokens per record after formatting (paper: 64)
-    batch_size: int = 8  # records per optimizer step (tuned in the paper)
-    epochs: int = 1  # passes over the training split (tuned in the paper); the best epoch by validation is kept
-    lr: float = 1e-3  # AdamW peak learning rate, decayed linearly to 0
-    warmup_ratio: float = 0.0  # share of steps with linear warm-up
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping
-    loss_on: str = "all"  # "all" tokens of the formatted record (paper) or "answer" tokens only
-    seed: int = 0  # dropout and batch order (and the initialisation, see init); never moves records between splits
-    init: str = "independent"  # LoRA init seed: "independent" (derived from partition and seed) or "shared" (seed)
-    eval_batch_size: int = 16  # records per validation batch
+    max_length: Annotated[int, Rule(check_max_length)] = 64  # tokens per record after formatting (paper: 64)
+    batch_size: Annotated[int, Range(1, LIMITS["batch_size"])] = 8  # records per optimizer step (tuned in the paper)
+    # passes over the training split (tuned in the paper); the best epoch by validation is kept
+    epochs: Annotated[int, Range(1, LIMITS["epochs"])] = 1
+    lr: Annotated[float, Range(0, low_open=True), Wording("a positive number")] = 1e-3  # AdamW peak, decayed to 0
+    warmup_ratio: Share = 0.0  # share of steps with linear warm-up
+    weight_decay: NonNegative = 0.0  # AdamW weight decay
+    max_grad_norm: Positive = 1.0  # gradient clipping
+    loss_on: LossOn = "all"  # "all" tokens of the formatted record (paper) or "answer" tokens only
+    seed: Seed = 0  # dropout and batch order (and the initialisation, see init); never moves records between splits
+    # LoRA init seed: "independent" (derived from partition and seed) or "shared" (seed)
+    init: Annotated[InitMode, Wording("independent or shared")] = "independent"
+    eval_batch_size: Annotated[int, Range(1, LIMITS["eval_batch_size"])] = 16  # records per validation batch
 
     @property
     def scale(self) -> float:
@@ -89,26 +88,13 @@ class TrainConfig:
         return f"alpha/{over} = {self.alpha:g}/{r} = {self.scale:g}"
 
     def check(self) -> None:
-        """Value rules (types are the schema's: see from_dict); errors are keyed by the field."""
-        check_max_length(self.max_length)
-        for name, high in LIMITS.items():
-            schema.check_count(getattr(self, name), name, high)
-        if not 0 <= self.dropout < 1:
-            raise LorasumError(f"must be in [0, 1), got {self.dropout}", key="dropout")
-        if self.loss_on not in ("all", "answer"):
-            raise LorasumError(f"must be 'all' or 'answer', got '{self.loss_on}'", key="loss_on")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise LorasumError(f"must be a positive number, got {self.lr}", key="lr")
-        _check_number("alpha", self.alpha, 0, low_open=True)  # the delta's scale alpha/r: > 0, as load_adapter's
+        """Every rule, also for a TrainConfig built in code (from command-line flags): the ones declared on the
+        fields (types are the schema's: see from_dict), then the LoRA scale, which alpha, r and use_rslora make
+        together. Errors are keyed by the field."""
+        schema.check_fields(self)
         if self.scale > torch.finfo(torch.float32).max:  # PEFT multiplies by it in float32: inf, then 0·inf
             raise LorasumError(f"{self.alpha:g} makes the LoRA scale {self.scale_text}, beyond float32's range "
                                "(3.4e+38); the paper uses 64", key="alpha")
-        _check_number("warmup_ratio", self.warmup_ratio, 0, 1)
-        _check_number("weight_decay", self.weight_decay, 0)
-        _check_number("max_grad_norm", self.max_grad_norm, 0, low_open=True)
-        check_seed(self.seed, "seed")
-        if self.init not in INIT_MODES:
-            raise LorasumError(f"must be {' or '.join(INIT_MODES)}, got {self.init!r}", key="init")
 
     @classmethod
     def from_dict(cls, d: dict, where: str | None = "training parameters", strict: bool = False) -> "TrainConfig":

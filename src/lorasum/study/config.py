@@ -6,68 +6,148 @@ import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Annotated, Literal
 
 from .. import schema
 from ..errors import LorasumError, show
 from ..files import read_json
+from ..schema import Range, Rule, Wording
 from ..yamlfile import read_yaml
-from ..lm.data import SPLITS, DataConfig, check_domain
-from ..lm.train import INIT_MODES, TrainConfig, check_seed
+from ..lm.choices import INIT_MODES, SPLITS, LossOn
+from ..lm.data import DataConfig, check_domain
+from ..lm.train import Seed, TrainConfig
 from ..lm.models import MAX_THREADS, resolve_device
 from ..tune.search import HEARTBEAT_S, MAX_HEARTBEAT_S
 from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
 from ..delta.methods import method_params
 from .grid import COMPOSITIONS, DEFAULT_COMPOSITIONS, METHOD_COMPOSITIONS, grid_points
 
-TUNE_MODES = ("shared", "per_partition")
-EVAL_SCOPES = ("all", "own")
 MAX_BOOTSTRAP = 100_000  # resamples: more would only exhaust memory after the whole grid has run
 MAX_RECORDS = 10**9  # record caps and minimums: a bigger number means "all" and only overflows the work estimate
 
 
-def _show(value) -> str:
-    """A number as the error shows it: a huge integer by its first digits and length, not thousands of digits."""
-    text = str(value)
-    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
+def _check_storage(url: str | None) -> None:
+    """Optuna opens its storage by SQLAlchemy URL: a bare path or name would not open."""
+    if url is not None and "://" not in url:
+        raise LorasumError(f"must be an SQLAlchemy URL (e.g. postgresql://host/db) or null, got {show(url)}")
+
+
+Heartbeat = Annotated[int, Range(1, MAX_HEARTBEAT_S), Wording(f"a whole number of seconds in [1, {MAX_HEARTBEAT_S}]")]
 
 
 @dataclass
 class TuneSettings:
     """The experiment's `tune` section: a search run before the grid, whose best parameters train the adapters."""
 
-    mode: str = "shared"  # shared: one set for every partition; per_partition: each its own (confounds the comparison)
-    trials: int = 20  # finished trials per study
+    # shared: one set for every partition; per_partition: each its own (confounds the comparison)
+    mode: Annotated[Literal["shared", "per_partition"], Wording("one of shared, per_partition")] = "shared"
+    trials: Annotated[int, Range(1), Wording("an integer of at least 1")] = 20  # finished trials per study
     space: dict | None = None  # search space {param: {low, high[, log]} | {choices}} (default: tune.space's)
-    seed: int = 0  # seed of the TPE sampler
-    storage: str | None = None  # SQLAlchemy URL shared by workers (default: an SQLite file in RUN_DIR/tune)
-    heartbeat: int = HEARTBEAT_S  # seconds between a running trial's heartbeats
+    seed: Seed = 0  # seed of the TPE sampler
+    # SQLAlchemy URL shared by workers (default: an SQLite file in RUN_DIR/tune)
+    storage: Annotated[str | None, Rule(_check_storage)] = None
+    heartbeat: Heartbeat = HEARTBEAT_S  # seconds between a running trial's heartbeats
+
+    @classmethod
+    def shorthand(cls, value) -> dict | None:
+        """The section as YAML may write it: `false` (off: None), `true` (every default) or a mode (`tune: shared`),
+        as the mapping it stands for."""
+        if value is False:
+            return None
+        if value is True:
+            return {}
+        if isinstance(value, str):
+            return {"mode": value}
+        raise schema.Mismatch("a mapping or a string or true or false or null")
 
     def check(self) -> None:
-        if self.mode not in TUNE_MODES:
-            raise LorasumError(f"must be one of {', '.join(TUNE_MODES)}, got {show(self.mode)}", key="mode")
-        if self.trials < 1:
-            raise LorasumError(f"must be an integer of at least 1, got {show(self.trials)}", key="trials")
-        if self.storage is not None and "://" not in self.storage:
-            raise LorasumError(f"must be an SQLAlchemy URL (e.g. postgresql://host/db) or null, got {show(self.storage)}",
-                               key="storage")
-        if not 1 <= self.heartbeat <= MAX_HEARTBEAT_S:
-            raise LorasumError(f"must be a whole number of seconds in [1, {MAX_HEARTBEAT_S}], got "
-                               f"{_show(self.heartbeat)}", key="heartbeat")
-        check_seed(self.seed, "seed")
+        """The search space, checked and written out in full (the default space where none is given), so the
+        config's hash names the space searched."""
         self.space = space_dict(parse_space(self.space or DEFAULT_SPACE, "tune.space"))
 
 
-def tune_section(value) -> dict | None:
-    """`tune: null | shared | per_partition | {mode, trials, space, seed, storage, heartbeat}` -> a full dict."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        value = {}
-    if isinstance(value, str):
-        value = {"mode": value}
-    if not isinstance(value, dict):
-        raise LorasumError(f"'tune' must be null, 'shared', 'per_partition' or a mapping, got {show(value)}")
-    return asdict(schema.parse(TuneSettings, value, None, prefix="tune."))
+def _check_domains(domains: list[str]) -> None:
+    """At least a pair, each named once and plain: the grid builds partitions (a+b) and names models from them."""
+    if len(domains) < 2:
+        raise LorasumError(f"needs at least 2 domains, got {show(domains)}")
+    if len(set(domains)) != len(domains):
+        dup = sorted({d for d in domains if domains.count(d) > 1})
+        raise LorasumError(f"names {', '.join(dup)} more than once")
+    if any("+" in d for d in domains):
+        raise LorasumError("lists single domains; partitions (a+b) are built by the grid")
+    for d in domains:
+        check_domain(d, key="domains")
+
+
+def _check_seeds(seeds: list[int]) -> None:
+    """Each seed once: a repeated seed would train the same adapters twice (each seed's range is `Seed`'s)."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise LorasumError("must be a non-empty list of distinct integers")
+
+
+def _check_compositions(names: list[str]) -> None:
+    """Names of the COMPOSITIONS registry, read when checked (a registered composition is known at once)."""
+    for c in names:
+        if c not in COMPOSITIONS:
+            raise LorasumError(f"names unknown composition '{c}'; known: {', '.join(COMPOSITIONS)}")
+
+
+def _check_method_grid(method_grid: dict) -> None:
+    """Known methods, each parameter a non-empty list, every point allowed by the method."""
+    for name, grid in method_grid.items():
+        if name not in METHOD_COMPOSITIONS or name == "weight_search":
+            raise LorasumError(f"names {show(name)}, not a merge method with hyperparameters; use one of "
+                               f"{', '.join(m for m in METHOD_COMPOSITIONS if m != 'weight_search')}")
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise LorasumError(f"{name}: must map each hyperparameter to a non-empty list of values, e.g. "
+                               f"{{density: [0.1, 0.2]}}, got {show(grid)}")
+        for point in grid_points(grid):
+            try:
+                method_params(name, dict(point))
+            except LorasumError as e:
+                raise LorasumError(f"{name}: {e}") from None
+
+
+def _check_init_modes(modes: list[str]) -> None:
+    """Each mode once, each an InitMode: every mode is a whole grid of its own."""
+    if not modes or len(set(modes)) != len(modes):
+        raise LorasumError(f"must be a non-empty list of distinct modes, got {show(modes)}")
+    for m in modes:
+        if m not in INIT_MODES:
+            raise LorasumError(f"names unknown mode {show(m)}; known: {', '.join(INIT_MODES)}")
+
+
+def _check_unlearn_weights(weights: list[float]) -> None:
+    """Distinct λ in (0, 2]: the sweep of base + full − λ·d."""
+    if not weights or len(set(weights)) != len(weights) or not all(0 < w <= 2 for w in weights):
+        raise LorasumError(f"must be distinct weights in (0, 2], got {show(weights)}")
+
+
+def _check_min_records(minimums: dict) -> None:
+    """{split: records} with known splits and whole numbers in [0, MAX_RECORDS]."""
+    for split, n in minimums.items():
+        if split not in SPLITS:
+            raise LorasumError(f"names unknown split {show(split)}; use {', '.join(SPLITS)}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_RECORDS:
+            raise LorasumError(f"{show(split)} must be a whole number in [0, {MAX_RECORDS:.0e}], got "
+                               f"{schema.number_text(n)}")
+
+
+# The declared rules of ExperimentConfig's fields (the checks of list and mapping fields are above).
+Domains = Annotated[list[str], Rule(_check_domains)]
+Records = Annotated[int | None, Range(1, MAX_RECORDS), Wording(f"in [1, {MAX_RECORDS:.0e}] (or null for all)")]
+Seeds = Annotated[list[Seed], Rule(_check_seeds)]
+Compositions = Annotated[list[str], Rule(_check_compositions)]
+SearchTrials = Annotated[int | None, Range(1, 10_000), Wording("a whole number in [1, 10000] (or null for 12)")]
+PplRatio = Annotated[float | None, Range(0, low_open=True), Wording("a ratio > 0 (or null for no recipe check)")]
+Resamples = Annotated[int, Range(100, MAX_BOOTSTRAP), Wording(f"in [100, {MAX_BOOTSTRAP}]")]
+Threads = Annotated[int | None, Range(1, MAX_THREADS),
+                    Wording(f"at least 1 and at most {MAX_THREADS} (or null for torch's choice)")]
+InitModes = Annotated[list[str] | None, Rule(_check_init_modes)]
+UnlearnWeights = Annotated[list[float], Rule(_check_unlearn_weights)]
+MethodGrid = Annotated[dict | None, Rule(_check_method_grid)]
+MinRecords = Annotated[dict | None, Rule(_check_min_records)]
+EvalScope = Annotated[Literal["all", "own"], Wording("one of all, own")]
 
 
 @dataclass
@@ -76,35 +156,36 @@ class ExperimentConfig:
 
     model: str = "smollm2-135m"  # built-in name, .gguf path, folder or hub id
     data_dir: str | None = None  # folder with <domain>.jsonl (default: $LORASUM_DATA_DIR)
-    domains: list[str] = field(default_factory=lambda: ["math", "medicine", "finance"])  # >= 2; sub-domains allowed
+    domains: Domains = field(default_factory=lambda: ["math", "medicine", "finance"])  # >= 2; sub-domains allowed
     question_field: str = "question"  # record field holding the question
     answer_field: str = "answer"  # record field holding the answer
-    split_seed: int = 0  # salt of the content hash that assigns records to splits
-    max_train: int | None = None  # training records per domain (None: all)
-    max_validation: int | None = None  # validation records per domain
-    max_test: int | None = None  # test records per domain
+    split_seed: Seed = 0  # salt of the content hash that assigns records to splits
+    max_train: Records = None  # training records per domain (None: all)
+    max_validation: Records = None  # validation records per domain
+    max_test: Records = None  # test records per domain
     max_level: int | None = None  # largest merged partition trained (None: all domains)
-    seeds: list[int] = field(default_factory=lambda: [0])  # one adapter per partition and seed
+    seeds: Seeds = field(default_factory=lambda: [0])  # one adapter per partition and seed
     train: TrainConfig = field(default_factory=TrainConfig)  # hyperparameters, shared by every partition
-    eval_batch_size: int = 16  # records per eval batch
-    eval_loss_on: str = "all"  # tokens counted in perplexity: "all" (paper) or "answer"
-    compositions: list[str] = field(default_factory=lambda: list(DEFAULT_COMPOSITIONS))  # composed models evaluated
-    method_grid: dict | None = None  # {method: {param: [values]}}: hyperparameter points chosen on validation
-    weight_search_trials: int | None = None  # weight_search: TPE trials per subset and seed (default 12)
-    max_ppl_ratio: float | None = None  # recipe check: each fundamental's ppl on its own domain <= ratio x base
-    bootstrap_samples: int = 1000  # paired bootstrap resamples for confidence intervals
-    ci_level: float = 0.95  # confidence level of every interval
-    bootstrap_seed: int = 0  # RNG seed of the bootstrap
+    eval_batch_size: Annotated[int, Range(1)] = 16  # records per eval batch
+    eval_loss_on: LossOn = "all"  # tokens counted in perplexity: "all" (paper) or "answer"
+    compositions: Compositions = field(default_factory=lambda: list(DEFAULT_COMPOSITIONS))  # composed models evaluated
+    method_grid: MethodGrid = None  # {method: {param: [values]}}: hyperparameter points chosen on validation
+    weight_search_trials: SearchTrials = None  # weight_search: TPE trials per subset and seed (default 12)
+    max_ppl_ratio: PplRatio = None  # recipe check: each fundamental's ppl on its own domain <= ratio x base
+    bootstrap_samples: Resamples = 1000  # paired bootstrap resamples for confidence intervals
+    ci_level: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.95  # confidence level of intervals
+    bootstrap_seed: Seed = 0  # RNG seed of the bootstrap
     device: str | None = None  # cpu / cuda (default: GPU if present)
     dtype: str | None = None  # weights: float32 (default) / bfloat16
     autocast: str | None = None  # mixed-precision forward passes over fp32 weights: null (off) / bfloat16
-    threads: int | None = None  # torch CPU threads
-    tune: dict | str | bool | None = None  # hyperparameter search before the grid: null (off) or TuneSettings
-    init_modes: list[str] | None = None  # LoRA init modes to compare, each a whole grid (default: [train.init])
-    unlearn_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # λ swept in base + full − λ·d
-    retention_tolerance: float = 0.05  # δ: a λ must keep every other domain within (1 + δ)× its ppl before removal
-    eval_scope: str = "all"  # "all": every model on every domain; "own": each model on its own subset's domains
-    min_records: dict | None = None  # {"train": n, "test": n}: records each domain needs before caps (else refused)
+    threads: Threads = None  # torch CPU threads
+    tune: TuneSettings | None = None  # search before the grid: null (off) or its settings (YAML: also true or a mode)
+    init_modes: InitModes = None  # LoRA init modes to compare, each a whole grid (default: [train.init])
+    unlearn_weights: UnlearnWeights = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # λ: base + full − λ·d
+    # δ: a λ must keep every other domain within (1 + δ)× its ppl before removal
+    retention_tolerance: Annotated[float, Range(0), Wording(">= 0")] = 0.05
+    eval_scope: EvalScope = "all"  # "all": every model on every domain; "own": each on its own subset's domains
+    min_records: MinRecords = None  # {"train": n, "test": n}: records each domain needs before caps (else refused)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,93 +195,10 @@ class ExperimentConfig:
         return schema.parse(cls, d, where)
 
     def check(self) -> None:
-        if len(self.domains) < 2:
-            raise LorasumError(f"needs at least 2 domains, got {show(self.domains)}", key="domains")
-        if len(set(self.domains)) != len(self.domains):
-            dup = sorted({d for d in self.domains if self.domains.count(d) > 1})
-            raise LorasumError(f"names {', '.join(dup)} more than once", key="domains")
-        if any("+" in d for d in self.domains):
-            raise LorasumError("lists single domains; partitions (a+b) are built by the grid", key="domains")
-        for d in self.domains:
-            check_domain(d, key="domains")
+        """The rules relating several fields (each field's own rules are declared on it)."""
         if self.max_level is not None and not 2 <= self.max_level <= len(self.domains):
             raise LorasumError(f"must be between 2 (singletons and pairs) and {len(self.domains)} (the number of "
-                               f"domains), or null for all; got {_show(self.max_level)}", key="max_level")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise LorasumError("must be a non-empty list of distinct integers", key="seeds")
-        for key, values in (("seeds", self.seeds), ("split_seed", [self.split_seed]),
-                            ("bootstrap_seed", [self.bootstrap_seed])):
-            for v in values:
-                check_seed(v, key)
-        for c in self.compositions:
-            if c not in COMPOSITIONS:
-                raise LorasumError(f"names unknown composition '{c}'; known: {', '.join(COMPOSITIONS)}",
-                                   key="compositions")
-        self._check_methods()
-        for k in ("max_train", "max_validation", "max_test"):
-            v = getattr(self, k)
-            if v is not None and not 1 <= v <= MAX_RECORDS:
-                raise LorasumError(f"must be in [1, {MAX_RECORDS:.0e}] (or null for all), got {_show(v)}", key=k)
-        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
-            raise LorasumError(f"must be at least 1 and at most {MAX_THREADS} (or null for torch's choice), got "
-                               f"{_show(self.threads)}", key="threads")
-        if self.eval_batch_size < 1:
-            raise LorasumError(f"must be at least 1, got {_show(self.eval_batch_size)}", key="eval_batch_size")
-        if self.max_ppl_ratio is not None and not self.max_ppl_ratio > 0:
-            raise LorasumError(f"must be a ratio > 0 (or null for no recipe check), got {self.max_ppl_ratio}",
-                               key="max_ppl_ratio")
-        if not 0 < self.ci_level < 1:
-            raise LorasumError(f"must be in (0, 1), got {self.ci_level}", key="ci_level")
-        if not 100 <= self.bootstrap_samples <= MAX_BOOTSTRAP:
-            raise LorasumError(f"must be in [100, {MAX_BOOTSTRAP}], got {_show(self.bootstrap_samples)}",
-                               key="bootstrap_samples")
-        if self.eval_loss_on not in ("all", "answer"):
-            raise LorasumError(f"must be 'all' or 'answer', got {show(self.eval_loss_on)}", key="eval_loss_on")
-        if self.init_modes is not None:
-            if not self.init_modes or len(set(self.init_modes)) != len(self.init_modes):
-                raise LorasumError(f"must be a non-empty list of distinct modes, got {show(self.init_modes)}",
-                                   key="init_modes")
-            for m in self.init_modes:
-                if m not in INIT_MODES:
-                    raise LorasumError(f"names unknown mode {show(m)}; known: {', '.join(INIT_MODES)}", key="init_modes")
-        if not self.unlearn_weights or len(set(self.unlearn_weights)) != len(self.unlearn_weights) \
-                or not all(0 < w <= 2 for w in self.unlearn_weights):
-            raise LorasumError(f"must be distinct weights in (0, 2], got {show(self.unlearn_weights)}",
-                               key="unlearn_weights")
-        if self.eval_scope not in EVAL_SCOPES:
-            raise LorasumError(f"must be one of {', '.join(EVAL_SCOPES)}, got {show(self.eval_scope)}", key="eval_scope")
-        for split, n in (self.min_records or {}).items():
-            if split not in SPLITS:
-                raise LorasumError(f"names unknown split {show(split)}; use {', '.join(SPLITS)}", key="min_records")
-            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_RECORDS:
-                raise LorasumError(f"{show(split)} must be a whole number in [0, {MAX_RECORDS:.0e}], got {_show(n)}",
-                                   key="min_records")
-        if not self.retention_tolerance >= 0:
-            raise LorasumError(f"must be >= 0, got {self.retention_tolerance}", key="retention_tolerance")
-        self.tune = tune_section(self.tune)
-
-    def _check_methods(self) -> None:
-        """method_grid: known methods, each parameter a non-empty list, every point allowed by the method."""
-        if self.method_grid is not None and not isinstance(self.method_grid, dict):
-            raise LorasumError(f"must be a mapping {{method: {{param: [values]}}}}, got {show(self.method_grid)}",
-                               key="method_grid")
-        for name, grid in (self.method_grid or {}).items():
-            if name not in METHOD_COMPOSITIONS or name == "weight_search":
-                raise LorasumError(f"names {show(name)}, not a merge method with hyperparameters; use one of "
-                                   f"{', '.join(m for m in METHOD_COMPOSITIONS if m != 'weight_search')}",
-                                   key="method_grid")
-            if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-                raise LorasumError(f"{name}: must map each hyperparameter to a non-empty list of values, e.g. "
-                                   f"{{density: [0.1, 0.2]}}, got {show(grid)}", key="method_grid")
-            for point in grid_points(grid):
-                try:
-                    method_params(name, dict(point))
-                except LorasumError as e:
-                    raise LorasumError(f"{name}: {e}", key="method_grid") from None
-        t = self.weight_search_trials
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 10_000):
-            raise LorasumError(f"must be a whole number in [1, 10000] (or null for 12), got {_show(t)}",
-                               key="weight_search_trials")
+                               f"domains), or null for all; got {schema.number_text(self.max_level)}", key="max_level")
 
     @property
     def modes(self) -> list[str]:

@@ -17,11 +17,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 from ..delta.methods import METHODS, method_params
 from ..errors import LorasumError
-from ..lm.data import SPLITS, DataConfig, check_domain, partition_domains
-from ..lm.train import TrainConfig, check_seed
+from ..lm.choices import SPLITS, LossOn, Split
+from ..lm.data import DataConfig, check_domain, partition_domains
+from ..lm.train import Seed, TrainConfig
+from ..schema import Range
 
 _NOT_IN_KEY = ("run_dir", "key", "device", "data_dir")
 TRAIN_KEY = re.compile(r"train-[0-9a-f]{20}")  # job_key of a train spec: the only name an adapter folder has
@@ -52,14 +55,13 @@ class DataSpec:
 
     question_field: str
     answer_field: str
-    split_seed: int
+    split_seed: Seed
     max_records: dict  # split -> cap (None: all records)
     sources: dict  # source name -> sha256 (None for hub datasets)
     skip: dict = field(default_factory=dict)  # split -> records passed over before the cap (a disjoint sample)
 
     def check(self) -> None:
         """Caps are whole numbers >= 1 or null, skips whole numbers >= 0, per known split; sources map to a sha256."""
-        check_seed(self.split_seed, "split_seed")
         for name, table, low, none_ok in (("max_records", self.max_records, 1, True), ("skip", self.skip, 0, False)):
             for split, n in table.items():
                 ok = n is None and none_ok or isinstance(n, int) and not isinstance(n, bool) and n >= low
@@ -96,10 +98,10 @@ class JobSpec:
     train: TrainConfig | None = None
     adapters: list[AdapterTerm] | None = None  # eval: the weighted sum evaluated
     domain: str | None = None
-    split: str | None = None
-    max_length: int | None = None
-    batch_size: int | None = None
-    loss_on: str | None = None
+    split: Split | None = None
+    max_length: Annotated[int | None, Range(1)] = None
+    batch_size: Annotated[int | None, Range(1)] = None
+    loss_on: LossOn | None = None
     a: list[AdapterTerm] | None = None  # similarity: the two sides
     b: list[AdapterTerm] | None = None
     all: list[str] | None = None  # inplace: the train keys of every fundamental, and the one removed
@@ -123,13 +125,6 @@ class JobSpec:
             check_train_key(k, "all")
         if self.removed is not None:
             check_train_key(self.removed, "removed")
-        if self.split is not None and self.split not in SPLITS:
-            raise LorasumError(f"must be one of {', '.join(SPLITS)}, got {self.split!r:.40}", key="split")
-        for name in ("max_length", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise LorasumError(f"must be at least 1, got {getattr(self, name)}", key=name)
-        if self.loss_on is not None and self.loss_on not in ("all", "answer"):
-            raise LorasumError(f"must be 'all' or 'answer', got {self.loss_on!r:.40}", key="loss_on")
 
 
 def job_key(spec: dict) -> str:

@@ -32,12 +32,12 @@ def run_tuning(cfg: ExperimentConfig, run_dir: Path, loaded, sources: dict) -> t
     """Tune as `cfg.tune` says (cached: a finished study is not reopened); returns (loaded model or None,
     {partition: tuned TrainConfig}, the results.json section)."""
     t = cfg.tune
-    shared = t["mode"] == "shared"
+    shared = t.mode == "shared"
     caps = cfg.caps(("train", "validation"))
     data = cfg.data_config(("train", "validation"))
-    space = parse_space(t["space"], "tune.space")
+    space = parse_space(t.space, "tune.space")
     base = replace(cfg.train, seed=cfg.seeds[0])  # the grid's seeds replace it per job
-    storage = t["storage"] or f"sqlite:///{run_dir / 'tune' / 'study.db'}"
+    storage = t.storage or f"sqlite:///{run_dir / 'tune' / 'study.db'}"
     (run_dir / "tune").mkdir(parents=True, exist_ok=True)
     partitions = [partition_name(s) for s in subsets(cfg.domains, cfg.level)]
     targets = [partition_name(cfg.domains)] if shared else partitions
@@ -47,14 +47,14 @@ def run_tuning(cfg: ExperimentConfig, run_dir: Path, loaded, sources: dict) -> t
         key = hashlib.sha256(json.dumps({
             "model": cfg.model, "dtype": cfg.dtype, "autocast": cfg.autocast, "partition": part, "caps": caps,
             "fields": [cfg.question_field, cfg.answer_field, cfg.split_seed], "sources": sources,
-            "base": asdict(base), "tune": {k: v for k, v in t.items() if k != "heartbeat"}}, sort_keys=True,
+            "base": asdict(base), "tune": {k: v for k, v in asdict(t).items() if k != "heartbeat"}}, sort_keys=True,
         ).encode()).hexdigest()[:20]
         best = _cached(folder, key)
         if best is None:
             if loaded is None:
                 loaded = _load(cfg)
-            best = tune(loaded, part, folder, t["trials"], space, storage, f"{t['mode']}:{part}", data, base,
-                        t["seed"], t["heartbeat"])
+            best = tune(loaded, part, folder, t.trials, space, storage, f"{t.mode}:{part}", data, base, t.seed,
+                        t.heartbeat)
             if not best:
                 raise LorasumError(f"tuning {part}: no trial completed (all were pruned or failed); see "
                                    f"{folder / 'summary.md'}, then rerun to continue the study")
@@ -67,7 +67,7 @@ def run_tuning(cfg: ExperimentConfig, run_dir: Path, loaded, sources: dict) -> t
                          "importance_note": summary["importance_note"]}
         tuned = TrainConfig.from_dict(best["params"])
         train_for.update({p: tuned for p in (partitions if shared else [part])})
-    info = {"mode": t["mode"], "confounded": not shared, "trials": t["trials"], "space": t["space"],
+    info = {"mode": t.mode, "confounded": not shared, "trials": t.trials, "space": t.space,
             "studies": studies}
     return loaded, train_for, info
 
