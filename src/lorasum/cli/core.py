@@ -184,7 +184,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", choices=("lorasum", "chat"), default="lorasum",
                    help="lorasum: 'Question: ...\\nAnswer:' (as trained); chat: the model's chat template")
     p.set_defaults(parser=p)
+    _add_data_and_demo_parsers(sub)
 
+
+def _add_data_and_demo_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="inspect domain data")
     dsub = p.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("stats", help="records, tokens, truncation and answer-token share per domain and split")
