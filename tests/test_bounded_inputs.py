@@ -329,7 +329,7 @@ def pair(tmp_path) -> tuple[Path, Path]:
 
 
 def test_merge_hyperparameters_are_bounded(tmp_path, pair, run_cli):
-    from lorasum.delta.methods import MAX_LAM, method_params
+    from lorasum.delta.registry import MAX_LAM, method_params
 
     a, b = pair
     out = tmp_path / "c"

@@ -15,7 +15,7 @@ import pytest
 
 from delta_fixtures import make_adapter
 from lorasum import files
-from lorasum.delta.methods import METHODS
+from lorasum.delta.registry import METHODS
 
 ENV = {**os.environ, "LORASUM_PROGRESS": "0"}
 

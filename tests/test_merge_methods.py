@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from lorasum.delta.apply import apply_adapters, snapshot_weights
 from lorasum.delta.compose import DenseDelta, factor_dense, to_factors
-from lorasum.delta.methods import METHODS, breadcrumbs_mask, merge, method_params, top_k_mask, trim
+from lorasum.delta.methods import breadcrumbs_mask, kernel, merge, top_k_mask, trim
+from lorasum.delta.registry import METHODS, method_params
 from lorasum.delta.peft_format import load_adapter
 from lorasum.lm.models import load_model
 from lorasum.lm.peft_merge import peft_combined
@@ -164,7 +165,7 @@ def test_breadcrumbs_mask_by_hand():
     m = breadcrumbs_mask(t, density=0.5, gamma=1 / 6)  # drop the top 1 (5), keep the next 3 (4, 3, 2)
     assert m.tolist() == [[0.0, 0.0, 1.0], [0.0, 1.0, 1.0]]
     assert breadcrumbs_mask(t, density=1 / 3, gamma=0.0).tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
-    merged = METHODS["breadcrumbs"].fn([t, -t], torch.tensor([1.0, 0.5]), 0.5, 1 / 6)
+    merged = kernel("breadcrumbs")([t, -t], torch.tensor([1.0, 0.5]), 0.5, 1 / 6)
     assert merged.tolist() == [[0.0, 0.0, 1.5], [0.0, -2.0, 1.0]]  # (1 − 0.5)·(m ⊙ t)
 
 

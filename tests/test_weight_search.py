@@ -11,6 +11,7 @@ import torch
 
 from lorasum.delta.methods import merge
 from lorasum.delta.peft_format import load_adapter
+from lorasum.lm.combination import combine, layer_group
 from lorasum.lm.data import DataConfig
 from lorasum.lm.evaluate import evaluate
 from lorasum.lm.models import load_model
@@ -92,13 +93,13 @@ def test_the_test_split_is_never_read(lm, tiny_adapters, tiny_data, tmp_path, mo
 def test_per_module_weights_merge_each_group_at_its_own_weights(tiny_adapters, tiny_data):
     _, adapters = _setup(tiny_adapters, tiny_data)
     w = {"w0.attn": 0.3, "w1.attn": 1.7, "w0.mlp": 1.1, "w1.mlp": 0.4}
-    got = W.combined(adapters, w, "ties", {"density": 0.5})
+    got = combine(adapters, w, "ties", {"density": 0.5})
     attn = merge([(adapters[0], 0.3), (adapters[1], 1.7)], "ties", {"density": 0.5})
     mlp = merge([(adapters[0], 1.1), (adapters[1], 0.4)], "ties", {"density": 0.5})
-    groups = {W.layer_group(n) for n in got.layers}
+    groups = {layer_group(n) for n in got.layers}
     assert groups == {"attn", "mlp"}
     for n, layer in got.layers.items():
-        ref = (attn if W.layer_group(n) == "attn" else mlp).layers[n]
+        ref = (attn if layer_group(n) == "attn" else mlp).layers[n]
         assert torch.equal(layer.delta, ref.delta), n
 
 

@@ -6,13 +6,14 @@ Handlers import the library inside themselves, so that `lorasum --help` stays to
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from ..delta.registry import METHODS, PEFT_METHODS, Param, all_methods, method_label, method_params
 from ..outputs import ADAPTER, MERGED, WEIGHT_SEARCH
 from .args import add_data_args, add_model_args, check_out, load, parse_max_rank, parse_term, print_json, terms_text
 
 
-def similarity(args: argparse.Namespace) -> int:
+def similarity_command(args: argparse.Namespace) -> int:
+    """Per-layer cosines and RMS between adapters (delta.similarity), as a table or JSON."""
     from ..delta.peft_format import load_terms
     from ..delta.similarity import scaled, similarity_report
     from ..delta.subspace import factor_similarity, factor_summary
@@ -62,136 +63,48 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-# --- merge methods: the flags, their checks, and one combination for every command that combines adapters --------
-METHOD_FLAGS = (("density", float), ("gamma", float), ("lam", float), ("seed", int))
+# --- merge methods: --method and a flag per declared hyperparameter (delta.registry, which imports no torch) -----
+def method_flags(seed: bool = True) -> list[Param]:
+    """Every hyperparameter some method declares, once, by name (`seed=False`: without --seed)."""
+    declared = {p.name: p for m in all_methods().values() for p in m.params}
+    return [declared[n] for n in sorted(declared) if seed or n != "seed"]
 
 
 def add_method_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     """--method and its hyperparameters (each None unless given, so a flag given to a method without it is refused);
     `seed=False` where the command already has a --seed (generate: it then seeds DARE's masks too)."""
-    p.add_argument("--method", default=None, help="merge method (default: sum, the exact sum): sum, mean, "
-                   "task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, breadcrumbs, and PEFT's own "
-                   "peft_linear, peft_ties (see docs/merge-methods.md)")
-    p.add_argument("--density", default=None, metavar="D", help="kept fraction of each delta, in (0, 1] (ties, dare_*, "
-                   "magnitude_prune, breadcrumbs, peft_ties; default 0.2)")
-    p.add_argument("--gamma", default=None, metavar="G", help="breadcrumbs: fraction of largest entries dropped "
-                   "(default 0.01)")
-    p.add_argument("--lam", default=None, metavar="λ", help="task_arithmetic: scale of the summed deltas (default 1)")
-    if seed:
-        p.add_argument("--seed", default=None, metavar="S", help="dare_*: seed of the drop masks (default 0)")
-
-
-def _flag_value(text, key: str, kind: type):
-    """A hyperparameter flag's text as `kind`, or None if not given; anything else is an error naming the flag."""
-    if text is None or isinstance(text, kind):
-        return text
-    from ..errors import LorasumError
-
-    try:
-        return kind(str(text).strip())
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise LorasumError(f"must be {what}, got '{text}'", key=key) from None
+    p.add_argument("--method", default=None, help=f"merge method (default: sum, the exact sum): {', '.join(METHODS)}, "
+                   f"and PEFT's own {', '.join(PEFT_METHODS)} (see docs/merge-methods.md)")
+    for param in method_flags(seed):
+        takers = [n for n, m in all_methods().items() if param in m.params]
+        p.add_argument(f"--{param.name.replace('_', '-')}", default=None, metavar=param.metavar or None,
+                       help=f"{param.help} ({', '.join(takers)}; default {param.default:g})")
 
 
 def method_choice(args: argparse.Namespace, seed: bool = True) -> tuple[str, dict]:
     """(method, hyperparameters) from the flags, checked before any work (`seed=False`: --seed is the command's own
     and seeds the masks of methods that draw them)."""
-    from ..delta.methods import METHODS, method_params
-    from ..lm.peft_merge import PEFT_METHODS
-
     from ..errors import LorasumError
 
     name = "sum" if args.method is None else args.method  # `--method ''` names no method: refused, not the sum
     if name != "sum" and not getattr(args, "adapter", True):
         raise LorasumError(f"{name!r:.40} merges adapters, and none is given; pass --adapter DIR[:WEIGHT], or leave "
                            "--method out", key="method")
-    given = {k: _flag_value(getattr(args, k, None), k, kind) for k, kind in METHOD_FLAGS if seed or k != "seed"}
-    params = method_params(name, given, {**METHODS, **PEFT_METHODS})
+    given = {p.name: p.parse(getattr(args, p.name, None)) for p in method_flags(seed)}
+    params = method_params(name, given, all_methods())
     if not seed and "seed" in params and getattr(args, "seed", None) is not None:
         params["seed"] = int(args.seed)
     return name, params
 
 
-def is_peft(method: str) -> bool:
-    return method.startswith("peft_")
-
-
-def combine(adapters: list, method: str, params: dict, lm=None, name: str = "merged"):
-    """The adapters combined by `method`: a lorasum merge (delta.methods) or, for peft_*, PEFT's own on `lm`."""
-    from ..delta.methods import merge
-    from ..lm.peft_merge import PEFT_METHODS
-
-    if method in PEFT_METHODS:
-        combined = PEFT_METHODS[method].fn(lm, adapters, **params)
-        combined.name = name
-        return combined
-    return merge(adapters, method, params, name=name)
-
-
-def method_label(method: str, params: dict) -> str:
-    """`ties(density=0.2)`; empty for the plain sum."""
-    if method == "sum":
-        return ""
-    return f"{method}({', '.join(f'{k}={v:g}' for k, v in params.items())})" if params else method
-
-
-def merged_terms(lm, adapters: list, method: str, params: dict) -> list:
-    """What eval/generate/merge apply: the adapters themselves for the exact sum (summed as they are applied), or one
-    adapter holding the method's merged deltas (dense where the method is), applied exactly at weight 1."""
-    if method == "sum":
-        return adapters
-    label = method_label(method, params) + "[" + " + ".join(f"{w:g}*{a.name}" for a, w in adapters) + "]"
-    return [(combine(adapters, method, params, lm, name=label), 1.0)]
-
-
-def compose(terms: list[tuple[str, float]], out: str, max_rank: int | None = None, method: str = "sum",
-            params: dict | None = None, args: argparse.Namespace | None = None) -> dict:
-    """Load the adapters, merge them with `method` (default: the exact sum), make every layer LoRA factors (dense
-    results by truncated SVD to `max_rank`, default the sum of the input ranks; factored ones compressed only with
-    max_rank), save one stock PEFT folder. `args` carries the model flags, needed for PEFT's own methods only.
-
-    Returns a report: inputs, method, output path, rank, and the relative Frobenius errors per layer and overall.
-    """
-    from ..delta.compose import to_factors
-    from ..delta.methods import merge_to_factors
-    from ..delta.peft_format import load_terms, save_adapter
-    from ..errors import LorasumError
-
-    if not terms:
-        raise LorasumError("compose needs at least one adapter: lorasum compose A B[:W] ... --out DIR")
-    params = params or {}
-    adapters = load_terms(terms)
-    lm = None
-    if is_peft(method):
-        from ..lm.adapters import check_base
-        from ..lm.peft_merge import check_combinable
-
-        check_combinable(adapters, method)  # what PEFT would refuse, before the model is loaded for it
-        lm = load(args)
-        check_base(lm, adapters)
-    if lm is None:  # lorasum's own methods: each dense layer refactored as it is merged
-        total, errors = merge_to_factors(adapters, method, params, max_rank, name=Path(out).name)
-    else:
-        total, errors = to_factors(combine(adapters, method, params, lm, name=Path(out).name), max_rank)
-    ranks = sorted({f.rank for f in total.layers.values()})
-    record = {"composition": {
-        "adapters": [{"name": a.name, "path": a.path, "weight": w} for a, w in adapters],
-        "method": method, "params": params, "max_rank": max_rank, "rank": ranks[-1],
-        "relative_error": errors["overall"], "layer_errors": errors["layers"],
-    }}
-    save_adapter(total, out, extra_meta=record)
-    return {"out": str(out), "adapters": record["composition"]["adapters"], "method": method, "params": params,
-            "rank": ranks[-1], "layers": len(total.layers), "max_rank": max_rank,
-            "relative_error": errors["overall"], "layer_errors": errors["layers"],
-            "layer_ranks": {n: f.rank for n, f in total.layers.items()}}
-
-
 def compose_command(args: argparse.Namespace) -> int:
+    """Merge adapter files into one stock PEFT adapter folder (lm.combination.compose); PEFT's methods load --model."""
+    from ..lm.combination import compose
+
     method, params = method_choice(args)
     max_rank = parse_max_rank(args.max_rank)
     check_out(args.out, ADAPTER)
-    report = compose([parse_term(t) for t in args.adapters], args.out, max_rank, method, params, args)
+    report = compose([parse_term(t) for t in args.adapters], args.out, max_rank, method, params, lambda: load(args))
     if args.json:
         print_json(report)
         return 0
@@ -208,27 +121,25 @@ def compose_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def merge(args: argparse.Namespace) -> int:
-    """Load the base model, add Σ wᵢ ΔWᵢ into its weights, save a merged model folder."""
+def merge_command(args: argparse.Namespace) -> int:
+    """Load the base model, add Σ wᵢ ΔWᵢ (or the method's merge) into its weights, save a merged model folder."""
     from ..delta.apply import apply_adapters
-    from ..delta.factors import check_compatible
     from ..delta.peft_format import load_terms
     from ..errors import LorasumError
     from ..lm.adapters import check_base, save_merged
+    from ..lm.combination import check_combination, merged_name, method_terms
 
     if not args.adapter:
         raise LorasumError("merge needs at least one --adapter DIR[:W]")
     method, params = method_choice(args)
     out = check_out(args.out, MERGED)
     adapters = load_terms(parse_term(t) for t in args.adapter)
-    check_compatible([a for a, _ in adapters])
-    if is_peft(method):
-        from ..lm.peft_merge import check_combinable
-
-        check_combinable(adapters, method)  # what PEFT would refuse, before the model is loaded for it
+    check_combination(adapters, method)
     lm = load(args)
     fingerprint = check_base(lm, adapters)
-    apply_adapters(lm.model, merged_terms(lm, adapters, method, params))
+    terms = method_terms([a for a, _ in adapters], [w for _, w in adapters], method, params, lm,
+                         merged_name(adapters, method, params))
+    apply_adapters(lm.model, terms)
     meta = {"base_model": {"id": lm.model_id, "weights_sha256": fingerprint},
             "adapters": [{"name": a.name, "path": a.path, "weight": w} for a, w in adapters],
             "method": method, "params": params}
@@ -238,7 +149,7 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def search_weights(args: argparse.Namespace) -> int:
+def search_weights_command(args: argparse.Namespace) -> int:
     """Optuna TPE over the adapters' weights on pooled validation perplexity; best.json and OUT/adapter."""
     from ..delta.peft_format import load_terms
     from ..lm.adapters import check_base
@@ -274,7 +185,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--factors", action="store_true", help="also the similarity of the A row spaces and of the B "
                    "column spaces (mean squared cosine of principal angles; A near 1 means a shared initial A)")
-    p.set_defaults(func=similarity, parser=p)
+    p.set_defaults(parser=p)
 
     p = sub.add_parser("compose", help="weighted sum (exact) or another merge of adapters, saved as one PEFT "
                        "adapter folder")
@@ -285,7 +196,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "default the sum of the input ranks; K ≥ a layer's smaller dimension is exact)")
     p.add_argument("--out", required=True, help="output adapter folder (must not exist or be empty)")
     p.add_argument("--json", action="store_true", help="print the full report (per-layer errors) as JSON")
-    p.set_defaults(func=compose_command, parser=p)
+    p.set_defaults(parser=p)
 
     p = sub.add_parser("search-weights", help="Optuna TPE over adapter weights, minimising pooled validation "
                        "perplexity of base + the merge method; writes best.json and the composed adapter")
@@ -302,11 +213,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--loss-on", choices=("all", "answer"), default="all")
     p.add_argument("--out", required=True, help="folder for best.json, study.db and adapter/")
-    p.set_defaults(func=search_weights, parser=p)
+    p.set_defaults(parser=p)
 
     p = sub.add_parser("merge", help="add weighted adapter deltas into the base weights and save the model")
     add_model_args(p)
     p.add_argument("--adapter", action="append", default=[], metavar="DIR[:W]", help="repeatable")
     add_method_args(p)
     p.add_argument("--out", required=True, help="output model folder (must not exist or be empty)")
-    p.set_defaults(func=merge, parser=p)
+    p.set_defaults(parser=p)

@@ -11,7 +11,7 @@ from typing import get_args
 
 from ..lm.choices import SPLITS, LossOn
 from ..outputs import ADAPTER
-from .algebra import add_method_args, merged_terms, method_choice
+from .algebra import add_method_args, method_choice
 from .args import add_data_args, add_model_args, check_out, data_config, expand_domains, load, parse_term, \
     print_json, terms_text, train_config
 
@@ -21,7 +21,7 @@ TRAIN_FLAGS = (("r", int), ("alpha", float), ("dropout", float), ("max_length", 
                ("init", str))
 
 
-def train(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace) -> int:
     from ..lm.train import train_adapter
 
     flags = {k: getattr(args, k) for k, _ in TRAIN_FLAGS if getattr(args, k) is not None}
@@ -38,7 +38,7 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def eval_command(args: argparse.Namespace) -> int:
     from ..errors import LorasumError
     from ..files import check_out_path
     from ..lm.data import check_max_length
@@ -56,7 +56,7 @@ def evaluate(args: argparse.Namespace) -> int:
                                key="per_example")
     method, params = method_choice(args)
     loaded = load(args)
-    terms = method_terms(loaded, [parse_term(a) for a in args.adapter], method, params)
+    terms = applied_terms(loaded, [parse_term(a) for a in args.adapter], method, params)
     res = evaluate(loaded, expand_domains(args.data), terms, data_config(args),
                    args.split, args.max_length, args.batch_size, args.loss_on, args.per_example)
     if args.json:
@@ -69,28 +69,31 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate(args: argparse.Namespace) -> int:
+def generate_command(args: argparse.Namespace) -> int:
     from ..lm.generate import generate
 
     method, params = method_choice(args, seed=False)
     loaded = load(args)
-    terms = method_terms(loaded, [parse_term(a) for a in args.adapter], method, params)
+    terms = applied_terms(loaded, [parse_term(a) for a in args.adapter], method, params)
     print(generate(loaded, args.prompt, terms, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                    args.template))
     return 0
 
 
-def method_terms(loaded, terms: list[tuple[str, float]], method: str, params: dict) -> list:
-    """The `PATH[:WEIGHT]` terms as they are applied: unchanged for the exact sum, else loaded (each checked against
-    the model) and merged by `method` into one adapter."""
+def applied_terms(loaded, terms: list[tuple[str, float]], method: str, params: dict) -> list:
+    """The `PATH[:WEIGHT]` terms as they are applied: unchanged for the exact sum (evaluate and generate load and
+    check them), else loaded, each checked against the model, and merged by `method` (lm.combination)."""
     if method == "sum" or not terms:
         return terms
     from ..lm.adapters import adapters_for
+    from ..lm.combination import merged_name, method_terms
 
-    return merged_terms(loaded, adapters_for(loaded, terms), method, params)
+    adapters = adapters_for(loaded, terms)
+    return method_terms([a for a, _ in adapters], [w for _, w in adapters], method, params, loaded,
+                        merged_name(adapters, method, params))
 
 
-def data_stats(args: argparse.Namespace) -> int:
+def data_stats_command(args: argparse.Namespace) -> int:
     from ..lm.data import check_max_length
     from ..lm.datastats import data_stats
 
@@ -116,7 +119,7 @@ def format_stats(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def demo(args: argparse.Namespace) -> int:
+def demo_command(args: argparse.Namespace) -> int:
     """Train on a slice of one domain and compare base and adapter perplexity."""
     from ..lm.data import DataConfig
     from ..lm.evaluate import evaluate
@@ -153,7 +156,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help="training parameter (defaults: README, Training)")
     p.add_argument("--loss-on", choices=get_args(LossOn), default=None, help="default: all tokens (as the paper)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
-    p.set_defaults(func=train, parser=p)
+    p.set_defaults(parser=p)
 
     p = sub.add_parser("eval", help="token-weighted perplexity of the base model plus a weighted sum of adapters")
     add_model_args(p)
@@ -169,7 +172,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-example", default=None, metavar="FILE", help="write per-example NLL and tokens (JSONL)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --per-example file")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=evaluate, parser=p)
+    p.set_defaults(parser=p)
 
     p = sub.add_parser("generate", help="text from the base model with a sum of adapters applied")
     add_model_args(p)
@@ -182,8 +185,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", choices=("lorasum", "chat"), default="lorasum",
                    help="lorasum: 'Question: ...\\nAnswer:' (as trained); chat: the model's chat template")
-    p.set_defaults(func=generate, parser=p)
+    p.set_defaults(parser=p)
+    _add_data_and_demo_parsers(sub)
 
+
+def _add_data_and_demo_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="inspect domain data")
     dsub = p.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("stats", help="records, tokens, truncation and answer-token share per domain and split")
@@ -192,7 +198,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("domains", nargs="+")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=data_stats, parser=p)
+    p.set_defaults(parser=p)
 
     p = sub.add_parser("demo", help="train one adapter on a slice of a domain, print base vs adapter perplexity")
     add_model_args(p)
@@ -202,4 +208,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-records", type=int, default=200)
     p.add_argument("--out", default="runs/demo", help="adapter folder to write (absent or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished adapter lorasum wrote at --out")
-    p.set_defaults(func=demo, parser=p)
+    p.set_defaults(parser=p)

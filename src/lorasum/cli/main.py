@@ -1,7 +1,7 @@
 """The `lorasum` command: parse, call the command's function, and turn a LorasumError into one line and exit 2.
 
-Command names map to functions in core (one base model), algebra (adapter files and merging) and study
-(experiment, report, job, tune); each module adds its own parsers.
+Each module adds its own parsers; COMMANDS maps every command to its handler, named `*_command`, in core (one base
+model), algebra (adapter files and merging) or study (experiment, report, job, tune).
 """
 
 from __future__ import annotations
@@ -9,10 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 
 from ..errors import LorasumError
 from ..progress import quiet_libraries
 from . import algebra, core, study
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": core.train_command, "eval": core.eval_command, "generate": core.generate_command,
+    "data stats": core.data_stats_command, "demo": core.demo_command,
+    "similarity": algebra.similarity_command, "compose": algebra.compose_command,
+    "search-weights": algebra.search_weights_command, "merge": algebra.merge_command,
+    "experiment": study.experiment_command, "report": study.report_command, "job": study.job_command,
+    "tune": study.tune_command,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (core, algebra, study):
         module.add_parsers(sub)
     return parser
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """The command as typed, subcommand included: `compose`, `data stats`."""
+    return " ".join(n for n in (args.command, getattr(args, "data_command", None)) if n)
 
 
 def _message(e: LorasumError, parser: argparse.ArgumentParser | None) -> str:
@@ -43,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..lm.models import set_threads
 
             set_threads(args.threads)
-        return int(args.func(args) or 0)
+        return int(COMMANDS[command_name(args)](args) or 0)
     except LorasumError as e:
         print(f"lorasum: error: {_message(e, getattr(args, 'parser', None))}", file=sys.stderr)
         return 2

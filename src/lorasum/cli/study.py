@@ -15,7 +15,7 @@ from .args import (add_data_args, add_executor_args, add_model_args, check_out, 
                    load, train_config)
 
 
-def experiment(args: argparse.Namespace) -> int:
+def experiment_command(args: argparse.Namespace) -> int:
     from ..errors import LorasumError
     from ..study.config import PRESETS, load_config
     from ..study.experiment import run_experiment
@@ -35,21 +35,21 @@ def experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def report(args: argparse.Namespace) -> int:
+def report_command(args: argparse.Namespace) -> int:
     from ..report.render import write_report
 
     print(write_report(args.run_dir))
     return 0
 
 
-def job(args: argparse.Namespace) -> int:
+def job_command(args: argparse.Namespace) -> int:
     from ..study.jobs import run_job_file
 
     print(run_job_file(args.spec))
     return 0
 
 
-def tune(args: argparse.Namespace) -> int:
+def tune_command(args: argparse.Namespace) -> int:
     from ..files import check_out_path
     from ..tune.search import HEARTBEAT_S, tune
     from ..tune.space import default_space, load_space
@@ -97,15 +97,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_executor_args(p, "results are identical at the same threads per job, and a run resumes on either",
                       workers="worker processes (each loads the model once and runs jobs with the config's threads, "
                       "else --threads, else 1)")
-    p.set_defaults(func=experiment, parser=p)
+    p.set_defaults(parser=p)
 
     p = sub.add_parser("report", help="re-render report.md/report.html from RUN_DIR/results.json")
     p.add_argument("run_dir")
-    p.set_defaults(func=report, parser=p)
+    p.set_defaults(parser=p)
 
     p = sub.add_parser("job", help="run one job spec (train, eval, similarity, ...) in this process")
     p.add_argument("spec", help="JSON job spec")
-    p.set_defaults(func=job, parser=p)
+    p.set_defaults(parser=p)
 
     p = sub.add_parser("tune", help="Optuna TPE search of dropout, batch size, epochs and lr on the validation split")
     add_model_args(p)
@@ -130,4 +130,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_executor_args(p, "trials run in parallel against one study (parallel TPE is not reproducible trial for "
                       "trial)", workers="parallel trials", address="needs --storage postgresql://… that every node "
                       "reaches")
-    p.set_defaults(func=tune, parser=p)
+    p.set_defaults(parser=p)

@@ -1,32 +1,32 @@
 """Merge methods: how several adapters' per-layer deltas become one.
 
-Each method is one function over one layer and one line in METHODS. Weighted sums of deltas (`sum`, `mean`,
-`task_arithmetic`) stay exact in factored form (ranks concatenated, see delta.compose). The others act on each
-adapter's dense ΔWᵢ = sᵢ·Bᵢ Aᵢ, (out, in), elementwise — the form in which trimming, sign election and random
-dropping mean what their papers say (PEFT's `*_svd` combinations) — and return a dense ΔW, refactored afterwards by
-`delta.compose.to_factors`. Sign election, disjoint mean and random dropping are PEFT's (`peft.utils.merge_utils`).
-The magnitude trim is written here: PEFT finds the top-k entries with `torch.topk` at k = 20% of every ΔWᵢ, which
-costs about ten times a selection of the k-th magnitude (`numpy.partition`), and the trim is most of the time of
-`ties`, `magnitude_prune` and `breadcrumbs` (PEFT lacks breadcrumbs).
+Each method is one function over one layer here and one row in `delta.registry.METHODS`, which names the function
+and declares its parameters. Weighted sums of deltas (`sum`, `mean`, `task_arithmetic`) stay exact in factored form
+(ranks concatenated, see delta.compose). The others act on each adapter's dense ΔWᵢ = sᵢ·Bᵢ Aᵢ, (out, in),
+elementwise — the form in which trimming, sign election and random dropping mean what their papers say (PEFT's
+`*_svd` combinations) — and return a dense ΔW, refactored afterwards by `delta.compose.to_factors`. Sign election,
+disjoint mean and random dropping are PEFT's (`peft.utils.merge_utils`). The magnitude trim is written here: PEFT
+finds the top-k entries with `torch.topk` at k = 20% of every ΔWᵢ, which costs about ten times a selection of the
+k-th magnitude (`numpy.partition`), and the trim is most of the time of `ties`, `magnitude_prune` and `breadcrumbs`
+(PEFT lacks breadcrumbs).
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from peft.utils import merge_utils
 
-from ..errors import LorasumError, show
+from ..errors import LorasumError
 from .compose import DenseDelta, check_max_rank, concat_factors, error_report, layer_factors, raise_overflow
 from .factors import Adapter, LoraFactors, check_compatible, delta_matrix
+from .registry import METHODS, method_params
 
 
 # --- factored methods: Σ cᵢ·sᵢ Bᵢ Aᵢ, one LoRA of rank Σ rᵢ ---------------------------------------------------------
@@ -161,77 +161,9 @@ def breadcrumbs(deltas: list[torch.Tensor], weights: torch.Tensor, density: floa
     return (weights.to(masked.dtype)[:, None, None] * masked).sum(0)
 
 
-@dataclass(frozen=True)
-class Method:
-    """A registry row: the function, whether it takes dense ΔW, its hyperparameters with their defaults, and
-    whether it draws random masks (then it is run per layer under a seed derived from `seed` and the layer)."""
-
-    fn: Callable
-    dense: bool = False
-    params: dict = field(default_factory=dict)
-    random: bool = False
-
-
-METHODS: dict[str, Method] = {
-    "sum": Method(sum_),
-    "mean": Method(mean),
-    "task_arithmetic": Method(task_arithmetic, params={"lam": 1.0}),
-    "ties": Method(ties, dense=True, params={"density": 0.2}),
-    "dare_linear": Method(dare_linear, dense=True, params={"density": 0.2}, random=True),
-    "dare_ties": Method(dare_ties, dense=True, params={"density": 0.2}, random=True),
-    "magnitude_prune": Method(magnitude_prune, dense=True, params={"density": 0.2}),
-    "breadcrumbs": Method(breadcrumbs, dense=True, params={"density": 0.2, "gamma": 0.01}),
-}
-
-MAX_LAM = 1000.0  # task_arithmetic's λ: beyond this the scaled deltas swamp the base model (or overflow)
-HYPERPARAMETERS = ("density", "gamma", "lam", "seed")  # every method's, for the "takes none" check
-
-
-def check_method(name: str, known: dict = METHODS) -> str:
-    """A known method name; otherwise an error suggesting the closest."""
-    if name in known:
-        return name
-    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise LorasumError(f"'{name}' is not a merge method; {hint}choose one of {', '.join(known)}", key="method")
-
-
-def method_params(name: str, given: dict, registry: dict[str, Method] = METHODS) -> dict:
-    """The method's hyperparameters: its defaults updated by `given` (names → values, None meaning not given),
-    each checked. A hyperparameter the method does not take is an error naming it."""
-    method = registry[check_method(name, registry)]
-    takes = set(method.params) | ({"seed"} if method.random else set())
-    given = {k: v for k, v in given.items() if v is not None}
-    for key in given:
-        if key not in takes:
-            has = ", ".join(f"--{k}" for k in sorted(takes)) or "no hyperparameters"
-            raise LorasumError(f"is not a hyperparameter of method '{name}' (it takes {has}); leave it out",
-                               key=key)
-    params = {**method.params, **({"seed": 0} if method.random else {}), **given}
-    if "density" in params:
-        d = params["density"]
-        if not _number(d) or not 0 < d <= 1:
-            raise LorasumError(f"must be in (0, 1], got {show(d)}; e.g. --density 0.2 keeps 20% of each ΔW",
-                               key="density")
-    if "gamma" in params:
-        g = params["gamma"]
-        if not _number(g) or not 0 <= g < 1:
-            raise LorasumError(f"must be in [0, 1), got {show(g)}; e.g. --gamma 0.01 drops the top 1%", key="gamma")
-        if params["density"] + g > 1:
-            raise LorasumError(f"{g:g} plus density {params['density']:g} exceeds 1 (dropped top share + kept share); "
-                               "lower one of them", key="gamma")
-    if "lam" in params and not (_number(params["lam"]) and abs(params["lam"]) <= MAX_LAM):
-        raise LorasumError(f"must be a finite number in [-{MAX_LAM:g}, {MAX_LAM:g}], got {show(params['lam'])}; "
-                           "task arithmetic's λ is usually 0.3 to 1.5", key="lam")
-    if "seed" in params:
-        s = params["seed"]
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
-            raise LorasumError(f"must be a whole number in [0, 2**63), got {show(s)}", key="seed")
-    return params
-
-
-def _number(x) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+def kernel(name: str) -> Callable:
+    """The function of registry row `name`: the registry is torch-free and names it, this module holds it."""
+    return globals()[METHODS[name].fn]
 
 
 def layer_seed(seed: int, layer: str) -> int:
@@ -242,10 +174,10 @@ def layer_seed(seed: int, layer: str) -> int:
 def merge_layer(name: str, layer: str, terms: list[tuple[LoraFactors, float]], params: dict) -> LoraFactors | DenseDelta:
     """One layer of method `name` (params as returned by method_params): factors for the factored methods, a
     DenseDelta (out, in) for the dense ones, computed in float32 at least."""
-    method = METHODS[name]
+    method, fn = METHODS[name], kernel(name)
     hp = {k: v for k, v in params.items() if k != "seed"}
     if not method.dense:
-        return method.fn(terms, **hp)
+        return fn(terms, **hp)
     entries = terms[0][0].B.shape[0] * terms[0][0].A.shape[1]
     if "density" in hp and int(hp["density"] * entries) < 1:  # nothing kept: an all-zero delta, never asked for
         raise LorasumError(f"{hp['density']:g} keeps no entry of layer '{layer}' ({entries} entries); use at least "
@@ -260,7 +192,7 @@ def merge_layer(name: str, layer: str, terms: list[tuple[LoraFactors, float]], p
         warnings.simplefilter("ignore")  # PEFT warns at density 1 ("no pruning will be performed")
         if method.random:
             torch.manual_seed(layer_seed(params["seed"], layer))
-        merged = method.fn(deltas, weights, **hp)
+        merged = fn(deltas, weights, **hp)
     return DenseDelta(merged, terms[0][0].fan_in_fan_out, sum(f.rank for f, _ in terms))
 
 

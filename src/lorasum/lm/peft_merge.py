@@ -3,17 +3,20 @@ beside lorasum's merge methods (delta.methods).
 
 PEFT's `linear` and `ties` combine the A's and the B's separately (A = Σ √(wᵢsᵢ)·Aᵢ, B = Σ √(wᵢsᵢ)·Bᵢ for `linear`),
 so the product B A holds cross terms Bᵢ Aⱼ that no adapter has: these rows show what that costs. The model is
-wrapped by PEFT for the combination and unwrapped afterwards; its weights are never changed.
+wrapped by PEFT for the combination and unwrapped afterwards; its weights are never changed. Their registry rows
+(parameters included) are `delta.registry.PEFT_METHODS`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from ..delta.factors import Adapter, LoraFactors, check_compatible
-from ..delta.methods import Method
+from ..delta.registry import PEFT_METHODS
 from ..errors import LorasumError
 from .models import LoadedModel
 
@@ -31,11 +34,9 @@ def peft_ties(loaded: LoadedModel, adapters: list[tuple[Adapter, float]], densit
     return peft_combined(loaded, adapters, "ties", density=density)
 
 
-# The PEFT rows: a registry like delta.methods.METHODS, whose functions take the loaded model first.
-PEFT_METHODS: dict[str, Method] = {
-    "peft_linear": Method(peft_linear),
-    "peft_ties": Method(peft_ties, params={"density": 0.2}),
-}
+def peft_method(name: str) -> Callable:
+    """The function of PEFT's registry row `name` (delta.registry.PEFT_METHODS names it; it takes the model first)."""
+    return globals()[PEFT_METHODS[name].fn]
 
 
 def check_combinable(adapters: list[tuple[Adapter, float]], method: str) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from ..delta.methods import METHODS
+from ..delta.registry import METHODS
 
 
 def partition_name(domains) -> str:
@@ -88,16 +88,14 @@ class Composition:
     method: bool = False  # a merge method: per_subset(s, grid) gives one model per hyperparameter point
 
 
-# Hyperparameter points tried per merge method, the best chosen on validation (the config's `method_grid` replaces
-# a method's); methods without hyperparameters have one point.
-METHOD_GRID: dict[str, dict[str, list[float]]] = {
-    "task_arithmetic": {"lam": [0.5, 1.0]},
-    "ties": {"density": [0.1, 0.2, 0.5]},
-    "dare_linear": {"density": [0.1, 0.2, 0.5]},
-    "dare_ties": {"density": [0.1, 0.2, 0.5]},
-    "magnitude_prune": {"density": [0.1, 0.2, 0.5]},
-    "breadcrumbs": {"density": [0.1, 0.2, 0.5], "gamma": [0.01]},
-}
+def default_grid(name: str) -> dict[str, list[float]] | None:
+    """The hyperparameter points tried for a merge method, the best chosen on validation, as its parameters declare
+    them (delta.registry; the config's `method_grid` replaces a method's); None where there are none to try (one
+    point: the defaults)."""
+    method = METHODS.get(name)
+    return (method.grid or None) if method is not None else None
+
+
 DEFAULT_COMPOSITIONS = ["sum", "mean", "best_single", "level2_plus_one", "unlearning"]
 
 
@@ -196,7 +194,7 @@ def model_catalog(domains: list[str], level: int, compositions: list[str],
     for s in subsets(domains, level, 2):
         for name, comp in COMPOSITIONS.items():
             if name in compositions:
-                grid = {**METHOD_GRID, **(method_grid or {})}.get(name)
+                grid = (method_grid or {}).get(name, default_grid(name))
                 for m in comp.per_subset(s, grid) if comp.method else comp.per_subset(s):
                     cat.add(m)
     if level == len(domains):

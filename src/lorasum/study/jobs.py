@@ -28,13 +28,14 @@ from ..errors import LorasumError
 from ..files import atomic_write_json, parse_json, read_json
 from ..lm.data import DataConfig, load_domain, parse_spec, partition_domains, require_nonempty, \
     require_predicted_tokens, tokenize_records
+from ..lm.combination import method_terms
 from ..lm.datastats import domain_stats
 from ..lm.evaluate import per_example_nll
 from ..lm.models import LoadedModel, load_model
 from ..lm.train import TrainConfig, train_adapter
 from .jobspec import AdapterTerm, DataSpec, JobSpec, adapter_dir, job_key
 from ..tune.search import InputsChanged
-from ..tune.weights import applied_terms, check_search, input_files, search_weights, validation_examples, \
+from ..tune.weights import check_search, input_files, search_weights, validation_examples, \
     weight_list
 
 NULL_SAMPLES = 200  # pairs of random deltas behind each random-null RMS
@@ -102,7 +103,7 @@ def _method_terms(spec: dict) -> list[tuple]:
     key = json.dumps([[t["train_key"] for t in spec["adapters"]], weights, method, params], sort_keys=True)
     if key not in _MERGED:
         _MERGED.clear()
-        _MERGED[key] = applied_terms([a for a, _ in terms], weights, method, params)
+        _MERGED[key] = method_terms([a for a, _ in terms], weights, method, params)
     return _MERGED[key]
 
 

@@ -16,20 +16,20 @@ from pathlib import Path
 
 import optuna
 
-from ..delta.compose import to_factors, weighted_sum
-from ..delta.factors import Adapter, module_kind
-from ..delta.methods import METHODS, check_method, merge, method_params
+from ..delta.compose import to_factors
+from ..delta.factors import Adapter
+from ..delta.registry import METHODS, check_method, method_params
 from ..delta.apply import applied
 from ..delta.peft_format import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from ..errors import LorasumError
 from ..files import atomic_write_json, sha256_file
+from ..lm.combination import GROUPS, combine, method_terms
 from ..lm.data import DataConfig, load_domain, require_nonempty, require_predicted_tokens, tokenize_records
 from ..lm.evaluate import per_example_nll
 from .. import schema
 from .search import MAX_TRIALS, finished, open_storage, open_study, storage_label
 from .space import Param
 
-GROUPS = ("attn", "mlp")  # --per-module: one weight per adapter for each
 LOW, HIGH = 0.0, 2.0  # the searched range of every weight
 ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE)  # what an adapter's effect is read from
 
@@ -60,36 +60,6 @@ def check_search(adapters: list[Adapter], method: str, params: dict | None, tria
         raise LorasumError(f"weight search needs at least 2 adapters, got {len(adapters)}; pass A B [C ...]")
     check_method(method, METHODS)
     return WeightSearch(list(adapters), method, method_params(method, params or {}), trials, per_module, seed)
-
-
-def layer_group(layer: str) -> str:
-    """'mlp' for feed-forward modules, else 'attn' (every other target sits in attention)."""
-    return "mlp" if module_kind(layer) == "mlp" else "attn"
-
-
-def combined(adapters: list[Adapter], weights: dict[str, float] | list[float], method: str, params: dict) -> Adapter:
-    """The adapters merged by `method` with per-adapter weights (a list) or per-adapter-and-group weights
-    ({'w0.attn': …}); groups are merged separately (each layer sees its group's weights), so per layer this is
-    exactly `delta.methods.merge` at those weights."""
-    if isinstance(weights, (list, tuple)):
-        weights = {f"w{i}": float(w) for i, w in enumerate(weights)}
-    if all(f"w{i}" in weights for i in range(len(adapters))):
-        return merge([(a, weights[f"w{i}"]) for i, a in enumerate(adapters)], method, params)
-    layers: dict = {}
-    for g in GROUPS:
-        part = [(Adapter(a.name, a.path, a.config, {n: f for n, f in a.layers.items() if layer_group(n) == g},
-                         a.lorasum), weights[f"w{i}.{g}"]) for i, a in enumerate(adapters)]
-        if part[0][0].layers:
-            layers.update(merge(part, method, params).layers)
-    first = adapters[0]
-    return Adapter("merged", "", first.config, {n: layers[n] for n in first.layers}, first.base_record())
-
-
-def applied_terms(adapters: list[Adapter], weights, method: str, params: dict) -> list[tuple[Adapter, float]]:
-    """What to apply in place: the exact sum at the weights (summed as applied) or one merged adapter at weight 1."""
-    if method == "sum" and isinstance(weights, (list, tuple)):
-        return [(a, float(w)) for a, w in zip(adapters, weights)]
-    return [(combined(adapters, weights, method, params), 1.0)]
 
 
 def validation_examples(loaded, domains: list[str], data: DataConfig, max_length: int, loss_on: str,
@@ -147,7 +117,7 @@ def search_weights(loaded, search: WeightSearch, examples: dict, out: str | Path
     def objective(trial) -> float:
         w = {n: trial.suggest_float(n, LOW, HIGH) for n in search.names}
         weights = [w[f"w{i}"] for i in range(len(search.adapters))] if not search.per_module else w
-        return pooled_ppl(loaded, applied_terms(search.adapters, weights, search.method, search.params), examples,
+        return pooled_ppl(loaded, method_terms(search.adapters, weights, search.method, search.params), examples,
                           batch_size, loss_on)
 
     missing = search.trials - finished(study)
@@ -160,7 +130,7 @@ def search_weights(loaded, search: WeightSearch, examples: dict, out: str | Path
 
 
 def weight_list(best: dict, n: int) -> list[float] | dict[str, float]:
-    """best.json's weights as `combined` takes them: a list per adapter, or the per-group mapping."""
+    """best.json's weights as `lm.combination.combine` takes them: a list per adapter, or the per-group mapping."""
     w = best["weights"]
     return w if best.get("per_module") else [w[f"w{i}"] for i in range(n)]
 
@@ -170,9 +140,7 @@ def write_search(search: WeightSearch, best: dict, out: str | Path) -> dict:
     to the sum of the input ranks), with lorasum.json recording the composition and the search."""
     out = Path(out)
     weights = weight_list(best, len(search.adapters))
-    merged = (weighted_sum(list(zip(search.adapters, weights))) if search.method == "sum" and isinstance(weights, list)
-              else combined(search.adapters, weights, search.method, search.params))
-    total, errors = to_factors(merged)
+    total, errors = to_factors(combine(search.adapters, weights, search.method, search.params))
     record = {"composition": {
         "adapters": [{"name": a.name, "path": a.path, "weight": weights[i] if isinstance(weights, list) else
                       {g: weights[f"w{i}.{g}"] for g in GROUPS}} for i, a in enumerate(search.adapters)],
