@@ -6,8 +6,10 @@ Handlers import the library inside themselves, so that `lorasum --help` stays to
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
 from ..delta.registry import METHODS, PEFT_METHODS, Param, all_methods, method_label, method_params
+from ..lm.choices import LossOn
 from ..outputs import ADAPTER, MERGED, WEIGHT_SEARCH
 from .args import add_data_args, add_model_args, check_out, load, parse_max_rank, parse_term, print_json, terms_text
 
@@ -211,7 +213,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", default=None, metavar="URL", help="SQLAlchemy URL (default: sqlite:///OUT/study.db)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--loss-on", choices=("all", "answer"), default="all")
+    p.add_argument("--loss-on", choices=get_args(LossOn), default="all")
     p.add_argument("--out", required=True, help="folder for best.json, study.db and adapter/")
     p.set_defaults(parser=p)
 
