@@ -167,16 +167,8 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     check_positions(loaded, cfg.max_length)
     data = data or DataConfig()
     out = Path(out)
-    domains = [load_domain(d, data) for d in partition_domains(partition)]
-    require_nonempty(domains, "train")
-    require_nonempty(domains, "validation")
     tok = loaded.tokenizer
-    train_rec = partition_records(domains, "train", seed=data.split_seed)
-    val_rec = partition_records(domains, "validation", shuffle=False)
-    train_ex, val_ex = (tokenize_records(tok, recs, cfg.max_length) for recs in (train_rec, val_rec))
-    for split, recs, exs in (("train", train_rec, train_ex), ("validation", val_rec, val_ex)):  # no NaN losses
-        by_domain = {d.spec: [e for e, r in zip(exs, recs) if r.domain == d.spec] for d in domains}
-        require_predicted_tokens(by_domain, split, cfg.max_length, cfg.loss_on)
+    domains, train_ex, val_ex = _training_examples(tok, partition, cfg, data)
     # the base identity is the fp32 weights' hash; a half-precision model cannot reproduce it, so none is recorded
     fp32 = next(loaded.model.parameters()).dtype == torch.float32
     base_sha = weights_fingerprint(loaded.model) if fp32 else None
@@ -214,6 +206,21 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
             p.requires_grad_(grad_flags.get(n, p.requires_grad))
     result.out = out
     return result
+
+
+def _training_examples(tok, partition: str, cfg: TrainConfig, data: DataConfig) -> tuple[list, list, list]:
+    """The partition's domains and its tokenized train and validation examples (train shuffled by the split seed),
+    refused where a split is empty or would give no predicted token (a NaN loss)."""
+    domains = [load_domain(d, data) for d in partition_domains(partition)]
+    require_nonempty(domains, "train")
+    require_nonempty(domains, "validation")
+    train_rec = partition_records(domains, "train", seed=data.split_seed)
+    val_rec = partition_records(domains, "validation", shuffle=False)
+    train_ex, val_ex = (tokenize_records(tok, recs, cfg.max_length) for recs in (train_rec, val_rec))
+    for split, recs, exs in (("train", train_rec, train_ex), ("validation", val_rec, val_ex)):
+        by_domain = {d.spec: [e for e, r in zip(exs, recs) if r.domain == d.spec] for d in domains}
+        require_predicted_tokens(by_domain, split, cfg.max_length, cfg.loss_on)
+    return domains, train_ex, val_ex
 
 
 def _sort_target_modules(config_file: Path) -> None:

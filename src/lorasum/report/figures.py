@@ -32,6 +32,20 @@ def kind_key(kind: str) -> tuple:
             _BLOCK_ORDER.index(leaf) if leaf in _BLOCK_ORDER else len(_BLOCK_ORDER), kind)
 
 
+def _fit_line(ax, fit: dict, xs_data: list[float], level: int) -> None:
+    """The least-squares line across the current x view, with its pointwise confidence band where the fit has one."""
+    xs = np.linspace(*ax.get_xlim(), 60)
+    sign = "+" if fit["intercept"] >= 0 else "−"
+    ax.plot(xs, fit["slope"] * xs + fit["intercept"], color="C3", zorder=1,
+            label=f"least squares over {fit['n']} pairs: y = {fit['slope']:.1f}x {sign} {abs(fit['intercept']):.1f}"
+                  f" (r² {fit['r2']:.2f})")
+    if fit.get("slope_ci"):
+        lo, hi = fit_band(fit, xs, xs_data, fit.get("level", 0.95))
+        # the band of a fit on very few points can dwarf the data: clip the view to the data (+ margin)
+        ax.fill_between(xs, lo, hi, color="C3", alpha=0.15, zorder=0,
+                        label=f"{level}% confidence band of the line (clipped to the view)")
+
+
 def rms_scatter(results: dict) -> bytes:
     """Each pair as a point (mean over seeds, %Δ CI as error bar), the per-seed points in grey, and the
     least-squares line over the pair means with its pointwise confidence band."""
@@ -70,16 +84,7 @@ def rms_scatter(results: dict) -> bytes:
         pad = 0.12 * max(float(np.ptp(allx)), 1e-3)
         ax.set_xlim(allx.min() - pad, allx.max() + pad)
     if fit.get("slope") is not None:
-        xs = np.linspace(*ax.get_xlim(), 60)
-        sign = "+" if fit["intercept"] >= 0 else "−"
-        ax.plot(xs, fit["slope"] * xs + fit["intercept"], color="C3", zorder=1,
-                label=f"least squares over {fit['n']} pairs: y = {fit['slope']:.1f}x {sign} {abs(fit['intercept']):.1f}"
-                      f" (r² {fit['r2']:.2f})")
-        if fit.get("slope_ci"):
-            lo, hi = fit_band(fit, xs, pts[:, 0].tolist(), fit.get("level", 0.95))
-            # the band of a fit on very few points can dwarf the data: clip the view to the data (+ margin)
-            ax.fill_between(xs, lo, hi, color="C3", alpha=0.15, zorder=0,
-                            label=f"{level}% confidence band of the line (clipped to the view)")
+        _fit_line(ax, fit, pts[:, 0].tolist(), level)
     ys = np.concatenate([pts[:, 1], per_seed[:, 1] if len(per_seed) else pts[:, 1],
                          [c for r in rows.values() for c in r["pct_change"]["ci"]], [0.0]])
     span = max(float(np.ptp(ys)), 1.0)

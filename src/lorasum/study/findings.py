@@ -135,26 +135,29 @@ def findings(results: dict) -> list[dict]:
     return out
 
 
-def claims(results: dict) -> list[dict]:
-    """The paper's claims, one line each: holds / does not hold / cannot be decided here, with the rule."""
-    comps = results.get("compositions", [])
-    pairs = [c for c in comps if c["level"] == 2 and "pct_change" in c]
-    out = []
+def _claim_sum(results: dict) -> dict:
+    pairs = [c for c in results.get("compositions", []) if c["level"] == 2 and "pct_change" in c]
     verdicts = [summed_verdict(c["pct_change"]["ci"]) for c in pairs]
-    out.append(_claim("summed ≈ merged (the sum of fundamentals performs like the merged-data block)",
-                      HOLDS if pairs and all(v == "summed ≈ merged" for v in verdicts) else
-                      FAILS if any(v in ("summed worse than merged", "summed better than merged") for v in verdicts)
-                      else UNDECIDED,
-                      ", ".join(f"{' + '.join(c['subset'])} {c['pct_change']['mean']:+.1f}%" for c in pairs) or "no pairs",
-                      f"holds when every pair's %Δ CI lies within ±{EQUIVALENCE_MARGIN:g}%; does not hold when any "
-                      "lies wholly outside"))
+    return _claim("summed ≈ merged (the sum of fundamentals performs like the merged-data block)",
+                  HOLDS if pairs and all(v == "summed ≈ merged" for v in verdicts) else
+                  FAILS if any(v in ("summed worse than merged", "summed better than merged") for v in verdicts)
+                  else UNDECIDED,
+                  ", ".join(f"{' + '.join(c['subset'])} {c['pct_change']['mean']:+.1f}%" for c in pairs) or "no pairs",
+                  f"holds when every pair's %Δ CI lies within ±{EQUIVALENCE_MARGIN:g}%; does not hold when any "
+                  "lies wholly outside")
+
+
+def _claim_orthogonal(results: dict) -> dict:
     ortho = [f for f in findings_of(results, "deltas near-orthogonal")]
-    out.append(_claim("the deltas of different domains are near-orthogonal",
-                      UNDECIDED if not ortho or any(f["verdict"].startswith("cannot") for f in ortho) else
-                      HOLDS if all(f["verdict"] == "near-orthogonal" for f in ortho) else FAILS,
-                      "; ".join(f"{f['subject']}: {f['evidence']}" for f in ortho) or "no null or ceiling computed",
-                      "holds when every pair's RMS, in every seed, is closer to the random null than to the same-domain "
-                      "ceiling on a log scale (below their geometric midpoint); does not hold when some pair's is not"))
+    return _claim("the deltas of different domains are near-orthogonal",
+                  UNDECIDED if not ortho or any(f["verdict"].startswith("cannot") for f in ortho) else
+                  HOLDS if all(f["verdict"] == "near-orthogonal" for f in ortho) else FAILS,
+                  "; ".join(f"{f['subject']}: {f['evidence']}" for f in ortho) or "no null or ceiling computed",
+                  "holds when every pair's RMS, in every seed, is closer to the random null than to the same-domain "
+                  "ceiling on a log scale (below their geometric midpoint); does not hold when some pair's is not")
+
+
+def _claim_relation(results: dict) -> dict:
     fit = results.get("fit", {})
     rel = fit.get("relation") or {}
     groups = {g: v for g, v in (rel.get("groups") or {}).items() if v.get("decidable")}
@@ -166,13 +169,16 @@ def claims(results: dict) -> list[dict]:
         verdict = {"positive relation": HOLDS, "negative relation": FAILS}.get(rel["verdict"], UNDECIDED)
     group_text = "; ".join(f"{g}: {v['verdict']} (n = {v['n']})" if v.get("decidable") else f"{g}: {v['reason']}"
                            for g, v in (rel.get("groups") or {}).items())
-    out.append(_claim("RMS similarity predicts %Δ perplexity linearly", verdict,
-                      relation_evidence(fit) + (f"; within groups — {group_text}" if group_text else ""),
-                      (rel.get("rule") or "needs at least 8 distinct pairs") + "; holds only with a positive relation "
-                      "that every decidable group of pairs (within one parent domain, across parents) shares; no "
-                      "detectable relation is not a refutation, so it leaves the claim undecided"))
+    return _claim("RMS similarity predicts %Δ perplexity linearly", verdict,
+                  relation_evidence(fit) + (f"; within groups — {group_text}" if group_text else ""),
+                  (rel.get("rule") or "needs at least 8 distinct pairs") + "; holds only with a positive relation "
+                  "that every decidable group of pairs (within one parent domain, across parents) shares; no "
+                  "detectable relation is not a refutation, so it leaves the claim undecided")
+
+
+def _claim_levels(results: dict) -> dict:
     by_level = {}
-    for c in comps:
+    for c in results.get("compositions", []):
         if "pct_change" in c:
             by_level.setdefault(c["level"], []).append(c["pct_change"])
     if max(by_level, default=0) >= 3:
@@ -183,21 +189,31 @@ def claims(results: dict) -> list[dict]:
         ev = (f"3-block sums %Δ CI {lo3:+.1f}% to {hi3:+.1f}%; mean %Δ of 2-block sums {mean2:+.1f}%")
     else:
         verdict, ev = UNDECIDED, "needs compositions of at least 3 blocks"
-    out.append(_claim("quality degrades as blocks are added", verdict, ev,
-                      "holds when every 3-block sum's %Δ CI lies above the mean %Δ of the 2-block sums"))
+    return _claim("quality degrades as blocks are added", verdict, ev,
+                  "holds when every 3-block sum's %Δ CI lies above the mean %Δ of the 2-block sums")
+
+
+def _claim_unlearning(results: dict) -> dict:
     unl = results.get("unlearning", [])
     restored = [f for f in findings_of(results, "unlearning by subtraction (λ = 1)")]
     chosen = {u["removed"]: (u.get("chosen") or {}).get("weight") for u in unl}
-    out.append(_claim("subtracting a block unlearns its domain",
-                      UNDECIDED if not unl or not restored else
-                      HOLDS if all(f["verdict"] == "restores" for f in restored) else FAILS,
-                      "; ".join(f"{f['subject']}: {f['verdict']} at λ = 1"
-                                + ("" if chosen.get(f["subject"]) in (None, 1.0) else
-                                   f" (λ chosen on validation: {chosen[f['subject']]:g})") for f in restored)
-                      or "unlearning not run",
-                      "holds when, for every removed domain, perplexity after subtraction lies within the CI of the "
-                      "model trained without it"))
-    return out
+    return _claim("subtracting a block unlearns its domain",
+                  UNDECIDED if not unl or not restored else
+                  HOLDS if all(f["verdict"] == "restores" for f in restored) else FAILS,
+                  "; ".join(f"{f['subject']}: {f['verdict']} at λ = 1"
+                            + ("" if chosen.get(f["subject"]) in (None, 1.0) else
+                               f" (λ chosen on validation: {chosen[f['subject']]:g})") for f in restored)
+                  or "unlearning not run",
+                  "holds when, for every removed domain, perplexity after subtraction lies within the CI of the "
+                  "model trained without it")
+
+
+CLAIMS = (_claim_sum, _claim_orthogonal, _claim_relation, _claim_levels, _claim_unlearning)  # the report's order
+
+
+def claims(results: dict) -> list[dict]:
+    """The paper's claims, one line each: holds / does not hold / cannot be decided here, with the rule."""
+    return [claim(results) for claim in CLAIMS]
 
 
 def findings_of(results: dict, claim: str) -> list[dict]:
