@@ -58,7 +58,7 @@ def test_density_is_chosen_on_validation_and_reported_on_test(method_run):
 def test_the_eval_key_carries_the_method_and_its_hyperparameters(method_run):
     cfg, run, _, _ = method_run
     evals = plan(cfg, run.resolve()).evals
-    a, b = evals[EvalKey("ties(density=0.2)[alpha+beta]", "alpha", 0)], evals[EvalKey("ties(density=0.5)[alpha+beta]", "alpha", 0)]
+    a, b = (evals[EvalKey(f"ties(density={d})[alpha+beta]", "alpha", 0)] for d in (0.2, 0.5))
     assert a["method"] == b["method"] == "ties" and a["params"] == {"density": 0.2}
     assert a["key"] != b["key"] and a["adapters"] == b["adapters"]
     ws = evals[EvalKey("weight_search[alpha+beta]", "alpha", 0)]

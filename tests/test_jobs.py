@@ -36,7 +36,8 @@ def in_process(tmp_path_factory):
     seed = cfg.seeds[0]
     p = plan(cfg, root / "run")
     specs = {"train": p.train[TrainKey("colors", seed)], "train2": p.train[TrainKey("shapes", seed)],
-             "similarity": p.sims[SimKey("pair", ("colors", "shapes"), seed)], "inplace": p.checks[CheckKey("colors", seed)]}
+             "similarity": p.sims[SimKey("pair", ("colors", "shapes"), seed)],
+             "inplace": p.checks[CheckKey("colors", seed)]}
     loaded = load_model(cfg.model, device="cpu")
     for spec in specs.values():
         run_job(spec, loaded)

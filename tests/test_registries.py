@@ -86,7 +86,7 @@ def _double_assemble(a: Assembly, out: dict) -> dict:
 def _double_section(r: dict) -> list[Section]:
     """The report section a new unit adds beside it (report/ reads results.json only, never the study)."""
     rows = [[pair, f"{v['rms']:.4f}", f"{v['norm_ratio']:.3f}"] for pair, v in r.get("doubled", {}).items()]
-    return [Section("Doubled pairs", [Table(["pair", "RMS", "norm ratio"], rows, "Each pair against twice the other.")])]
+    return [Section("Doubled pairs", [Table(["pair", "RMS", "norm ratio"], rows, "Each pair against twice the other")])]
 
 
 def test_a_registered_unit_flows_into_the_plan_results_and_reports(tmp_path, monkeypatch):
@@ -99,8 +99,8 @@ def test_a_registered_unit_flows_into_the_plan_results_and_reports(tmp_path, mon
     results = run_experiment(cfg, run)
 
     spec = plan(cfg, run.resolve()).sims[SimKey("doubled", ("alpha", "beta"), 0)]  # planned, and its job ran
-    assert spec["b"][0]["weight"] == 2.0 and math.isclose(load(spec)["rms"], results["doubled"]["alpha+beta"]["rms"])
     row = results["doubled"]["alpha+beta"]
+    assert spec["b"][0]["weight"] == 2.0 and math.isclose(load(spec)["rms"], row["rms"])
     assert math.isclose(row["rms"], row["pair_rms"], rel_tol=1e-9) and math.isclose(row["norm_ratio"], 2.0)
     on_disk = json.loads((run / "results.json").read_text(encoding="utf-8"))
     assert on_disk["doubled"] == results["doubled"]

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from ..grid import Model, adapter, partition_name, subsets
+from ..grid import Model, partition_name, subsets
 from ..plan import Planner, SimKey
 from . import baselines
 from .row import Row
@@ -38,7 +38,8 @@ def _head(r: Row) -> dict:
     """The merged-data block and the RMS of every pair of the subset's fundamentals (mean over seeds and per seed)."""
     pairs = list(itertools.combinations(r.s, 2))
     runs = {pair: r.a.sim_runs("pair", pair) for pair in pairs}
-    return {"subset": r.doms, "level": len(r.s), "merged": r.a.ppl(r.merged, r.doms), "merged_macro": r.macro(r.merged),
+    return {"subset": r.doms, "level": len(r.s), "merged": r.a.ppl(r.merged, r.doms),
+            "merged_macro": r.macro(r.merged),
             "rms": _rms(c for x, y in pairs for c in r.out["pairs"][f"{x}|{y}"]["layers"].values()),
             "rms_per_seed": [_rms(c for pair in pairs for c in runs[pair][i]["layers"].values())
                              for i in range(len(r.a.cfg.seeds))]}

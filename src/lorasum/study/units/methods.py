@@ -60,7 +60,8 @@ def rows(r: Row, baselines: dict) -> tuple[dict, dict | None]:
             val[kind], models[kind] = r.a.scores.point_ppl(m.name, r.doms, "validation"), m.name
     bs = baselines.get("best_single")
     if bs is not None:
-        val["best_single"], models["best_single"] = bs["validation_perplexity"][bs["block"]], adapter([bs["block"]]).name
+        val["best_single"] = bs["validation_perplexity"][bs["block"]]
+        models["best_single"] = adapter([bs["block"]]).name
     best = min(val, key=lambda k: (val[k], k != "sum"))  # a tie goes to the exact sum
     choice = {"chosen_on": "validation", "validation_perplexity": val, "best": best, "best_model": models[best],
               "vs_sum": None if best == "sum" else r.a.pct(models[best], summed.name, r.doms)}
