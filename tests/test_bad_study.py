@@ -175,7 +175,7 @@ def eval_spec(finished) -> dict:
     from lorasum.study.experiment import plan
 
     cfg = load_config(str(finished / "run" / "config.json"))
-    return next(s for s in plan(cfg, finished / "run")["evals"].values() if s["adapters"])
+    return next(s for s in plan(cfg, finished / "run").evals.values() if s["adapters"])
 
 
 @pytest.mark.parametrize("edit, culprits", [
@@ -227,12 +227,12 @@ def test_job_spec_paths_stay_in_the_run_folder(spec, culprits, tmp_path, run_cli
 
 
 def test_a_planned_spec_passes_the_strict_check(finished):
-    from lorasum.study.experiment import _jobs, plans
+    from lorasum.study.experiment import plans
     from lorasum.study.jobs import check_spec
 
     cfg = load_config(str(finished / "run" / "config.json"))
     for p in plans(cfg, finished / "run").values():
-        for spec in _jobs(p):
+        for spec in p.jobs():
             check_spec(json.loads(json.dumps(spec)), "planned")
 
 
@@ -257,7 +257,7 @@ def test_a_corrupt_artifact_read_while_assembling_is_named(run_copy, finished):
     from lorasum.study.scores import load
 
     cfg = load_config(str(run_copy / "config.json"))
-    spec = next(iter(plans(cfg, run_copy)[cfg.modes[0]]["evals"].values()))
+    spec = next(iter(plans(cfg, run_copy)[cfg.modes[0]].evals.values()))
     artifact_path(spec).write_text(DEEP)
     with pytest.raises(LorasumError, match=r"finished-job artifact .*: JSON nested too deeply to read; rerun"):
         load(spec)

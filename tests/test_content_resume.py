@@ -96,7 +96,7 @@ def test_a_data_stats_spec_on_changed_data_is_refused_naming_the_file(planned, r
     root, p, loaded = planned
     data = tmp_path / "data"
     shutil.copytree(root / "data", data)
-    spec = {**p["data_stats"], "run_dir": str(tmp_path / "run"), "data_dir": str(data)}
+    spec = {**p.data_stats, "run_dir": str(tmp_path / "run"), "data_dir": str(data)}
     write_jsonl(data / "shapes.jsonl", shape_rows(59))
     with pytest.raises(LorasumError, match="shapes.jsonl changed since the job was planned"):
         run_job(spec, loaded)
@@ -116,7 +116,7 @@ def test_a_weight_search_job_restarts_its_study_when_an_adapter_changed(planned,
         shutil.copytree(tiny_adapters[MODEL][name], run / "adapters" / key)
         for f in (run / "adapters" / key).iterdir():
             f.chmod(0o644)
-    stats = p["data_stats"]
+    stats = p.data_stats
     spec = {"kind": "weight_search", "run_dir": str(run), "model": MODEL, "data_dir": stats["data_dir"],
             "data": stats["data"], "domains": ["colors", "shapes"], "max_length": 32, "batch_size": 8,
             "loss_on": "all", "trials": 2, "method": "sum", "adapters": [{"train_key": k, "weight": 1.0} for k in keys]}

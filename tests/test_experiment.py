@@ -128,23 +128,24 @@ def test_changing_an_eval_cap_retrains_nothing(smoke_run, tmp_path):
     p1 = plan(cfg, tmp_path)
     cfg.max_test = cfg.max_test + 3
     p2 = plan(cfg, tmp_path)
-    assert {k: s["key"] for k, s in p1["train"].items()} == {k: s["key"] for k, s in p2["train"].items()}
-    test1 = {k: s["key"] for k, s in p1["evals"].items() if len(k) == 3}  # (model, domain, seed): test split
-    test2 = {k: s["key"] for k, s in p2["evals"].items() if len(k) == 3}
+    assert {k: s["key"] for k, s in p1.train.items()} == {k: s["key"] for k, s in p2.train.items()}
+    test1 = {k: s["key"] for k, s in p1.evals.items() if k.split == "test"}
+    test2 = {k: s["key"] for k, s in p2.evals.items() if k.split == "test"}
     assert test1 and set(test1.values()).isdisjoint(test2.values())
-    val1 = {k: s["key"] for k, s in p1["evals"].items() if k[3:] == ("validation",)}  # choose the best single
-    assert val1 and val1 == {k: s["key"] for k, s in p2["evals"].items() if k[3:] == ("validation",)}
-    assert {k: s["key"] for k, s in p1["sims"].items()} == {k: s["key"] for k, s in p2["sims"].items()}
+    val1 = {k: s["key"] for k, s in p1.evals.items() if k.split == "validation"}  # choose the best single
+    assert val1 and val1 == {k: s["key"] for k, s in p2.evals.items() if k.split == "validation"}
+    assert {k: s["key"] for k, s in p1.sims.items()} == {k: s["key"] for k, s in p2.sims.items()}
 
 
 def test_job_in_a_fresh_process_gives_the_same_artifact(smoke_run, tmp_path):
     """`lorasum job SPEC.json` reproduces an eval artifact byte for byte in a new process."""
     from lorasum.study.experiment import plan
+    from lorasum.study.plan import EvalKey
 
     root, _ = smoke_run
     cfg = load_config(str(root / "run" / "config.json"))
     p = plan(cfg, root / "run")
-    spec = p["evals"][("sum[alpha+gamma]", "gamma", cfg.seeds[0])]
+    spec = p.evals[EvalKey("sum[alpha+gamma]", "gamma", cfg.seeds[0])]
     art = root / "run" / "evals" / f"{spec['key']}.json"
     want = art.read_bytes()
     art.unlink()

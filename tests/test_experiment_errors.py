@@ -279,7 +279,7 @@ def test_job_whose_key_does_not_match_its_content(finished, tmp_path, run_cli):
     from lorasum.study.experiment import plan
 
     cfg = load_config(str(finished / "run" / "config.json"))
-    spec = next(iter(plan(cfg, tmp_path / "run")["sims"].values()))
+    spec = next(iter(plan(cfg, tmp_path / "run").sims.values()))
     spec["b"][0]["weight"] = 2.0  # edited after planning: the artifact would land under the wrong key
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     one_line_error(run_cli("job", tmp_path / "spec.json"), "does not match the spec's content")

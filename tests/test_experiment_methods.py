@@ -17,6 +17,7 @@ from lorasum.lm.evaluate import evaluate
 from lorasum.lm.models import load_model
 from lorasum.study.config import load_config
 from lorasum.study.experiment import plan, run_experiment
+from lorasum.study.plan import EvalKey, TrainKey
 from lorasum.study.findings import method_verdict
 
 COMPS = ["sum", "mean", "best_single", "ties", "weight_search"]
@@ -36,7 +37,7 @@ def method_run(tmp_path_factory):
 def test_density_is_chosen_on_validation_and_reported_on_test(method_run):
     cfg, run, data, results = method_run
     p = plan(cfg, run.resolve())
-    adapters = [load_adapter(run / "adapters" / p["train"][(d, 0)]["key"]) for d in ("alpha", "beta")]
+    adapters = [load_adapter(run / "adapters" / p.train[TrainKey(d, 0)]["key"]) for d in ("alpha", "beta")]
     lm = load_model("tiny-gpt2", device="cpu")
     dc = DataConfig(str(data), max_records={"validation": cfg.max_validation, "test": cfg.max_test})
 
@@ -56,13 +57,13 @@ def test_density_is_chosen_on_validation_and_reported_on_test(method_run):
 
 def test_the_eval_key_carries_the_method_and_its_hyperparameters(method_run):
     cfg, run, _, _ = method_run
-    evals = plan(cfg, run.resolve())["evals"]
-    a, b = evals[("ties(density=0.2)[alpha+beta]", "alpha", 0)], evals[("ties(density=0.5)[alpha+beta]", "alpha", 0)]
+    evals = plan(cfg, run.resolve()).evals
+    a, b = (evals[EvalKey(f"ties(density={d})[alpha+beta]", "alpha", 0)] for d in (0.2, 0.5))
     assert a["method"] == b["method"] == "ties" and a["params"] == {"density": 0.2}
     assert a["key"] != b["key"] and a["adapters"] == b["adapters"]
-    ws = evals[("weight_search[alpha+beta]", "alpha", 0)]
+    ws = evals[EvalKey("weight_search[alpha+beta]", "alpha", 0)]
     assert ws["weights_from"].startswith("weight_search-")
-    assert "method" not in evals[("sum[alpha+beta]", "alpha", 0)]  # the exact sum's key is unchanged
+    assert "method" not in evals[EvalKey("sum[alpha+beta]", "alpha", 0)]  # the exact sum's key is unchanged
 
 
 def test_weight_search_and_the_method_finding(method_run):

@@ -182,6 +182,7 @@ def real_specs(tmp_path_factory):
 
     from lorasum.study.config import load_config
     from lorasum.study.experiment import plan
+    from lorasum.study.plan import CheckKey, SimKey, TrainKey
 
     root = tmp_path_factory.mktemp("fuzzspecs")
     write_jsonl(root / "data" / "colors.jsonl", color_rows(40))
@@ -189,8 +190,8 @@ def real_specs(tmp_path_factory):
     cfg = load_config(None, "smoke", {"domains": ["colors", "shapes"], "data_dir": str(root / "data")})
     p = plan(cfg, root / "run")
     seed = cfg.seeds[0]
-    return [p["train"][("colors", seed)], p["sims"][("pair", ("colors", "shapes"), seed)],
-            p["checks"][("colors", seed)], next(iter(p["evals"].values())), p["data_stats"]]
+    return [p.train[TrainKey("colors", seed)], p.sims[SimKey("pair", ("colors", "shapes"), seed)],
+            p.checks[CheckKey("colors", seed)], next(iter(p.evals.values())), p.data_stats]
 
 
 def _paths(obj, prefix=()):

@@ -20,7 +20,7 @@ from lorasum.lm.train import TrainConfig, init_seed, train_adapter, train_stream
 from lorasum.report.render import write_report
 from lorasum.study.config import load_config
 from lorasum.study.experiment import run_experiment
-from lorasum.study.unlearning import choose_weight
+from lorasum.study.units.unlearning import choose_weight
 from test_experiment_errors import experiment, listing, one_line_error
 
 
@@ -183,10 +183,11 @@ def test_evidence_preset_plans_15_pairs_with_own_domain_evals(tmp_path):
         "finance[category=AAPL]", "finance[category=AXP]"]})
     p = plans(cfg, tmp_path / "run")["independent"]
     assert cfg.seeds == [0, 1] and cfg.train.init == "independent" and cfg.eval_scope == "own"
-    assert len(p["train"]) == 2 * (6 + 15) and len(p["ceiling"]) == 12
-    sums = [k for k in p["evals"] if k[0].startswith("sum[")]
+    assert len([k for k in p.train if not k.sample]) == 2 * (6 + 15)
+    assert len([k for k in p.train if k.sample == "second"]) == 12
+    sums = [k for k in p.evals if k.model.startswith("sum[")]
     assert len(sums) == 2 * 15 * 2  # each summed model on its two domains only, per seed
-    assert all(k[1] in k[0] for k in sums)
+    assert all(k.domain in k.model and k.split == "test" for k in sums)
 
 
 CATEGORIES = {"math": ["general", "physics"], "medicine": ["GHR", "GARD"], "finance": ["AAPL", "AXP"]}

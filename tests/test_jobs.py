@@ -15,6 +15,7 @@ from conftest import color_rows, shape_rows, write_jsonl
 
 from lorasum.study.config import load_config
 from lorasum.study.experiment import plan
+from lorasum.study.plan import CheckKey, SimKey, TrainKey
 from lorasum.study.jobs import artifact_path, run_job
 
 # The subprocess uses this process's thread count: float reductions (and so the artifact bytes) depend on it.
@@ -34,8 +35,9 @@ def in_process(tmp_path_factory):
     cfg = load_config(None, "smoke", {"domains": ["colors", "shapes"], "data_dir": str(root / "data")})
     seed = cfg.seeds[0]
     p = plan(cfg, root / "run")
-    specs = {"train": p["train"][("colors", seed)], "train2": p["train"][("shapes", seed)],
-             "similarity": p["sims"][("pair", ("colors", "shapes"), seed)], "inplace": p["checks"][("colors", seed)]}
+    specs = {"train": p.train[TrainKey("colors", seed)], "train2": p.train[TrainKey("shapes", seed)],
+             "similarity": p.sims[SimKey("pair", ("colors", "shapes"), seed)],
+             "inplace": p.checks[CheckKey("colors", seed)]}
     loaded = load_model(cfg.model, device="cpu")
     for spec in specs.values():
         run_job(spec, loaded)

@@ -1,8 +1,9 @@
-"""Registries instead of string dispatch: a composition registered in one line flows into the plan, the results
-and both reports; job kinds and report blocks dispatch through their dicts."""
+"""Registries instead of string dispatch: a composition or an analysis unit registered in one line flows into the
+plan, the results and both reports; job kinds and report blocks dispatch through their dicts."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -12,12 +13,16 @@ from conftest import write_smoke_domains
 from lorasum.lm.data import DataConfig
 from lorasum.lm.evaluate import evaluate
 from lorasum.lm.models import load_model
-from lorasum.report.blocks import BLOCK_KINDS
+from lorasum.report import sections
+from lorasum.report.blocks import BLOCK_KINDS, Section, Table
 from lorasum.report.sections import SECTIONS
-from lorasum.study import grid
+from lorasum.study import grid, units
 from lorasum.study.config import load_config
 from lorasum.study.experiment import plan, run_experiment
 from lorasum.study.jobs import JOB_KINDS
+from lorasum.study.plan import Planner, SimKey, TrainKey
+from lorasum.study.scores import load
+from lorasum.study.units.unit import Assembly, Unit
 
 
 def _half_sum(s: tuple[str, ...]) -> list[grid.Model]:
@@ -42,7 +47,7 @@ def test_a_registered_composition_flows_into_results_and_reports(tmp_path, monke
 
     # independent reference: evaluate the same two adapters at weight 0.5 in place, on the same test records
     p = plan(cfg, run.resolve())
-    folders = [run / "adapters" / p["train"][(d, 0)]["key"] for d in ("alpha", "beta")]
+    folders = [run / "adapters" / p.train[TrainKey(d, 0)]["key"] for d in ("alpha", "beta")]
     ref = evaluate(load_model("tiny-gpt2", device="cpu"), ["alpha", "beta"], [(f, 0.5) for f in folders],
                    DataConfig(str(data), max_records={"test": cfg.max_test}))["results"]
     assert math.isclose(half["perplexity"]["mean"], ref["pooled"]["perplexity"], rel_tol=1e-6)
@@ -59,6 +64,50 @@ def test_a_registered_composition_flows_into_results_and_reports(tmp_path, monke
     assert "<th>ppl half_sum</th>" in html
     on_disk = json.loads((run / "results.json").read_text(encoding="utf-8"))
     assert on_disk["compositions"][0]["baselines"]["half_sum"]["pct_change"]["ci"] == half["pct_change"]["ci"]
+
+
+def _double_plan(p: Planner) -> None:
+    """A dummy unit's job: each pair of fundamentals against twice the other (cosines ignore the scale)."""
+    for seed in p.cfg.seeds:
+        for x, y in itertools.combinations(p.cfg.domains, 2):
+            p.similarity(SimKey("doubled", (x, y), seed), [(x, 1.0)], [(y, 2.0)])
+
+
+def _double_assemble(a: Assembly, out: dict) -> dict:
+    """Its part of results.json: per pair, the RMS and the norm of the doubled side over the pair's (from `pairs`)."""
+    rows = {}
+    for x, y in itertools.combinations(a.cfg.domains, 2):
+        s, pair = a.sim("doubled", (x, y)), out["pairs"][f"{x}|{y}"]
+        rows[f"{x}+{y}"] = {"rms": s["rms"], "pair_rms": pair["rms"],
+                            "norm_ratio": sum(s["norm_b"].values()) / sum(pair["norm_b"].values())}
+    return {"doubled": rows}
+
+
+def _double_section(r: dict) -> list[Section]:
+    """The report section a new unit adds beside it (report/ reads results.json only, never the study)."""
+    rows = [[pair, f"{v['rms']:.4f}", f"{v['norm_ratio']:.3f}"] for pair, v in r.get("doubled", {}).items()]
+    return [Section("Doubled pairs", [Table(["pair", "RMS", "norm ratio"], rows, "Each pair against twice the other")])]
+
+
+def test_a_registered_unit_flows_into_the_plan_results_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setitem(units.UNITS, "doubled", Unit("doubled", _double_assemble, _double_plan))
+    monkeypatch.setitem(sections.SECTIONS, "doubled", _double_section)
+    data = write_smoke_domains(tmp_path / "data")
+    cfg = load_config(preset="smoke", overrides={"data_dir": str(data), "domains": ["alpha", "beta"],
+                                                 "compositions": ["sum"]})
+    run = tmp_path / "run"
+    results = run_experiment(cfg, run)
+
+    spec = plan(cfg, run.resolve()).sims[SimKey("doubled", ("alpha", "beta"), 0)]  # planned, and its job ran
+    row = results["doubled"]["alpha+beta"]
+    assert spec["b"][0]["weight"] == 2.0 and math.isclose(load(spec)["rms"], row["rms"])
+    assert math.isclose(row["rms"], row["pair_rms"], rel_tol=1e-9) and math.isclose(row["norm_ratio"], 2.0)
+    on_disk = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    assert on_disk["doubled"] == results["doubled"]
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "## Doubled pairs" in md and f"| alpha+beta | {row['rms']:.4f} | 2.000 |" in md
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert "Doubled pairs</h2>" in html and f"<td>{row['rms']:.4f}</td>" in html
 
 
 def test_an_unregistered_composition_is_refused_with_the_known_ones(tmp_path):

@@ -144,7 +144,7 @@ def test_recipe_check_verdict_flips():
 def test_rms_fit_has_one_point_per_pair_not_per_seed():
     """Seeds of a pair are not independent draws: the fit uses per-pair means (n = pairs), the slope CI follows
     from those means, and the per-seed points are kept apart for the scatter."""
-    from lorasum.study.results import _fit
+    from lorasum.study.units.fit import fit as _fit
 
     rms = {"a|b": [0.050, 0.052, 0.054], "a|c": [0.060, 0.061, 0.059], "b|c": [0.070, 0.072, 0.071],
            "b|d": [0.080, 0.079, 0.083]}

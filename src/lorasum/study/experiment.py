@@ -9,18 +9,15 @@ pooled figures for a subset are exp(ΣNLL/Σtokens) over the union of its domain
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 import sys
-from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..errors import LorasumError
-from ..files import atomic_write_json, check_out_path, is_temp_name, read_json, sha256_file, sweep
-from ..lm.data import SPLITS, load_domain, parse_spec, partition_domains, require_nonempty, resolve_source
+from ..files import atomic_write_json, check_out_path, is_temp_name, read_json, sweep
+from ..lm.data import SPLITS, load_domain, require_nonempty
 from ..lm.models import check_positions, load_model, torch_threads
-from ..lm.train import init_seed
 from ..lock import LOCK_FILE, folder_lock
 from ..progress import progress
 from ..report.render import write_report
@@ -28,154 +25,26 @@ from ..schema import config_diff
 from .config import ExperimentConfig
 from ..cluster import ExecutorOptions
 from .executors import run_ray, run_serial
-from .grid import METHOD_COMPOSITIONS, adapter, eval_domains, model_catalog, partition_name, subsets
 from .jobs import JOB_KINDS, is_done
-from .jobspec import with_key
+from .plan import Plan, Planner
 from .results import assemble
+from .units import UNITS
 from .tuning import run_tuning
 
 
-def _sources(cfg: ExperimentConfig) -> dict[str, str | None]:
-    out = {}
-    for d in cfg.domains:
-        name = parse_spec(d)[0]
-        path = resolve_source(name, cfg.data_dir)
-        out[name] = None if path.startswith("hf:") else sha256_file(path)
-    return out
-
-
-def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = None, init: str | None = None) -> dict:
-    """All job specs (with keys) of one init mode's grid: train, similarity and eval, plus the model catalog.
-
-    `evals` maps (model name, domain, seed) to test-split evals and (model name, domain, seed, "validation") to the
-    validation-split evals that choose the best-single baseline and the unlearning weight; `models` is the grid's
-    Catalog. `ceiling` maps (domain, seed) to the train job of a disjoint second sample of the domain's training
-    records (the same-domain reference), where the domain has twice the records a fundamental trains on.
+def plan(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = None, init: str | None = None) -> Plan:
+    """Every job of one init mode's grid under its typed key (see study.plan), as each analysis unit plans it.
 
     `train_for` maps partitions to tuned TrainConfigs (from the `tune` section); others use cfg.train. `init` is the
     LoRA init mode of every adapter (default: the run's first).
     """
-    run_dir = str(run_dir)
-    mode = init or cfg.modes[0]
-    sources = _sources(cfg)
-    base = {"model": cfg.model, "dtype": cfg.dtype, "autocast": cfg.autocast, "run_dir": run_dir, "device": cfg.device,
-            "data_dir": cfg.data_dir}
-    fields_ = {"question_field": cfg.question_field, "answer_field": cfg.answer_field, "split_seed": cfg.split_seed}
-
-    def data_part(domains: list[str], caps: dict, skip: dict | None = None) -> dict:
-        names = sorted({parse_spec(d)[0] for d in domains})
-        return {**fields_, "max_records": caps, "sources": {n: sources[n] for n in names}, **({"skip": skip} if skip
-                                                                                             else {})}
-
-    def train_spec(part: str, seed: int, skip: dict | None = None) -> dict:
-        tc = replace((train_for or {}).get(part, cfg.train), seed=seed, init=mode)
-        sample = {"sample": "second"} if skip else {}  # a second sample: an init of its own (independent mode)
-        return with_key({**base, "kind": "train", "partition": part, **sample,
-                         "init_seed": init_seed(part, tc, sample.get("sample", "")),
-                         "data": data_part(partition_domains(part), cfg.caps(("train", "validation"), keep_none=True),
-                                           skip), "train": asdict(tc)})
-
-    train: dict[tuple[str, int], dict] = {}
-    for seed in cfg.seeds:
-        for s in subsets(cfg.domains, cfg.level):
-            train[(partition_name(s), seed)] = train_spec(partition_name(s), seed)
-    ceiling: dict[tuple[str, int], dict] = {}
-    if cfg.max_train:
-        data = cfg.data_config()
-        for d in cfg.domains:
-            if load_domain(d, data).available["train"] >= 2 * cfg.max_train:
-                for seed in cfg.seeds:
-                    ceiling[(d, seed)] = train_spec(d, seed, skip={"train": cfg.max_train})
-
-    def terms(items, seed):
-        return [{"train_key": train[(p, seed)]["key"], "weight": w} for p, w in items]
-
-    def search_spec(m, seed) -> dict:
-        return with_key({**base, "kind": "weight_search", "adapters": terms(m.terms, seed), "domains": list(m.subset),
-                         "data": data_part(list(m.subset), cfg.caps(("validation",), keep_none=True)),
-                         "max_length": cfg.train.max_length, "batch_size": cfg.eval_batch_size,
-                         "loss_on": cfg.eval_loss_on, "trials": cfg.weight_search_trials or 12, "method": m.method,
-                         "params": dict(m.params)})
-
-    def method_fields(m, seed) -> dict:
-        """A merge method's eval carries the method and its hyperparameters (or its search) in its key."""
-        if m is None or m.method is None:
-            return {}
-        if m.kind == "weight_search":
-            return {"method": m.method, "params": {}, "weights_from": searches[(m.name, seed)]["key"]}
-        return {"method": m.method, "params": dict(m.params)}
-
-    def eval_spec(items, seed, domain: str, split: str = "test", m=None) -> dict:
-        return with_key({**base, "kind": "eval", "adapters": terms(items, seed), "domain": domain,
-                         **({"split": split} if split != "test" else {}), **method_fields(m, seed),
-                         "data": data_part([domain], cfg.caps((split,), keep_none=True)),
-                         "max_length": cfg.train.max_length, "batch_size": cfg.eval_batch_size,
-                         "loss_on": cfg.eval_loss_on})
-
-    catalog = model_catalog(cfg.domains, cfg.level, cfg.compositions, cfg.unlearn_weights, cfg.method_grid)
-    searches = {(m.name, seed): search_spec(m, seed) for seed in cfg.seeds for m in catalog.of("weight_search")}
-    evals: dict[tuple, dict] = {}
-    best_single = "best_single" in cfg.compositions
-    for seed in cfg.seeds:
-        for name, m in catalog.models.items():
-            for d in eval_domains(m, cfg.domains, cfg.eval_scope, best_single, bool(catalog.of("unlearn"))):
-                evals[(name, d, seed)] = eval_spec(m.terms, seed, d, m=m)
-    if any(c in METHOD_COMPOSITIONS for c in cfg.compositions):  # each method chosen, and ranked, on validation
-        for seed in cfg.seeds:
-            for m in catalog.models.values():
-                if m.method is not None or m.kind in ("sum", "mean"):
-                    for d in m.subset:
-                        evals[(m.name, d, seed, "validation")] = eval_spec(m.terms, seed, d, "validation", m)
-    validation = [adapter([f]) for f in cfg.domains] if best_single else []
-    unlearn = catalog.of("unlearn")
-    if unlearn:  # the weight λ is chosen on validation: every λ, the block before removal, and the block without
-        validation += [*unlearn, adapter(cfg.domains), *(adapter(m.subset) for m in unlearn if m.weight == 1.0)]
-    for seed in cfg.seeds:
-        for m in validation:
-            for d in cfg.domains:
-                evals[(m.name, d, seed, "validation")] = eval_spec(m.terms, seed, d, "validation")
-
-    sims: dict[tuple, dict] = {}  # (what, subset[, domain], seed) -> similarity job
-    for seed in cfg.seeds:
-        def sim(what: tuple, a, b, b_specs: dict | None = None):
-            b_terms = terms(b, seed) if b_specs is None else [{"train_key": b_specs[(b[0][0], seed)]["key"],
-                                                               "weight": b[0][1]}]
-            sims[(*what, seed)] = with_key({"kind": "similarity", "run_dir": run_dir,
-                                            "a": terms(a, seed), "b": b_terms})
-
-        for x, y in itertools.combinations(cfg.domains, 2):
-            sim(("pair", (x, y)), [[x, 1.0]], [[y, 1.0]])
-        for d in cfg.domains:
-            if (d, seed) in ceiling:
-                sim(("ceiling", d), [[d, 1.0]], [[d, 1.0]], b_specs=ceiling)
-        for s in subsets(cfg.domains, cfg.level, 2):
-            sim(("weight", s), [[d, 1.0] for d in s], [[partition_name(s), 1.0]])
-            if len(s) >= 3:
-                for d in s:
-                    sim(("block_vs_rest", s, d), [[d, 1.0]], [[x, 1.0] for x in s if x != d])
-            if len(s) == 3:
-                for d in s:
-                    sim(("level2_plus_one", s, d), [[partition_name([x for x in s if x != d]), 1.0]], [[d, 1.0]])
-    if len(cfg.seeds) >= 2:  # the same partition trained with two seeds: a same-domain reference
-        s0, s1 = cfg.seeds[:2]
-        for d in cfg.domains:
-            sims[("seeds", d, s0)] = with_key({"kind": "similarity", "run_dir": run_dir, "a": terms([[d, 1.0]], s0),
-                                               "b": terms([[d, 1.0]], s1)})
-    checks: dict[tuple[str, int], dict] = {}
-    if "unlearning" in cfg.compositions and cfg.level == len(cfg.domains):
-        for seed in cfg.seeds:
-            keys = [train[(d, seed)]["key"] for d in cfg.domains]
-            for d, k in zip(cfg.domains, keys):
-                checks[(d, seed)] = with_key({"kind": "inplace", "model": cfg.model, "dtype": cfg.dtype,
-                                              "autocast": cfg.autocast,
-                                              "run_dir": run_dir, "device": cfg.device, "all": keys, "removed": k})
-    stats = with_key({**base, "kind": "data_stats", "domains": list(cfg.domains),
-                      "data": data_part(cfg.domains, cfg.caps(keep_none=True)), "max_length": cfg.train.max_length})
-    return {"init": mode, "train": train, "ceiling": ceiling, "evals": evals, "sims": sims, "checks": checks,
-            "data_stats": stats, "models": catalog, "searches": searches}
+    planner = Planner(cfg, run_dir, init or cfg.modes[0], train_for)
+    for unit in UNITS.values():
+        unit.plan(planner)
+    return planner.plan
 
 
-def plans(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = None) -> dict[str, dict]:
+def plans(cfg: ExperimentConfig, run_dir: str | Path, train_for: dict | None = None) -> dict[str, Plan]:
     """One plan per init mode, in the config's order (the first is the report's primary grid)."""
     return {mode: plan(cfg, run_dir, train_for, mode) for mode in cfg.modes}
 
@@ -295,25 +164,21 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
         raise
 
 
-def _labels(ps: dict[str, dict]) -> dict[str, dict]:
-    """What each train and test-eval job is, by key, for timings.json (the report's speed table reads it)."""
+def _labels(ps: dict[str, Plan]) -> dict[str, dict]:
+    """What each train (of the first sample) and test-eval job is, by key, for timings.json (the report's speed
+    table reads it)."""
     out = {}
     for mode, p in ps.items():
-        for (part, seed), spec in p["train"].items():
-            out[spec["key"]] = {"init": mode, "partition": part, "seed": seed}
-        for key, spec in p["evals"].items():
-            if len(key) == 3:
-                out[spec["key"]] = {"init": mode, "model": key[0], "domain": key[1], "seed": key[2]}
+        for k, spec in p.train.items():
+            if not k.sample:
+                out[spec["key"]] = {"init": mode, "partition": k.partition, "seed": k.seed}
+        for k, spec in p.evals.items():
+            if k.split == "test":
+                out[spec["key"]] = {"init": mode, "model": k.model, "domain": k.domain, "seed": k.seed}
     return out
 
 
-def _jobs(p: dict) -> list[dict]:
-    """A plan's jobs in an order that respects what each reads: adapters before the jobs that use them."""
-    return [p["data_stats"], *p["train"].values(), *p["ceiling"].values(), *p["sims"].values(),
-            *p["checks"].values(), *p["searches"].values(), *p["evals"].values()]
-
-
-def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded, executor: ExecutorOptions,
+def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, Plan], loaded, executor: ExecutorOptions,
          placements: list | None) -> dict:
     """The planned run in an existing folder: config.json, tuning, the missing jobs (on `executor`), results and
     report."""
@@ -321,9 +186,9 @@ def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, dict], loaded, exec
     tuning = None
     if cfg.tune:  # tuned parameters replace cfg.train in the train jobs (and so in their keys)
         first = next(iter(ps.values()))
-        loaded, train_for, tuning = run_tuning(cfg, run_dir, loaded, first["data_stats"]["data"]["sources"])
+        loaded, train_for, tuning = run_tuning(cfg, run_dir, loaded, first.data_stats["data"]["sources"])
         ps = plans(cfg, run_dir, train_for)
-    jobs = list({j["key"]: j for p in ps.values() for j in _jobs(p)}.values())  # modes share e.g. data_stats
+    jobs = list({j["key"]: j for p in ps.values() for j in p.jobs()}.values())  # modes share e.g. data_stats
     pending = [j for j in jobs if not is_done(j)]
     timings_path = run_dir / "timings.json"
     try:  # wall times only (not results): a damaged file is started afresh

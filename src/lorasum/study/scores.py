@@ -9,6 +9,7 @@ from ..files import read_json
 from ..stats import Scores
 from .config import ExperimentConfig
 from .jobs import artifact_path
+from .plan import EvalKey, Plan
 
 
 def load(spec: dict) -> dict:
@@ -20,14 +21,14 @@ def load(spec: dict) -> dict:
 class RunScores:
     """Per-example NLL of (model, domain, seed) from the eval artifacts, stacked into stats.Scores."""
 
-    def __init__(self, cfg: ExperimentConfig, plan: dict):
+    def __init__(self, cfg: ExperimentConfig, plan: Plan):
         self.cfg, self.plan = cfg, plan
         self._cache: dict = {}
 
     def raw(self, model: str, domain: str, seed: int, split: str = "test") -> dict:
-        key = (model, domain, seed) if split == "test" else (model, domain, seed, split)
+        key = EvalKey(model, domain, seed, split)
         if key not in self._cache:
-            self._cache[key] = load(self.plan["evals"][key])
+            self._cache[key] = load(self.plan.evals[key])
         return self._cache[key]
 
     def scores(self, model: str, domains: list[str], split: str = "test") -> Scores:
