@@ -213,6 +213,13 @@ def socket_server(reply: bytes | None):
             conn.close()
 
 
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound once by the OS, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 H2_SETTINGS_FRAME = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # what a gRPC server (a Ray head) sends first
 
 

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import conftest
 import pytest
 import yaml
+from conftest import free_port
 
 from lorasum.errors import LorasumError
 from lorasum.tune.space import DEFAULT_SPACE, default_space, load_space, parse_space, space_yaml
@@ -44,12 +44,6 @@ one_line_error = partial(conftest.one_line_error, no_warnings=True)  # a refusal
 def ddir_rows() -> dict[str, int]:
     """The shared `ddir` with 80 colors records only."""
     return {"colors": 80, "shapes": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the search ---------------------------------------------------------------------------------------------------
