@@ -168,7 +168,7 @@ def test_the_grid_spreads_over_two_nodes_of_a_real_cluster_all_on_127_0_0_1(seri
 
 @pytest.mark.parametrize("extra,culprits", [
     (["--executor", "ray", "--address", "127.0.0.1:{port}"], ["--address 127.0.0.1:{port}: no Ray cluster answers"]),
-    (["--executor", "ray", "--workers", "0"], ["--workers must be at least 1, got 0"]),
+    (["--executor", "ray", "--workers", "0"], ["--workers must be at least 1 and at most 4096, got 0"]),
     (["--workers", "2"], ["--workers and --address apply to --executor ray only"]),
     (["--executor", "ray", "--address", "nohost"], ["--address must be HOST:PORT"]),
 ])
