@@ -1,15 +1,20 @@
-"""Shared fixtures: quiet progress bars, tiny data written by the tests, the CLI runner, stock-PEFT references,
-and the once-per-session embedded SmolLM2 + real data (fail under CI=true, skip elsewhere when absent)."""
+"""Shared fixtures: quiet progress bars, tiny data written by the tests, the CLI runner and its one-line-error
+check, folder snapshots and killed writers, stock-PEFT references, and the once-per-session embedded SmolLM2 + real
+data (fail under CI=true, skip elsewhere when absent)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
+import signal
 import socket
+import subprocess
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -117,6 +122,35 @@ def write_smoke_domains(folder: Path, n: int = 90) -> Path:
     return folder
 
 
+def write_data_folder(folder: Path, colors: int = 60, shapes: int = 60) -> Path:
+    """colors.jsonl and shapes.jsonl with the first `colors` / `shapes` records (0: that file is left out)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if colors:
+        write_jsonl(folder / "colors.jsonl", color_rows(colors))
+    if shapes:
+        write_jsonl(folder / "shapes.jsonl", shape_rows(shapes))
+    return folder
+
+
+@pytest.fixture
+def ddir_rows() -> dict[str, int]:
+    """Records per file in `ddir`; a test module overrides this fixture to get other counts."""
+    return {"colors": 60, "shapes": 60}
+
+
+@pytest.fixture
+def ddir(tmp_path, ddir_rows) -> Path:
+    """A writable data folder tmp_path/data for one test: colors.jsonl and shapes.jsonl (counts from ddir_rows)."""
+    return write_data_folder(tmp_path / "data", **ddir_rows)
+
+
+def split_of(question: str, answer: str, seed: int = 0) -> str:
+    """The split lorasum assigns a record, recomputed here independently (sha256 of seed, question, answer)."""
+    u = int.from_bytes(hashlib.sha256(f"{seed}\x00{question}\x00{answer}".encode()).digest()[:8], "big") / 2**64
+    return "train" if u < 0.8 else "validation" if u < 0.9 else "test"
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A read-only data directory: colors.jsonl and shapes.jsonl (200 records each, with a `category` field)."""
@@ -179,6 +213,13 @@ def socket_server(reply: bytes | None):
             conn.close()
 
 
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound once by the OS, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 H2_SETTINGS_FRAME = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # what a gRPC server (a Ray head) sends first
 
 
@@ -203,6 +244,59 @@ def run_cli(capfd):
         return rc, out, err, [str(w.message) for w in caught]
 
     return run
+
+
+def one_line_error(result, *culprits, quiet: bool = False, no_warnings: bool = False,
+                   absent: Path | None = None) -> str:
+    """Assert that `result` (rc, stdout, stderr[, warnings]) of run_cli or a subprocess is a refusal: exit 2,
+    exactly one `lorasum: error: ` line on stderr naming every culprit, no traceback; with `quiet` nothing on
+    stdout, with `no_warnings` no warning recorded, with `absent` nothing at that path. Returns the line."""
+    rc, out, err = result[:3]
+    assert rc == 2, (rc, out, err)
+    assert err.startswith("lorasum: error: ") and err.endswith("\n") and err.count("\n") == 1, \
+        f"not exactly one error line: {err!r}"
+    assert "Traceback" not in err, err
+    for c in culprits:
+        assert str(c) in err, f"{c!r} not named in {err!r}"
+    if quiet:
+        assert out == "", f"stdout on an error path: {out!r}"
+    if no_warnings:
+        assert list(result[3]) == [], f"warnings on an error path: {result[3]}"
+    if absent is not None:
+        assert not Path(absent).exists(), f"{absent} was written on an error path"
+    return err
+
+
+# --- folders and killed writers ---------------------------------------------------------------------------------
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every path below `folder` (symlinks as their target, never followed) with a hash of its bytes: two equal
+    snapshots mean nothing was written, removed or changed there."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = str(p.relative_to(folder))
+        out[rel] = f"-> {p.readlink()}" if p.is_symlink() else \
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file below `folder` with its bytes, for comparing two outputs byte for byte."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def kill_when_paused(proc: subprocess.Popen, marker: Path, name: str, point: str, limit: float = 300,
+                     poll: float = 0.02) -> None:
+    """SIGKILL `proc` once it has written `marker` (it paused at the write point `point`, see files.PAUSE_ENV);
+    fails if it ends first or takes over `limit` seconds. `name` says what it is in the failure."""
+    t0 = time.time()
+    try:
+        while not Path(marker).is_file():
+            assert proc.poll() is None, f"{name} ended before {point}: {proc.stderr.read().decode()}"
+            assert time.time() - t0 < limit
+            time.sleep(poll)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 # --- stock PEFT references ----------------------------------------------------------------------------------------

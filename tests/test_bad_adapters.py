@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import color_rows, write_jsonl
+from conftest import one_line_error
 from delta_fixtures import FAN_IN_FAN_OUT, make_adapter, set_config
 from safetensors.torch import load_file, save_file
 
@@ -21,16 +21,6 @@ from lorasum.lm.models import load_model
 # A key that backtracks exponentially against a name like `transformer.h.0.attn.c_attn` (seconds per layer under
 # `re` and the `regex` module alike, growing ~1.8x per character of the name).
 BACKTRACKING = r"(?:[\w.]|[\w.]{2}|[\w.]{3})*[^\w.]"
-
-
-def one_line_error(result, *culprits) -> str:
-    rc, out, err, _ = result
-    assert rc == 2, (rc, out, err)
-    assert err.startswith("lorasum: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for c in culprits:
-        assert str(c) in err, f"{c!r} not named in {err!r}"
-    return err
 
 
 def peft_deltas(model: str, folder: Path) -> dict[str, torch.Tensor]:
@@ -215,19 +205,12 @@ def test_compose_refuses_an_overflowing_weight(tmp_path, run_cli):
     assert all(torch.isfinite(t).all() for t in load_file(out / "adapter_model.safetensors").values())
 
 
-@pytest.fixture
-def colors_dir(tmp_path) -> Path:
-    d = tmp_path / "data"
-    write_jsonl(d / "colors.jsonl", color_rows(60))
-    return d
-
-
 @pytest.mark.parametrize("weight", ["1e30", "1e300"])
-def test_eval_refuses_a_delta_that_overflows(tmp_path, run_cli, colors_dir, weight):
+def test_eval_refuses_a_delta_that_overflows(tmp_path, run_cli, ddir, weight):
     a = make_adapter(tmp_path / "a")
     pe = tmp_path / "pe.jsonl"
     for extra in ([], ["--json"]):
-        err = one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data-dir", colors_dir, "--data", "colors",
+        err = one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors",
                                      "--adapter", f"{a}:{weight}", "--per-example", pe, *extra), f"{float(weight):g}")
         assert "'a'" in err or "*a" in err
         assert not pe.exists()

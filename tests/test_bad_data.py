@@ -7,19 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import color_rows, write_jsonl
+from conftest import color_rows, one_line_error, write_jsonl
 
 from lorasum.errors import LorasumError
 from lorasum.lm.data import DataConfig, load_domain, require_nonempty
-
-
-def one_line_error(result, *culprits: str) -> str:
-    rc, out, err, _ = result
-    assert rc == 2, (rc, out, err)
-    assert err.startswith("lorasum: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for c in culprits:
-        assert str(c) in err, f"{c!r} not named in {err!r}"
-    return err
 
 
 def stats_cli(run_cli, data_dir: Path, *domains: str, json_out: bool = False):

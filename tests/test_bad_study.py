@@ -4,34 +4,18 @@ artifact is removed and recomputed on resume."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import color_rows, shape_rows, write_jsonl
+from conftest import one_line_error, snapshot, write_data_folder
 
 from lorasum.errors import LorasumError
 from lorasum.study.config import ExperimentConfig, load_config
 
 DEEP = "[" * 100_000 + "]" * 100_000
-
-
-def one_line_error(result, *culprits: str) -> str:
-    rc, out, err, _ = result
-    assert rc == 2, (rc, out, err)
-    assert err.startswith("lorasum: error: ") and err.endswith("\n") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for c in culprits:
-        assert str(c) in err, f"{c!r} not named in {err!r}"
-    return err
-
-
-def listing(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
-            for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +24,7 @@ def finished(tmp_path_factory) -> Path:
     from lorasum.cli.main import main
 
     root = tmp_path_factory.mktemp("finished")
-    write_jsonl(root / "data" / "colors.jsonl", color_rows(60))
-    write_jsonl(root / "data" / "shapes.jsonl", shape_rows(60))
+    write_data_folder(root / "data")
     assert main(["experiment", "--preset", "smoke", "--domains", "colors", "shapes", "--data-dir",
                  str(root / "data"), "--out", str(root / "run")]) == 0
     return root
@@ -64,21 +47,14 @@ def experiment(run_cli, data: Path, out: Path, *extra, config=None, domains=("co
     return run_cli(*args)
 
 
-@pytest.fixture
-def data(tmp_path) -> Path:
-    write_jsonl(tmp_path / "data" / "colors.jsonl", color_rows(60))
-    write_jsonl(tmp_path / "data" / "shapes.jsonl", shape_rows(60))
-    return tmp_path / "data"
-
-
 # --- configs ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, culprits", [
     (DEEP, ["cfg.json", "nested too deeply"]),
     ("a: " + DEEP, ["cfg.yaml", "nested too deeply"]),
     ("seeds: [" + "9" * 5000 + "]", ["cfg.yaml", "not valid YAML", "4300 digits"]),
 ])
-def test_an_unreadable_config_file_is_named(text, culprits, data, tmp_path, run_cli):
-    one_line_error(experiment(run_cli, data, tmp_path / "run", config=text), *culprits)
+def test_an_unreadable_config_file_is_named(text, culprits, ddir, tmp_path, run_cli):
+    one_line_error(experiment(run_cli, ddir, tmp_path / "run", config=text), *culprits)
     assert not (tmp_path / "run").exists()
 
 
@@ -87,10 +63,10 @@ def test_an_unreadable_config_file_is_named(text, culprits, data, tmp_path, run_
     ("../shapes", ["'../shapes'"]),
     ("shapes[category=x$y]", ["'x$y'", "filter field or value"]),
 ])
-def test_a_domain_name_that_is_not_plain_is_refused(domain, culprits, data, tmp_path, run_cli):
-    before = listing(tmp_path)
-    one_line_error(experiment(run_cli, data, tmp_path / "run", domains=("colors", domain)), *culprits)
-    assert listing(tmp_path) == before
+def test_a_domain_name_that_is_not_plain_is_refused(domain, culprits, ddir, tmp_path, run_cli):
+    before = snapshot(tmp_path)
+    one_line_error(experiment(run_cli, ddir, tmp_path / "run", domains=("colors", domain)), *culprits)
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("config, culprits", [
@@ -113,8 +89,8 @@ def test_a_domain_name_that_is_not_plain_is_refused(domain, culprits, data, tmp_
     ({"max_ppl_ratio": -1}, ["'max_ppl_ratio' must be a ratio > 0"]),
     ({"threads": 10**6}, ["'threads' must be at least 1 and at most 1024"]),
 ])
-def test_numbers_out_of_range_are_keyed_errors(config, culprits, data, tmp_path, run_cli):
-    one_line_error(experiment(run_cli, data, tmp_path / "run", config=config), *culprits)
+def test_numbers_out_of_range_are_keyed_errors(config, culprits, ddir, tmp_path, run_cli):
+    one_line_error(experiment(run_cli, ddir, tmp_path / "run", config=config), *culprits)
     assert not (tmp_path / "run").exists()
 
 
@@ -144,21 +120,21 @@ def test_experiment_threads_is_runtime_only(run_copy, finished, run_cli, monkeyp
 
 
 # --- tune --heartbeat -------------------------------------------------------------------------------------------
-def test_tune_heartbeat_zero_is_refused(data, tmp_path, run_cli):
-    before = listing(tmp_path)
-    one_line_error(run_cli("tune", "--model", "tiny-gpt2", "--data-dir", data, "--data", "colors", "--trials", 1,
+def test_tune_heartbeat_zero_is_refused(ddir, tmp_path, run_cli):
+    before = snapshot(tmp_path)
+    one_line_error(run_cli("tune", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors", "--trials", 1,
                            "--out", tmp_path / "tuned", "--heartbeat", 0), "--heartbeat", "got 0")
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 # --- --params -----------------------------------------------------------------------------------------------------
-def test_deeply_nested_params_file_is_named(data, tmp_path, run_cli):
+def test_deeply_nested_params_file_is_named(ddir, tmp_path, run_cli):
     params = tmp_path / "params.json"
     params.write_text(DEEP)
-    before = listing(tmp_path)
-    one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", data, "--data", "colors", "--out",
+    before = snapshot(tmp_path)
+    one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "colors", "--out",
                            tmp_path / "ad", "--params", params), f"--params {params}", "nested too deeply")
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 # --- job specs ------------------------------------------------------------------------------------------------------
@@ -199,9 +175,9 @@ def test_a_wrongly_typed_or_escaping_job_spec_is_refused(edit, culprits, eval_sp
     spec.pop("key")
     edit(spec)
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     one_line_error(run_cli("job", tmp_path / "spec.json"), str(tmp_path / "spec.json"), *culprits)
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("spec, culprits", [
@@ -221,9 +197,9 @@ def test_a_wrongly_typed_or_escaping_job_spec_is_refused(edit, culprits, eval_sp
 def test_job_spec_paths_stay_in_the_run_folder(spec, culprits, tmp_path, run_cli):
     body = spec(tmp_path / "run")
     (tmp_path / "spec.json").write_text(body if isinstance(body, str) else json.dumps(body))
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     one_line_error(run_cli("job", tmp_path / "spec.json"), str(tmp_path / "spec.json"), *culprits)
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_a_planned_spec_passes_the_strict_check(finished):

@@ -4,10 +4,11 @@ value, before any work and with nothing written; a training run whose loss diver
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
-from conftest import color_rows, write_jsonl
 from delta_fixtures import make_adapter
 
 from lorasum.errors import LorasumError
@@ -16,22 +17,13 @@ from lorasum.lm.train import SEED_LIMIT, TrainConfig, check_seed
 SMALL = ("--max-train", "16", "--max-validation", "4", "--max-test", "4")
 
 
-def one_line_error(result, *culprits) -> str:
-    rc, out, err, _ = result
-    assert rc == 2, (rc, out, err)
-    assert out == ""
-    assert err.startswith("lorasum: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for c in culprits:
-        assert str(c) in err, f"{c!r} not named in {err!r}"
-    return err
+one_line_error = partial(conftest.one_line_error, quiet=True)  # a refusal here also prints nothing on stdout
 
 
 @pytest.fixture
-def ddir(tmp_path) -> Path:
-    d = tmp_path / "data"
-    write_jsonl(d / "colors.jsonl", color_rows(80))
-    return d
+def ddir_rows() -> dict[str, int]:
+    """The shared `ddir` with 80 colors records only."""
+    return {"colors": 80, "shapes": 0}
 
 
 def train(run_cli, ddir: Path, out: Path, *flags):

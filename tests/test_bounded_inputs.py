@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import color_rows, write_jsonl
+from conftest import color_rows, one_line_error, write_jsonl
 from delta_fixtures import make_adapter
 
 from lorasum import yamlfile
@@ -26,16 +26,6 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 BOMB = "&a [lol,lol,lol,lol,lol,lol,lol,lol,lol]"  # nine levels of nine aliases each: 9**9 values, ~330 bytes
 for level in "bcdefghi":
     BOMB = f"{BOMB}\n- &{level} [{','.join([f'*{chr(ord(level) - 1)}'] * 9)}]"
-
-
-def one_line_error(result, *culprits) -> str:
-    rc, out, err = result[:3]
-    assert rc == 2, (rc, out, err)
-    assert err.startswith("lorasum: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for c in culprits:
-        assert str(c) in err, f"{c!r} not named in {err!r}"
-    return err
 
 
 def bounded_cli(argvs: list[list[str]], memory: int = 3 << 30, timeout: int = 120) -> list[tuple[int, str, str]]:
@@ -293,10 +283,9 @@ def test_unreadable_data_folder_and_file_are_one_line():
 
 # --- counts and merge hyperparameters ------------------------------------------------------------------------------
 @pytest.fixture
-def ddir(tmp_path) -> Path:
-    d = tmp_path / "data"
-    write_jsonl(d / "colors.jsonl", color_rows(40))
-    return d
+def ddir_rows() -> dict[str, int]:
+    """The shared `ddir` with 40 colors records only."""
+    return {"colors": 40, "shapes": 0}
 
 
 def test_counts_are_bounded_where_they_enter(tmp_path, ddir, run_cli):

@@ -3,17 +3,17 @@ warnings, and nothing half-written (no --out folder, no temp folders, no --per-e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import color_rows, shape_rows, write_jsonl
+from conftest import color_rows, one_line_error, split_of, write_jsonl
 
 from lorasum.lm.data import DataConfig
 from lorasum.errors import LorasumError
@@ -21,34 +21,12 @@ from lorasum.lm.evaluate import evaluate
 from lorasum.lm.models import load_model
 
 
-def assert_one_line_error(result, *culprits: str) -> str:
-    rc, out, err, caught = result
-    assert rc == 2, (rc, out, err)
-    assert out == ""
-    assert err.endswith("\n") and err.count("\n") == 1, f"not exactly one line: {err!r}"
-    assert err.startswith("lorasum: error: "), err
-    assert "Traceback" not in err
-    for c in culprits:
-        assert str(c) in err, f"{c!r} not named in {err!r}"
-    assert caught == [], f"warnings on an error path: {caught}"
-    return err
+# every refusal here also prints nothing on stdout and raises no warning
+assert_one_line_error = partial(one_line_error, quiet=True, no_warnings=True)
 
 
 def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
-@pytest.fixture
-def ddir(tmp_path) -> Path:
-    d = tmp_path / "data"
-    write_jsonl(d / "colors.jsonl", color_rows(60))
-    write_jsonl(d / "shapes.jsonl", shape_rows(60))
-    return d
-
-
-def _split(q: str, a: str, seed: int = 0) -> str:
-    u = int.from_bytes(hashlib.sha256(f"{seed}\x00{q}\x00{a}".encode()).digest()[:8], "big") / 2**64
-    return "train" if u < 0.8 else "validation" if u < 0.9 else "test"
 
 
 def peft_adapter(out: Path, model, targets, r: int = 2) -> Path:
@@ -118,7 +96,7 @@ def test_non_utf8_and_bad_json_lines(tmp_path, ddir, run_cli):
 
 
 def test_empty_split(tmp_path, ddir, run_cli):
-    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(200) if _split(f"q{i}", f"a{i}") == "train"]
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(200) if split_of(f"q{i}", f"a{i}") == "train"]
     rows = rows[:20]
     write_jsonl(ddir / "trainonly.jsonl", rows)
     out = tmp_path / "out"
@@ -269,7 +247,7 @@ def test_no_answer_tokens_left_names_domain_and_split(tmp_path, ddir, run_cli):
                           "colors train: no answer tokens left at --max-length 16")
     # answers survive in the training split but not in the validation split: refused before training, too
     rows = [{"question": q, "answer": f"a{i}"} for i in range(300) for q in ("q", "q" * 40)
-            if (_split(q, f"a{i}") == "train") == (q == "q")]
+            if (split_of(q, f"a{i}") == "train") == (q == "q")]
     write_jsonl(ddir / "mixed.jsonl", rows)
     assert_one_line_error(run_cli("train", "--model", "tiny-gpt2", "--data-dir", ddir, "--data", "mixed",
                                   "--out", out, "--loss-on", "answer", "--max-length", 24),
@@ -367,9 +345,8 @@ def test_demo_never_replaces_a_folder_it_was_not_told_to(tmp_path, run_cli):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    rc, stdout, err, _ = run_cli("demo", "--model", "tiny-gpt2", "--out", out)
-    assert rc == 2 and stdout == "" and err.count("\n") == 1
-    assert f"--out {out} exists and is not empty" in err and "--overwrite" in err
+    one_line_error(run_cli("demo", "--model", "tiny-gpt2", "--out", out), f"--out {out} exists and is not empty",
+                   "--overwrite", quiet=True)
     assert (out / "notes.txt").read_text() == "keep me" and [p.name for p in out.iterdir()] == ["notes.txt"]
 
 

@@ -4,29 +4,18 @@ kind of output (adapter, run folder, report, tune folder, weight-search folder) 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import color_rows, shape_rows, write_jsonl
+from conftest import color_rows, one_line_error, snapshot, write_data_folder, write_jsonl
 
 from lorasum.delta.peft_format import load_adapter
 from lorasum.errors import LorasumError
 
 P = 4194400  # above the kernel's largest pid_max (2**22): a writer that can never be alive
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every path below `folder` (symlinks as their target, never followed) with a hash of its bytes."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = str(p.relative_to(folder))
-        out[rel] = f"-> {p.readlink()}" if p.is_symlink() else \
-            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return out
 
 
 def victim(tmp_path: Path) -> Path:
@@ -77,8 +66,7 @@ def test_reading_a_missing_adapter_beside_hostile_journals_touches_nothing_outsi
     kept = plant(tmp_path / "adapters", "math", home)
     with pytest.raises(LorasumError, match="adapter folder not found"):
         load_adapter(tmp_path / "adapters" / "math")
-    rc, _, err, _ = run_cli("similarity", tmp_path / "adapters" / "math", _adapter(tmp_path / "b", 0))
-    assert rc == 2 and "not found" in err
+    one_line_error(run_cli("similarity", tmp_path / "adapters" / "math", _adapter(tmp_path / "b", 0)), "not found")
     survived(tmp_path / "adapters", kept, home, before)
     assert not (tmp_path / "adapters" / "math").exists()  # no symlinked "new folder" was rolled forward
 
@@ -100,8 +88,7 @@ def finished(tmp_path_factory) -> Path:
     from lorasum.cli.main import main
 
     root = tmp_path_factory.mktemp("run")
-    write_jsonl(root / "data" / "colors.jsonl", color_rows(60))
-    write_jsonl(root / "data" / "shapes.jsonl", shape_rows(60))
+    write_data_folder(root / "data")
     assert main(["experiment", "--preset", "smoke", "--domains", "colors", "shapes", "--data-dir", str(root / "data"),
                  "--out", str(root / "run")]) == 0
     return root
@@ -144,8 +131,7 @@ def test_a_symlinked_run_lock_is_refused_and_its_target_kept(finished, run, tmp_
     precious.write_text("do not truncate")
     (run / ".lorasum.lock").unlink()
     (run / ".lorasum.lock").symlink_to(precious)
-    rc, _, err, _ = _experiment(run_cli, finished, run)
-    assert rc == 2 and err.count("\n") == 1 and ".lorasum.lock is a symbolic link" in err, err
+    one_line_error(_experiment(run_cli, finished, run), ".lorasum.lock is a symbolic link")
     assert precious.read_text() == "do not truncate"
 
 
@@ -155,8 +141,7 @@ def test_a_symlinked_adapter_in_a_run_is_refused(finished, run, tmp_path, run_cl
     shutil.move(run / "adapters" / key, outside)
     (run / "adapters" / key).symlink_to(outside)
     before = snapshot(outside)
-    rc, _, err, _ = _experiment(run_cli, finished, run)
-    assert rc == 2 and err.count("\n") == 1 and f"{key} is a symbolic link" in err, err
+    one_line_error(_experiment(run_cli, finished, run), f"{key} is a symbolic link")
     assert snapshot(outside) == before
     from lorasum.study.jobspec import adapter_dir
 
@@ -165,13 +150,11 @@ def test_a_symlinked_adapter_in_a_run_is_refused(finished, run, tmp_path, run_cl
 
 
 def test_a_run_refused_for_max_length_leaves_nothing(tmp_path, run_cli):
-    write_jsonl(tmp_path / "data" / "colors.jsonl", color_rows(60))
-    write_jsonl(tmp_path / "data" / "shapes.jsonl", shape_rows(60))
+    write_data_folder(tmp_path / "data")
     (tmp_path / "cfg.yaml").write_text("train:\n  max_length: 300\n")
-    rc, _, err, _ = run_cli("experiment", "--preset", "smoke", "--domains", "colors", "shapes", "--data-dir",
-                            tmp_path / "data", "--config", tmp_path / "cfg.yaml", "--out", tmp_path / "run")
-    assert rc == 2 and "max_length 300" in err and "256" in err, err
-    assert not (tmp_path / "run").exists()
+    one_line_error(run_cli("experiment", "--preset", "smoke", "--domains", "colors", "shapes", "--data-dir",
+                           tmp_path / "data", "--config", tmp_path / "cfg.yaml", "--out", tmp_path / "run"),
+                   "max_length 300", "256", absent=tmp_path / "run")
 
 
 def only_lorasum_names(folder: Path, kept: dict[str, str]) -> dict[str, str]:
@@ -206,8 +189,7 @@ def test_tune_refuses_a_folder_of_look_alikes_and_keeps_them(tmp_path, run_cli):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("mine")
     before = snapshot(out)
-    rc, _, err, _ = run_cli("tune", *TUNE, "--data-dir", tmp_path / "data", "--out", out)
-    assert rc == 2 and err.count("\n") == 1 and "lorasum did not write" in err, err
+    one_line_error(run_cli("tune", *TUNE, "--data-dir", tmp_path / "data", "--out", out), "lorasum did not write")
     assert snapshot(out) == before
 
 
@@ -218,8 +200,7 @@ def test_search_weights_never_replaces_an_adapter_folder_holding_a_users_file(tm
     (out / "adapter" / "thesis.txt").write_text("years of work")
     args = ["search-weights", tiny_adapters["tiny-gpt2"]["colors"], tiny_adapters["tiny-gpt2"]["shapes"], "--model",
             "tiny-gpt2", "--data-dir", tiny_data, "--data", "colors", "--max-validation", "8", "--trials", "1"]
-    rc, _, err, _ = run_cli(*args, "--out", out)
-    assert rc == 2 and err.count("\n") == 1 and "adapter/thesis.txt" in err, err
+    one_line_error(run_cli(*args, "--out", out), "adapter/thesis.txt")
     assert (out / "adapter" / "thesis.txt").read_text() == "years of work"
     fresh = tmp_path / "fresh"
     home = victim(tmp_path)
@@ -229,6 +210,5 @@ def test_search_weights_never_replaces_an_adapter_folder_holding_a_users_file(tm
     assert rc == 0, err
     survived(fresh, journals, home, before)
     assert load_adapter(fresh / "adapter").layers
-    rc, _, err, _ = run_cli(*args, "--out", tmp_path / "bad", "--storage", "nosuch://x")
-    assert rc == 2 and err.count("\n") == 1, err
-    assert not (tmp_path / "bad").exists()  # a refused storage leaves no empty --out
+    # a refused storage leaves no empty --out
+    one_line_error(run_cli(*args, "--out", tmp_path / "bad", "--storage", "nosuch://x"), absent=tmp_path / "bad")

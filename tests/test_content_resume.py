@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import color_rows, shape_rows, write_jsonl
+from conftest import color_rows, one_line_error, shape_rows, write_data_folder, write_jsonl
 from safetensors.torch import load_file, save_file
 
 from lorasum.errors import LorasumError
@@ -21,14 +21,6 @@ from lorasum.study.experiment import plan
 from lorasum.study.jobs import artifact_path, run_job
 
 MODEL = "tiny-gpt2"
-
-
-def one_line(result, *culprits) -> str:
-    rc, _, err, _ = result
-    assert rc == 2 and err.startswith("lorasum: error: ") and err.count("\n") == 1, err
-    for c in culprits:
-        assert str(c) in err, f"{c!r} not named in {err!r}"
-    return err
 
 
 def _copy_inputs(tiny_adapters, tiny_data, tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -67,7 +59,7 @@ def test_search_weights_on_changed_data_or_adapter_is_refused_naming_the_file(ru
         changed = a / "adapter_config.json"
         cfg = json.loads(changed.read_text())
         changed.write_text(json.dumps({**cfg, "lora_alpha": cfg["lora_alpha"] * 2}))
-    one_line(run_cli(*args[:-4], "--trials", "3", "--out", out), "other file contents", changed)
+    one_line_error(run_cli(*args[:-4], "--trials", "3", "--out", out), "other file contents", changed)
     study = optuna.load_study(study_name="weights", storage=f"sqlite:///{out / 'study.db'}")
     assert len(study.trials) == 2  # nothing was added to the old study
 
@@ -79,15 +71,14 @@ def test_tune_on_changed_data_is_refused_naming_it(run_cli, tmp_path):
             "--max-validation", "8", "--trials", "1", "--out", tmp_path / "tune"]
     assert run_cli(*args)[0] == 0
     write_jsonl(data / "colors.jsonl", color_rows(81))
-    one_line(run_cli(*args), "different setup", "data.sources.colors")
+    one_line_error(run_cli(*args), "different setup", "data.sources.colors")
 
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """A smoke plan over two domains the test writes, and the tiny model its jobs run on."""
     root = tmp_path_factory.mktemp("content")
-    write_jsonl(root / "data" / "colors.jsonl", color_rows(60))
-    write_jsonl(root / "data" / "shapes.jsonl", shape_rows(60))
+    write_data_folder(root / "data")
     cfg = load_config(None, "smoke", {"domains": ["colors", "shapes"], "data_dir": str(root / "data")})
     return root, plan(cfg, root / "run"), load_model(cfg.model, device="cpu")
 
@@ -102,7 +93,7 @@ def test_a_data_stats_spec_on_changed_data_is_refused_naming_the_file(planned, r
         run_job(spec, loaded)
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
-    one_line(run_cli("job", spec_file), "shapes.jsonl", "sha256 differs")
+    one_line_error(run_cli("job", spec_file), "shapes.jsonl", "sha256 differs")
     assert not artifact_path(spec).exists()
     write_jsonl(data / "shapes.jsonl", shape_rows(60))  # the planned content again: the job runs
     assert json.loads(run_job(spec, loaded).read_text())["rows"]

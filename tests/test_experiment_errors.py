@@ -4,50 +4,30 @@ Also: a rerun with a relative --data-dir (or LORASUM_DATA_DIR) from the same fol
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
 import yaml
-from conftest import color_rows, shape_rows, write_jsonl
+from conftest import snapshot, split_of, write_data_folder, write_jsonl
 
 from lorasum.study.config import load_config
 
 
-def one_line_error(result, *culprits: str) -> str:
-    rc, out, err, caught = result
-    assert rc == 2, (rc, out, err)
-    assert err.startswith("lorasum: error: ") and err.endswith("\n") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for c in culprits:
-        assert str(c) in err, f"{c!r} not named in {err!r}"
-    assert caught == [], caught
-    return err
-
-
-def listing(folder: Path) -> dict[str, str]:
-    """Every path under `folder` with a hash of its bytes (folders: empty)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
-            for p in sorted(folder.rglob("*"))}
-
-
-def _split(q: str, a: str) -> str:
-    u = int.from_bytes(hashlib.sha256(f"0\x00{q}\x00{a}".encode()).digest()[:8], "big") / 2**64
-    return "train" if u < 0.8 else "validation" if u < 0.9 else "test"
+one_line_error = partial(conftest.one_line_error, no_warnings=True)  # a refusal here also raises no warning
 
 
 @pytest.fixture
-def ddir(tmp_path) -> Path:
-    d = tmp_path / "data"
-    write_jsonl(d / "colors.jsonl", color_rows(60))
-    write_jsonl(d / "shapes.jsonl", shape_rows(60))
-    write_jsonl(d / "empty.jsonl", [])
-    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(100) if _split(f"q{i}", f"a{i}") == "train"]
-    write_jsonl(d / "trainonly.jsonl", rows[:10])
-    return d
+def ddir(ddir: Path) -> Path:
+    """The shared `ddir` and two more domains: empty.jsonl (no records) and trainonly.jsonl (train records only)."""
+    write_jsonl(ddir / "empty.jsonl", [])
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(100) if split_of(f"q{i}", f"a{i}") == "train"]
+    write_jsonl(ddir / "trainonly.jsonl", rows[:10])
+    return ddir
 
 
 def experiment(run_cli, ddir: Path, out: Path, *extra, config: dict | None = None, domains=("colors", "shapes")):
@@ -75,9 +55,9 @@ def test_bad_domains(domains, culprits, ddir, tmp_path, run_cli, monkeypatch):
         raise AssertionError("the model was loaded before the domains were checked")
 
     monkeypatch.setattr("lorasum.study.executors.load_model", no_model)
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     one_line_error(experiment(run_cli, ddir, tmp_path / "run", domains=domains), *culprits)
-    assert listing(tmp_path) == before  # no run folder, no config.json, no timings.json
+    assert snapshot(tmp_path) == before  # no run folder, no config.json, no timings.json
 
 
 def test_unknown_preset_suggests_the_closest(ddir, tmp_path, run_cli):
@@ -108,10 +88,10 @@ def test_unknown_preset_suggests_the_closest(ddir, tmp_path, run_cli):
     ("threads: 0\n", ["'threads' must be at least 1", "got 0"]),
 ])
 def test_bad_config_values_name_the_key(config, culprits, ddir, tmp_path, run_cli):
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     err = one_line_error(experiment(run_cli, ddir, tmp_path / "run", config=config), *culprits)
     assert "cfg.yaml" in err  # the file is named
-    assert {k: v for k, v in listing(tmp_path).items() if k != "cfg.yaml"} == before  # no run folder
+    assert {k: v for k, v in snapshot(tmp_path).items() if k != "cfg.yaml"} == before  # no run folder
 
 
 def test_yaml_numeric_strings_are_numbers(tmp_path):
@@ -139,8 +119,7 @@ def finished(tmp_path_factory) -> Path:
     from lorasum.cli.main import main
 
     root = tmp_path_factory.mktemp("finished")
-    write_jsonl(root / "data" / "colors.jsonl", color_rows(60))
-    write_jsonl(root / "data" / "shapes.jsonl", shape_rows(60))
+    write_data_folder(root / "data")
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -165,7 +144,7 @@ def no_jobs(monkeypatch) -> list[str]:
 
 
 def test_rerun_with_a_relative_data_dir_resumes(finished, run_cli, monkeypatch):
-    before = listing(finished / "run")
+    before = snapshot(finished / "run")
     ran = no_jobs(monkeypatch)
     monkeypatch.chdir(finished)
     rc, _, err, _ = run_cli("experiment", "--preset", "smoke", "--domains", "colors", "shapes", "--data-dir",
@@ -175,17 +154,17 @@ def test_rerun_with_a_relative_data_dir_resumes(finished, run_cli, monkeypatch):
     rc, _, err, _ = run_cli("experiment", "--preset", "smoke", "--domains", "colors", "shapes", "--out", "run")
     assert rc == 0, err
     assert ran == []
-    after = listing(finished / "run")
+    after = snapshot(finished / "run")
     assert after["results.json"] == before["results.json"]
     assert json.loads((finished / "run" / "config.json").read_text())["data_dir"] == str(finished / "data")
 
 
 def test_different_config_is_refused_then_accepted_with_overwrite(finished, run_copy, run_cli, monkeypatch):
     data = str(finished / "data")
-    before = listing(run_copy)
+    before = snapshot(run_copy)
     one_line_error(experiment(run_cli, data, run_copy, config={"max_test": 5}), "differs in: max_test",
                    "--overwrite")
-    assert listing(run_copy) == before
+    assert snapshot(run_copy) == before
     ran = []
     real = __import__("lorasum.study.executors", fromlist=["run_job"]).run_job
     monkeypatch.setattr("lorasum.study.executors.run_job", lambda spec, loaded=None, timings=None: (ran.append(spec["kind"]),
@@ -199,10 +178,10 @@ def test_different_config_is_refused_then_accepted_with_overwrite(finished, run_
 def test_moved_data_dir_is_refused_naming_both_folders(finished, run_copy, tmp_path, run_cli, monkeypatch):
     moved = tmp_path / "moved"
     shutil.copytree(finished / "data", moved)
-    before = listing(run_copy)
+    before = snapshot(run_copy)
     one_line_error(experiment(run_cli, moved, run_copy), "differs in: data_dir", str(finished / "data"),
                    str(moved), "--overwrite")
-    assert listing(run_copy) == before
+    assert snapshot(run_copy) == before
     ran = no_jobs(monkeypatch)  # the same files elsewhere: every job is reused
     rc, _, err, _ = experiment(run_cli, moved, run_copy, "--overwrite")
     assert rc == 0, err
@@ -211,10 +190,10 @@ def test_moved_data_dir_is_refused_naming_both_folders(finished, run_copy, tmp_p
 
 def test_corrupt_config_json_is_refused_then_replaced_with_overwrite(finished, run_copy, run_cli, monkeypatch):
     (run_copy / "config.json").write_text('{"model": ')
-    before = listing(run_copy)
+    before = snapshot(run_copy)
     one_line_error(experiment(run_cli, finished / "data", run_copy), str(run_copy / "config.json"), "corrupt",
                    "--overwrite")
-    assert listing(run_copy) == before
+    assert snapshot(run_copy) == before
     ran = no_jobs(monkeypatch)
     rc, _, err, _ = experiment(run_cli, finished / "data", run_copy, "--overwrite")
     assert rc == 0, err
@@ -224,9 +203,9 @@ def test_corrupt_config_json_is_refused_then_replaced_with_overwrite(finished, r
 def test_folder_that_is_not_a_run_is_refused(ddir, tmp_path, run_cli):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     one_line_error(experiment(run_cli, ddir, tmp_path / "other"), "is not a lorasum run folder")
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 # --- lorasum report / lorasum job ---------------------------------------------------------------------------------
@@ -249,11 +228,11 @@ def test_report_on_a_damaged_results_json(damage, culprit, run_copy, run_cli):
         path.write_text(json.dumps(r))
     else:
         path.write_text(damage)
-    before = listing(run_copy)
+    before = snapshot(run_copy)
     err = one_line_error(run_cli("report", run_copy), str(path), culprit)
     if damage is not None:
         assert "regenerate it with `lorasum experiment" in err
-    assert listing(run_copy) == before  # no figure or report rewritten
+    assert snapshot(run_copy) == before  # no figure or report rewritten
 
 
 @pytest.mark.parametrize("text, culprits", [
@@ -270,9 +249,9 @@ def test_report_on_a_damaged_results_json(damage, culprit, run_copy, run_cli):
 def test_job_with_a_bad_spec(text, culprits, tmp_path, run_cli):
     spec = tmp_path / "spec.json"
     spec.write_text(text)
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     one_line_error(run_cli("job", spec), str(spec), *culprits)
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_job_whose_key_does_not_match_its_content(finished, tmp_path, run_cli):

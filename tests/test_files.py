@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import file_bytes, kill_when_paused
 
 from lorasum import files
 from lorasum.errors import LorasumError
@@ -27,10 +28,6 @@ from lorasum.lock import LOCK_FILE, folder_lock
 
 def _hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # --- fsync before publishing ----------------------------------------------------------------------------------------
@@ -84,7 +81,7 @@ def test_every_file_and_folder_of_a_published_tree_is_fsynced_before_the_publish
     synced = {e[1] for e in log[:publish] if e[0] == "fsync"}
     assert {str(tmp / "sub" / "w.bin"), str(tmp / "c.json"), str(tmp / "sub"), str(tmp)} <= synced
     assert ("fsync", str(tmp_path)) in log[publish + 1:]
-    assert _tree(out) == {"c.json": b"{}", "sub/w.bin": b"w" * 10}
+    assert file_bytes(out) == {"c.json": b"{}", "sub/w.bin": b"w" * 10}
     assert _hidden(tmp_path) == []
 
 
@@ -112,15 +109,7 @@ def _kill_writer(kind: str, target: Path, point: str, exchange: bool, tmp_path: 
     env = {**os.environ, files.PAUSE_ENV: f"{point}:{target.name}", files.PAUSE_MARKER_ENV: str(marker)}
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, kind, str(target), "1" if exchange else "0"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t0 = time.time()
-    try:
-        while not marker.is_file():
-            assert proc.poll() is None, f"writer ended before {point}: {proc.stderr.read().decode()}"
-            assert time.time() - t0 < 60
-            time.sleep(0.01)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when_paused(proc, marker, "writer", point, limit=60, poll=0.01)
     marker.unlink()
 
 
@@ -154,14 +143,14 @@ def test_a_folder_killed_at_any_point_of_its_replacement_is_old_or_new_and_recov
     if point == "aside":  # the one moment without a folder: the journal names both
         assert not target.exists() and any(n.endswith(".journal") for n in _hidden(target.parent))
     elif point == "exchanged":
-        assert _tree(target) == _NEW_DIR
+        assert file_bytes(target) == _NEW_DIR
     else:
-        assert _tree(target) == (_OLD_DIR if existing else {})
+        assert file_bytes(target) == (_OLD_DIR if existing else {})
     assert _hidden(target.parent)  # leftovers of the dead writer
     recover(target)  # what the next write, resume or read of this path does first
-    assert _tree(target) in (_OLD_DIR, _NEW_DIR) if existing else _tree(target) in ({}, _NEW_DIR)
+    assert file_bytes(target) in (_OLD_DIR, _NEW_DIR) if existing else file_bytes(target) in ({}, _NEW_DIR)
     if point in ("aside", "exchanged"):
-        assert _tree(target) == _NEW_DIR  # the replacement had passed its point of no return
+        assert file_bytes(target) == _NEW_DIR  # the replacement had passed its point of no return
     assert _hidden(target.parent) == []
 
 
@@ -189,7 +178,7 @@ def test_sweep_recovers_interrupted_writes_in_the_folders_lorasum_writes_and_now
     deeper.parent.mkdir()
     deeper.write_text("mine")
     assert sweep(tmp_path, ["evals", "adapters"]) == 2
-    assert _tree(tmp_path) == {"keep.json": b"{}", f"evals/sub/{deeper.name}": b"mine"}
+    assert file_bytes(tmp_path) == {"keep.json": b"{}", f"evals/sub/{deeper.name}": b"mine"}
 
 
 def _dead_pid() -> int:

@@ -178,15 +178,14 @@ def test_compose_writes_a_complete_finite_adapter_or_nothing(scratch, weight):
 # --- job specs ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_specs(tmp_path_factory):
-    from conftest import color_rows, shape_rows, write_jsonl
+    from conftest import write_data_folder
 
     from lorasum.study.config import load_config
     from lorasum.study.experiment import plan
     from lorasum.study.plan import CheckKey, SimKey, TrainKey
 
     root = tmp_path_factory.mktemp("fuzzspecs")
-    write_jsonl(root / "data" / "colors.jsonl", color_rows(40))
-    write_jsonl(root / "data" / "shapes.jsonl", shape_rows(40))
+    write_data_folder(root / "data", colors=40, shapes=40)
     cfg = load_config(None, "smoke", {"domains": ["colors", "shapes"], "data_dir": str(root / "data")})
     p = plan(cfg, root / "run")
     seed = cfg.seeds[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import one_line_error
 
 from lorasum.lm.generate import build_prompt, generate
 from lorasum.lm.models import load_model
@@ -79,9 +80,7 @@ def test_generate_cli(tiny_adapters, run_cli):
     assert out == generate(lm, "how many sides has a square?", [(folder, 0.5)], max_new_tokens=16) + "\n"
     for bad, culprit in ((["--max-new-tokens", 0], "--max-new-tokens"), (["--top-p", 0], "--top-p"),
                          (["--temperature", -1], "--temperature"), (["--template", "chat"], "chat template")):
-        rc, out, err, _ = run_cli("generate", "--model", "tiny-gpt2", *bad, "hi")
-        assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("lorasum: error: ")
-        assert culprit in err
+        one_line_error(run_cli("generate", "--model", "tiny-gpt2", *bad, "hi"), culprit, quiet=True)
 
 
 @pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-llama"])

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import color_rows, shape_rows, write_jsonl
+from conftest import write_data_folder
 
 from lorasum.study.config import load_config
 from lorasum.study.experiment import plan
@@ -30,8 +30,7 @@ def in_process(tmp_path_factory):
     from lorasum.lm.models import load_model
 
     root = tmp_path_factory.mktemp("jobs")
-    write_jsonl(root / "data" / "colors.jsonl", color_rows(60))
-    write_jsonl(root / "data" / "shapes.jsonl", shape_rows(60))
+    write_data_folder(root / "data")
     cfg = load_config(None, "smoke", {"domains": ["colors", "shapes"], "data_dir": str(root / "data")})
     seed = cfg.seeds[0]
     p = plan(cfg, root / "run")

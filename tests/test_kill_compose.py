@@ -5,15 +5,14 @@ else beside it."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-
+from conftest import file_bytes, kill_when_paused
 from delta_fixtures import make_adapter
+
 from lorasum import files
 from lorasum.delta.registry import METHODS
 
@@ -32,10 +31,6 @@ def _compose(pair: list[Path], method: str, out: Path, env: dict | None = None) 
     return subprocess.Popen(args, env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("point", ["write", "publish"])
@@ -47,19 +42,11 @@ def test_compose_killed_while_publishing_leaves_no_adapter_and_the_rerun_matches
     out, marker = tmp_path / "composed-adapter", tmp_path / "marker"
     env = {**ENV, files.PAUSE_ENV: f"{point}:{out.name}", files.PAUSE_MARKER_ENV: str(marker)}
     proc = _compose(pair, method, out, env)
-    t0 = time.time()
-    try:
-        while not marker.is_file():
-            assert proc.poll() is None, f"compose ended before {point}: {proc.stderr.read().decode()}"
-            assert time.time() - t0 < 300
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when_paused(proc, marker, "compose", point)
     assert not out.exists(), "a killed compose published a folder"
     assert any(files.is_temp_name(p.name) for p in tmp_path.iterdir()), "the kill left no in-flight write to test"
 
     proc = _compose(pair, method, out)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
-    assert _tree(out) == _tree(clean)  # every file byte for byte, lorasum.json included
+    assert file_bytes(out) == file_bytes(clean)  # every file byte for byte, lorasum.json included
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "composed-adapter", "marker"]

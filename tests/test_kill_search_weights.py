@@ -4,13 +4,12 @@ repeated) and writes the same bytes as an uninterrupted one, with no leftovers b
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_when_paused
 
 from lorasum import files
 
@@ -46,15 +45,7 @@ def test_search_weights_killed_while_writing_resumes_to_the_same_bytes(tiny_adap
     out, marker = tmp_path / "killed", tmp_path / "marker"
     env = {**ENV, files.PAUSE_ENV: f"{point}:{out.name}/{part}", files.PAUSE_MARKER_ENV: str(marker)}
     proc = _search(adapters, tiny_data, out, env)
-    t0 = time.time()
-    try:
-        while not marker.is_file():
-            assert proc.poll() is None, f"search ended before {point}: {proc.stderr.read().decode()}"
-            assert time.time() - t0 < 300
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when_paused(proc, marker, "search", point)
     assert _leftovers(out), "the kill left no in-flight write to test"
 
     proc = _search(adapters, tiny_data, out)

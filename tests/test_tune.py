@@ -9,15 +9,16 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
 import yaml
-from conftest import color_rows, write_jsonl
+from conftest import free_port
 
 from lorasum.errors import LorasumError
 from lorasum.tune.space import DEFAULT_SPACE, default_space, load_space, parse_space, space_yaml
@@ -36,27 +37,13 @@ def load_study(out: Path, name: str = "tune:colors"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
 
 
-def one_line_error(result, *culprits) -> str:
-    rc, out, err, caught = result
-    assert rc == 2, (rc, out, err)
-    assert err.startswith("lorasum: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for c in culprits:
-        assert str(c) in err, f"{c!r} not named in {err!r}"
-    assert caught == [], caught
-    return err
+one_line_error = partial(conftest.one_line_error, no_warnings=True)  # a refusal here also raises no warning
 
 
 @pytest.fixture
-def ddir(tmp_path) -> Path:
-    d = tmp_path / "data"
-    write_jsonl(d / "colors.jsonl", color_rows(80))
-    return d
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ddir_rows() -> dict[str, int]:
+    """The shared `ddir` with 80 colors records only."""
+    return {"colors": 80, "shapes": 0}
 
 
 # --- the search ---------------------------------------------------------------------------------------------------

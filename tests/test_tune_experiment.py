@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import color_rows, shape_rows, write_jsonl
+from conftest import write_data_folder
 
 SPACE = {"epochs": {"low": 1, "high": 2}, "lr": {"low": 1e-3, "high": 2e-2, "log": True}}
 
@@ -17,8 +17,7 @@ SPACE = {"epochs": {"low": 1, "high": 2}, "lr": {"low": 1e-3, "high": 2e-2, "log
 def run_experiment(run_cli, root: Path, mode: str) -> Path:
     data = root / "data"
     if not data.exists():
-        write_jsonl(data / "colors.jsonl", color_rows(60))
-        write_jsonl(data / "shapes.jsonl", shape_rows(60))
+        write_data_folder(data)
     cfg = root / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"domains": ["colors", "shapes"], "tune": {"mode": mode, "trials": 2,
                                                                            "space": SPACE}}))

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import color_rows, unavailable, write_jsonl
+from conftest import color_rows, free_port, unavailable, write_jsonl
 
 TRIALS = 8
 
@@ -24,12 +24,6 @@ TRIALS = 8
 def _server_binaries() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
     return Path(found[-1]).parent if found and Path(found[-1]).with_name("postgres").exists() else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -54,7 +48,7 @@ def postgres_url():
             shutil.chown(root, "postgres", "postgres")
         subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "lorasum", "--auth=trust",
                         "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
-        port = _free_port()
+        port = free_port()
         opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
         start = subprocess.run([*pg_ctl, "-l", str(root / "server.log"), "-o", opts, "-w", "-t", "60", "start"],
                                capture_output=True, text=True)

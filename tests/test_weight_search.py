@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import one_line_error
 
 from lorasum.delta.methods import merge
 from lorasum.delta.peft_format import load_adapter
@@ -112,16 +113,14 @@ def test_bad_input_is_one_line_exit_2_nothing_written(run_cli, tiny_adapters, ti
     out = tmp_path / "out"
     args = ["search-weights", tiny_adapters[MODEL]["colors"], tiny_adapters[MODEL]["shapes"], "--model", MODEL,
             "--data-dir", tiny_data, "--data", "colors", "--trials", "2", "--out", out, *extra]
-    rc, _, err, _ = run_cli(*args)
-    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
-    assert not out.exists()
+    one_line_error(run_cli(*args), message, absent=out)
 
 
 def test_one_adapter_is_refused(run_cli, tiny_adapters, tiny_data, tmp_path):
     out = tmp_path / "out"
-    rc, _, err, _ = run_cli("search-weights", tiny_adapters[MODEL]["colors"], "--model", MODEL, "--data-dir",
-                            tiny_data, "--data", "colors", "--trials", "2", "--out", out)
-    assert rc == 2 and "at least 2 adapters" in err and not out.exists()
+    one_line_error(run_cli("search-weights", tiny_adapters[MODEL]["colors"], "--model", MODEL, "--data-dir",
+                           tiny_data, "--data", "colors", "--trials", "2", "--out", out), "at least 2 adapters",
+                   absent=out)
 
 
 def test_cli_writes_best_json_and_the_adapter(run_cli, tiny_adapters, tiny_data, tmp_path):
