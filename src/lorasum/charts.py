@@ -12,6 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
+def value_text(v) -> str:
+    """A tuning parameter's value as the tables beside a study and in the report print it (6 significant digits)."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed)."""
     return plt

@@ -32,6 +32,18 @@ MAX_NAME_BYTES = 200  # the filesystem's 255 less room for the temp-name decorat
 EXCHANGE = True  # use renameat2(RENAME_EXCHANGE) where available; tests turn it off to exercise the journal
 
 
+def stat_or_refuse(path: str | os.PathLike, missing: str, unreadable: str) -> os.stat_result:
+    """`os.stat(path)`, or a one-line error: `missing` where nothing is there, else `unreadable` with `{why}` replaced
+    by the reason (a symlink loop named as such)."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise LorasumError(missing) from None
+    except OSError as e:
+        why = "is a symlink loop" if e.errno == errno.ELOOP else f"cannot be read ({e.strerror})"
+        raise LorasumError(unreadable.replace("{why}", why).replace("{strerror}", str(e.strerror))) from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import LorasumError
+from .files import stat_or_refuse
 
 MAX_YAML_BYTES = 1 << 20  # a config or space is a few KiB; 1 MiB leaves room for long lists of domains
 MAX_YAML_NODES = 100_000  # scalars, lists and mappings after every alias is expanded
@@ -76,12 +77,7 @@ def read_yaml(path: str | os.PathLike, what: str, fix: str) -> Any:
     """A YAML file's value: a regular, readable UTF-8 file of at most MAX_YAML_BYTES, parsed by `parse_yaml`;
     errors name `what` and the path (a FIFO or device is refused, never opened, so it cannot hang the read)."""
     where = f"{what} {path}"
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise LorasumError(f"{where} not found; check the path") from None
-    except OSError as e:
-        raise LorasumError(f"cannot read {where}: {e.strerror}; {fix}") from None
+    st = stat_or_refuse(path, f"{where} not found; check the path", f"cannot read {where}: {{strerror}}; {fix}")
     if stat.S_ISDIR(st.st_mode):
         raise LorasumError(f"{where} is a folder, not a YAML file; {fix}")
     if not stat.S_ISREG(st.st_mode):

@@ -18,7 +18,7 @@ from typing import BinaryIO, Iterator
 import pyarrow.parquet as pq
 
 from ..errors import LorasumError
-from ..files import parse_json
+from ..files import parse_json, stat_or_refuse
 
 EXTENSIONS = (".jsonl", ".csv", ".parquet")
 DATA_DIR_ENV = "LORASUM_DATA_DIR"
@@ -63,13 +63,8 @@ def check_file(path: str) -> str:
 def _check_dir(d: Path) -> None:
     """The data directory exists, is a folder (not a symlink loop) and can be listed."""
     where = f"(from data_dir / --data-dir or {DATA_DIR_ENV})"
-    try:
-        st = os.stat(d)
-    except FileNotFoundError:
-        raise LorasumError(f"data directory not found: {d} {where}") from None
-    except OSError as e:
-        what = "is a symlink loop" if e.errno == errno.ELOOP else f"cannot be read ({e.strerror})"
-        raise LorasumError(f"data directory {d} {what} {where}; pass a folder of data files") from None
+    st = stat_or_refuse(d, f"data directory not found: {d} {where}",
+                        f"data directory {d} {{why}} {where}; pass a folder of data files")
     if not stat.S_ISDIR(st.st_mode):
         raise LorasumError(f"data directory {d} is not a folder {where}; pass a folder of data files")
     if not os.access(d, os.R_OK | os.X_OK):

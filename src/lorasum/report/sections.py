@@ -89,15 +89,18 @@ def _table3(r: dict, ci: str) -> list:
                      f"{r['pairs'].get('|'.join(c['subset']), c)['rms']:.4f}",
                      *(_rms_refs(r, c["subset"]) if refs else ()),
                      _pct(c["pct_change"]) if "pct_change" in c else "", paper.cell(ref)])
-    blocks.append(Table(["combination", "ppl merged", "ppl summed", "macro merged / summed", "RMS cos",
-                         *(("random null", "same-domain ceiling") if refs else ()), "%Δ summed",
-                    "paper: merged / summed / RMS / %Δ"], rows,
-                   f"Each pair: pooled test perplexity (exp ΣNLL/Σtokens over its test sets) of the block trained on "
-                   f"its merged data and of the sum of its two fundamentals ({ci}), macro = mean of the per-domain "
-                   f"perplexities, the RMS of their per-layer cosines; {CHANGE_KEY}; last column: {paper.LABEL}."))
-    if not matched:
-        blocks.append(paper.table3_reference())
-    return blocks + _baselines(pairs, cfg, ci)
+    table = Table(["combination", "ppl merged", "ppl summed", "macro merged / summed", "RMS cos",
+                   *(("random null", "same-domain ceiling") if refs else ()), "%Δ summed",
+                   "paper: merged / summed / RMS / %Δ"], rows,
+                  f"Each pair: pooled test perplexity (exp ΣNLL/Σtokens over its test sets) of the block trained on "
+                  f"its merged data and of the sum of its two fundamentals ({ci}), macro = mean of the per-domain "
+                  f"perplexities, the RMS of their per-layer cosines; {CHANGE_KEY}; last column: {paper.LABEL}.")
+    return _with_reference(blocks, table, matched, paper.table3_reference) + _baselines(pairs, cfg, ci)
+
+
+def _with_reference(blocks: list, table, matched: bool, reference) -> list:
+    """The blocks, then the table, then the paper's own table where no row matched the paper's domains."""
+    return [*blocks, table, *(() if matched else (reference(),))]
 
 
 def _rms_refs(r: dict, domains: list[str]) -> tuple[str, str]:
@@ -130,14 +133,12 @@ def _table4(r: dict, ci: str) -> list:
             rows.append([f"({l2['level2']}) + {d}", _ci(c["merged"]), _ci(l2["perplexity"]),
                          f"{_num(c.get('merged_macro'))} / {_num(l2.get('macro'))}", f"{l2['rms']:.4f}",
                          _pct(l2["pct_change"]), paper.cell(paper.TABLE4.get(_base(d)) if ok else None)])
-    blocks.append(Table(["combination", "ppl merged", "ppl composed", "macro merged / composed", "RMS cos", "%Δ",
-                    "paper: merged / summed / RMS / %Δ"], rows,
-                   f"The three-domain sum and each level-2 block + the remaining fundamental against the block "
-                   f"trained on all three domains' merged data ({ci}); RMS between the two parts (for the sum: over "
-                   f"all pairs of its blocks); {CHANGE_KEY}; last column: {paper.LABEL}."))
-    if not matched:
-        blocks.append(paper.table4_reference())
-    return blocks + _baselines(triples, cfg, ci)
+    table = Table(["combination", "ppl merged", "ppl composed", "macro merged / composed", "RMS cos", "%Δ",
+                   "paper: merged / summed / RMS / %Δ"], rows,
+                  f"The three-domain sum and each level-2 block + the remaining fundamental against the block "
+                  f"trained on all three domains' merged data ({ci}); RMS between the two parts (for the sum: over "
+                  f"all pairs of its blocks); {CHANGE_KEY}; last column: {paper.LABEL}.")
+    return _with_reference(blocks, table, matched, paper.table4_reference) + _baselines(triples, cfg, ci)
 
 
 def _unlearning(r: dict, ci: str) -> list:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from ..charts import history_png, importance_png
+from ..charts import history_png, importance_png, value_text
 from .blocks import Figures, Paragraph, Table
 from .ordering import partition_order
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
 def _range(v: dict) -> str:
     if "choices" in v:
-        return "{" + ", ".join(map(_fmt, v["choices"])) + "}"
-    return f"[{_fmt(v['low'])}, {_fmt(v['high'])}]" + (" log" if v.get("log") else "")
+        return "{" + ", ".join(map(value_text, v["choices"])) + "}"
+    return f"[{value_text(v['low'])}, {value_text(v['high'])}]" + (" log" if v.get("log") else "")
 
 
 def tuning_blocks(r: dict) -> list:
@@ -34,7 +26,7 @@ def tuning_blocks(r: dict) -> list:
                               f"median pruning on per-epoch validation loss; {how}")]
     names = sorted(t["space"])  # results.json is written with sorted keys: order explicitly, so re-renders match
     rows = [[part, f"{s['value']:.4f}" if s.get("value") is not None else "", str(s.get("trial", "")),
-             *(_fmt((s.get("tuned") or {}).get(n)) for n in names)] for part, s in _studies(r)]
+             *(value_text((s.get("tuned") or {}).get(n)) for n in names)] for part, s in _studies(r)]
     space = "; ".join(f"{n} {_range(t['space'][n])}" for n in names)
     blocks.append(Table(["partition", "best val loss", "trial", *names], rows, f"Search space: {space}."))
     parts = [part for part, _ in _studies(r)]

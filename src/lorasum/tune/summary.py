@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 
-from ..charts import history_png, importance_png
+from ..charts import history_png, importance_png, value_text
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 MIN_FOR_IMPORTANCE = 2  # completed trials an importance estimate needs
@@ -46,20 +46,12 @@ def importances(study) -> tuple[dict | None, str]:
     return {k: float(v) for k, v in imp.items()}, ""
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
 def md_table(rows: list[dict]) -> str:
     if not rows:
         return "(no trials)"
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(value_text(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -92,7 +84,7 @@ def write_summary(study, out: Path, best: dict) -> dict:
                   f"({best['trials']['complete']} complete, {best['trials']['pruned']} pruned of "
                   f"{best['trials']['requested']} requested; storage {best['storage']}).", "",
                   "| parameter | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in best["tuned"].items()]
+        lines += [f"| {k} | {value_text(v)} |" for k, v in best["tuned"].items()]
         lines += ["", f"Retrain it: `lorasum train --params {out / 'best.json'} ...` (same model, data and caps).", ""]
     else:
         lines += ["No trial has completed yet.", ""]
