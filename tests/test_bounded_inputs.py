@@ -419,3 +419,20 @@ def test_progress_off_silences_library_bars(tmp_path, pair, run_cli, monkeypatch
     module = types.SimpleNamespace(tqdm=tqdm)
     quiet_module(module)
     assert module.tqdm(range(3), desc="GGUF").disable
+
+
+def test_json_reads_are_bounded_and_refuse_special_files(tmp_path, monkeypatch):
+    import lorasum.files as files
+
+    at = tmp_path / "at.json"
+    at.write_text('{"a": 1}' + " " * 92)  # exactly 100 bytes
+    monkeypatch.setattr(files, "MAX_JSON_BYTES", 100)
+    assert files.read_json(at, "run config", "fix it") == {"a": 1}
+    past = tmp_path / "past.json"
+    past.write_text('{"a": 1}' + " " * 93)
+    with pytest.raises(LorasumError, match=r"run config .*past\.json is 101 bytes, over the 0 MiB .*; fix it$"):
+        files.read_json(past, "run config", "fix it")
+    fifo = tmp_path / "results.json"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    with pytest.raises(LorasumError, match=r"results file .*results\.json is not a regular file; rerun"):
+        files.read_json(fifo, "results file", "rerun")

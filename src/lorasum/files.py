@@ -364,10 +364,21 @@ def content_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, allow_nan=False).encode("utf-8")).hexdigest()
 
 
+MAX_JSON_BYTES = 256 << 20  # results.json of the largest grid is a few MiB
+
+
 def read_json(path: str | os.PathLike, what: str, fix: str, kind: type | None = dict) -> Any:
     """Read a JSON file (see `parse_json`); with `kind`, the top level must be of that type."""
     path = Path(path)
     try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise LorasumError(f"{what} {path} is not a regular file; {fix}")
+        if st.st_size > MAX_JSON_BYTES:
+            raise LorasumError(f"{what} {path} is {st.st_size} bytes, over the {MAX_JSON_BYTES >> 20} MiB lorasum "
+                               f"reads of a JSON file; {fix}")
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise LorasumError(f"{what} {path} not found; {fix}") from None
