@@ -85,3 +85,24 @@ def test_refactoring_a_lazy_merge_equals_the_eager_one(pair):
     assert got_err == want_err
     for n, f in want.layers.items():
         assert torch.equal(f.A, got.layers[n].A) and torch.equal(f.B, got.layers[n].B), n
+
+
+def test_an_error_at_a_later_layer_is_restored_exactly_by_applied(pair, monkeypatch):
+    lm = load_model("tiny-llama", device="cpu")
+    (lazy, w), = method_terms(pair, [1.0, 0.6], "ties", PARAMS)
+    names = list(lazy.layers)
+    before = snapshot_weights(lm.model, names)
+    real, asked = MergedLayers.__getitem__, []
+
+    def failing(self, layer):
+        asked.append(layer)
+        if len(asked) == 3:
+            raise RuntimeError("merge failed")
+        return real(self, layer)
+
+    monkeypatch.setattr(MergedLayers, "__getitem__", failing)
+    with pytest.raises(RuntimeError, match="merge failed"), applied(lm.model, [(lazy, w)]):
+        pass
+    assert asked == names[:3]  # two layers were added before the third failed
+    for n, t in snapshot_weights(lm.model, names).items():
+        assert torch.equal(t, before[n]), n
