@@ -3,7 +3,9 @@
 For a Linear weight W (out, in): W += sign·Σ wᵢ sᵢ Bᵢ Aᵢ. For GPT-2's Conv1D, W is (in, out) and the delta is
 (α/r · B A)ᵀ (the paper's eq. 1), added as W += Aᵀ Bᵀ. Several adapters are concatenated along the rank first,
 so each weight is touched by one `addmm_`. A merge method's dense layer (`DenseDelta`, (out, in)) is added as it
-is (transposed for Conv1D). Every layer is validated before any weight changes.
+is (transposed for Conv1D). Every layer is validated before any weight changes. A merge whose layers are computed on
+access (`delta.methods.MergedLayers`) is walked one layer at a time: merged, checked, added and dropped before the
+next, so one layer's dense delta is held at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import LorasumError
 from .compose import DenseDelta, weighted_sum
 from .factors import Adapter, LoraFactors
+from .methods import MergedLayers
 
 
 def _base_weight(model: torch.nn.Module, layer: str, modules: dict | None = None) -> tuple[torch.Tensor, bool]:
@@ -35,12 +38,12 @@ def _base_weight(model: torch.nn.Module, layer: str, modules: dict | None = None
                        "use the base model the adapter was trained on")
 
 
-def _resolve(model: torch.nn.Module, layers: dict[str, LoraFactors]) -> dict[str, tuple[torch.Tensor, bool]]:
-    """Validate every layer against the model (existence, type, shape) before anything is changed."""
+def _resolve(model: torch.nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Validate every layer's (out, in) against the model (existence, type, shape) before anything is changed."""
     out, modules = {}, dict(model.named_modules())
-    for layer, f in layers.items():
+    for layer, shape in shapes.items():
         w, transposed = _base_weight(model, layer, modules)
-        want = f.shape[::-1] if transposed else f.shape
+        want = shape[::-1] if transposed else shape
         if tuple(w.shape) != want:
             raise LorasumError(f"layer '{layer}': the model's weight is {tuple(w.shape)} but the adapter's delta is "
                                f"{want}; use the base model the adapter was trained on")
@@ -103,8 +106,13 @@ def apply_factors(model: torch.nn.Module, layers: dict[str, LoraFactors | DenseD
                   what: str = "the adapter delta") -> None:
     """In place W += sign · s · B A per layer, or W += sign · ΔW for a dense layer (transposed for Conv1D); `what`
     names the delta in errors."""
-    resolved = _resolve(model, layers)
+    resolved = _resolve(model, {n: f.shape for n, f in layers.items()})
     _check_finite(resolved, layers, sign, what)
+    _add_layers(resolved, layers, sign)
+
+
+def _add_layers(resolved: dict, layers: dict[str, LoraFactors | DenseDelta], sign: float) -> None:
+    """Add each (checked) layer into its resolved weight in place."""
     with torch.no_grad():
         for layer, f in layers.items():
             w, transposed = resolved[layer]
@@ -123,11 +131,26 @@ def apply_factors(model: torch.nn.Module, layers: dict[str, LoraFactors | DenseD
                 w.copy_(_updated(w, A, B, alpha, transposed))
 
 
+def apply_layerwise(model: torch.nn.Module, layers: MergedLayers, weight: float = 1.0, sign: float = 1.0,
+                    what: str = "the merged delta") -> None:
+    """In place W += sign · weight · ΔW for a merge computed on access, one layer at a time: each layer is merged,
+    checked, added and dropped before the next is asked for, so one layer's dense ΔW is held at once. Every layer's
+    shape is validated first; an overflow found at a later layer leaves the earlier ones added, so call it inside
+    `applied` (which restores them from its snapshot) or discard the model on error."""
+    resolved = _resolve(model, {n: layers.shape(n) for n in layers})
+    for layer in layers:
+        one = {layer: _scaled(layers[layer], weight)}
+        _check_finite(resolved, one, sign, what)
+        _add_layers(resolved, one, sign)
+        del one  # the next layer's merge must not meet this one's ΔW still alive
+
+
 def apply_adapters(model: torch.nn.Module, adapters: list[tuple[Adapter, float]], sign: float = 1.0) -> None:
     """In place W += sign · Σ wᵢ · sᵢ · Bᵢ Aᵢ over all layers of the adapters (which must share their layers).
 
     A layer missing in the model, of another type, or of another shape, or a sum that would make a weight Inf or
-    NaN, raises LorasumError naming it; no weight is changed in that case.
+    NaN, raises LorasumError naming it; no weight is changed in that case, except for a merge computed on access,
+    which is added one layer at a time (see apply_layerwise).
     """
     if not adapters:
         return
@@ -135,6 +158,9 @@ def apply_adapters(model: torch.nn.Module, adapters: list[tuple[Adapter, float]]
     if len(adapters) == 1:
         a, w = adapters[0]
         what = f"adapter '{a.name}' at weight {w:g}"
+        if isinstance(a.layers, MergedLayers):
+            apply_layerwise(model, a.layers, float(w), sign, what)
+            return
         layers = {n: _scaled(f, float(w)) for n, f in a.layers.items()}
     else:
         layers = weighted_sum(adapters).layers

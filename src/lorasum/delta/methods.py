@@ -17,7 +17,7 @@ import copy
 import hashlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -223,14 +223,64 @@ def _merged_layers(adapters: list[tuple[Adapter, float]], method: str, params: d
     """(layer, merged layer) in layer order, each checked finite; the inputs are checked before the first."""
     if not adapters:
         raise LorasumError("no adapters to merge; pass at least one PATH[:WEIGHT]")
+    _check_weights(adapters)
+    params = method_params(method, params or {})
+    for layer in check_compatible([a for a, _ in adapters]):
+        yield layer, _merged_layer(adapters, layer, method, params)
+
+
+def _check_weights(adapters: list[tuple[Adapter, float]]) -> None:
+    """Refuse a weight that is not a finite number, naming its adapter."""
     for a, w in adapters:
         if not math.isfinite(w):
             raise LorasumError(f"weight {w} for adapter '{a.name}' is not a finite number")
+
+
+def _merged_layer(adapters: list[tuple[Adapter, float]], layer: str, method: str, params: dict
+                  ) -> LoraFactors | DenseDelta:
+    """One layer of the merge, refused (naming the weight) when it holds Inf or NaN."""
+    terms = [(a.layers[layer], float(w)) for a, w in adapters]
+    merged = merge_layer(method, layer, terms, params)
+    held = merged.delta if isinstance(merged, DenseDelta) else merged.B
+    if not torch.isfinite(held).all():
+        raise_overflow(adapters, terms, layer)  # names the weight that overflows
+    return merged
+
+
+class MergedLayers(Mapping):
+    """A merge's layers computed on access and never kept: whoever walks them (delta.apply, to_factors) holds one
+    layer's dense ΔW at a time, where a dict of them would hold every layer's (a 7B-shaped stack's would not fit).
+    Each access merges again, the same bits every time (random masks are seeded per layer)."""
+
+    def __init__(self, adapters: list[Adapter], weights: dict[str, list[float]], method: str, params: dict):
+        self.adapters, self.weights, self.method, self.params = adapters, weights, method, params
+
+    def __getitem__(self, layer: str) -> LoraFactors | DenseDelta:
+        if layer not in self.weights:
+            raise KeyError(layer)
+        return _merged_layer(list(zip(self.adapters, self.weights[layer])), layer, self.method, self.params)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def shape(self, layer: str) -> tuple[int, int]:
+        """The layer's (out, in), known without merging it."""
+        return self.adapters[0].layers[layer].shape
+
+
+def lazy_merge(adapters: list[Adapter], weights: Callable[[str], list[float]], method: str = "sum",
+               params: dict | None = None, name: str = "merged") -> Adapter:
+    """`merge` with its layers merged on access (MergedLayers), at `weights(layer)` (one per adapter) for each
+    layer. The inputs, weights and parameters are checked here, before any layer is merged."""
+    if not adapters:
+        raise LorasumError("no adapters to merge; pass at least one PATH[:WEIGHT]")
+    table = {layer: [float(w) for w in weights(layer)] for layer in adapters[0].layers}
+    for ws in table.values():
+        _check_weights(list(zip(adapters, ws)))
     params = method_params(method, params or {})
-    for layer in check_compatible([a for a, _ in adapters]):
-        terms = [(a.layers[layer], float(w)) for a, w in adapters]
-        merged = merge_layer(method, layer, terms, params)
-        held = merged.delta if isinstance(merged, DenseDelta) else merged.B
-        if not torch.isfinite(held).all():
-            raise_overflow(adapters, terms, layer)  # names the weight that overflows
-        yield layer, merged
+    layers = MergedLayers(adapters, {n: table[n] for n in check_compatible(adapters)}, method, params)
+    first = adapters[0]
+    return Adapter(name, "", copy.deepcopy(first.config), layers, first.base_record())

@@ -2,7 +2,8 @@
 
 `method_terms` is what every caller applies in place (`eval`, `generate`, `merge`, `search-weights` and the grid's
 eval jobs): the adapters at their weights for the exact sum (summed as they are applied), else one adapter holding
-the method's merge at weight 1 (dense where the method is). `combine` is that merge: lorasum's own methods
+the method's merge at weight 1, its layers merged on access so that applying it holds one layer's dense ΔW at a
+time. `combine` is that merge: lorasum's own methods
 (delta.methods) or PEFT's (lm.peft_merge, on a loaded model); with per-module weights ({'w0.attn': …}, the weight
 search's) attention and MLP layers are merged at their own weights. `compose` saves a combination as one stock PEFT
 adapter folder (`lorasum compose`).
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from ..delta.compose import to_factors
 from ..delta.factors import Adapter, check_compatible, module_kind
-from ..delta.methods import merge, merge_to_factors
+from ..delta.methods import lazy_merge, merge_to_factors
 from ..delta.peft_format import load_terms, save_adapter
 from ..delta.registry import method_label, needs_model
 from ..errors import LorasumError
@@ -43,9 +44,10 @@ def method_terms(adapters: list[Adapter], weights: Weights, method: str, params:
 
 def combine(adapters: list[Adapter], weights: Weights, method: str, params: dict, lm: LoadedModel | None = None,
             name: str = "merged") -> Adapter:
-    """The adapters combined by `method` at `weights`: a lorasum merge (delta.methods.merge, dense layers left dense)
-    or, for PEFT's methods, PEFT's own on `lm`. Per-module weights merge each group's layers at its weights, so per
-    layer this is exactly the merge at that layer's weights."""
+    """The adapters combined by `method` at `weights`: a lorasum merge whose layers are merged on access
+    (delta.methods.lazy_merge: applying it or refactoring it holds one layer's dense ΔW at a time) or, for PEFT's
+    methods, PEFT's own on `lm`. Per-module weights merge each group's layers at its weights, so per layer this is
+    exactly the merge at that layer's weights."""
     flat = _per_adapter(weights, len(adapters))
     if needs_model(method):
         if flat is None:
@@ -54,15 +56,9 @@ def combine(adapters: list[Adapter], weights: Weights, method: str, params: dict
         combined.name = name
         return combined
     if flat is not None:
-        return merge(list(zip(adapters, flat)), method, params, name=name)
-    layers: dict = {}
-    for g in GROUPS:
-        part = [(Adapter(a.name, a.path, a.config, {n: f for n, f in a.layers.items() if layer_group(n) == g},
-                         a.lorasum), weights[f"w{i}.{g}"]) for i, a in enumerate(adapters)]
-        if part[0][0].layers:
-            layers.update(merge(part, method, params).layers)
-    first = adapters[0]
-    return Adapter(name, "", first.config, {n: layers[n] for n in first.layers}, first.base_record())
+        return lazy_merge(adapters, lambda layer: flat, method, params, name)
+    return lazy_merge(adapters, lambda layer: [weights[f"w{i}.{layer_group(layer)}"] for i in range(len(adapters))],
+                      method, params, name)
 
 
 def _per_adapter(weights: Weights, n: int) -> list[float] | None:

@@ -86,7 +86,7 @@ def _run_eval(spec: dict, out: Path, loaded: LoadedModel) -> None:
     return {"apply_s": round(apply_s, 4)}
 
 
-_MERGED: dict = {}  # the last merged adapter: consecutive evals of one model on several domains merge once
+_MERGED: dict = {}  # the last method terms: consecutive evals of one model on several domains check them once
 
 
 def _method_terms(spec: dict) -> list[tuple]:
