@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import snapshot as listing
 from conftest import write_smoke_domains
 from lorasum.delta.peft_format import load_adapter
 from lorasum.delta.subspace import factor_similarity, factor_summary
@@ -21,7 +22,7 @@ from lorasum.report.render import write_report
 from lorasum.study.config import load_config
 from lorasum.study.experiment import run_experiment
 from lorasum.study.units.unlearning import choose_weight
-from test_experiment_errors import experiment, listing, one_line_error
+from test_experiment_errors import experiment, one_line_error
 
 
 def test_init_seeds_are_stable_hashes_and_dropout_does_not_depend_on_the_mode():
