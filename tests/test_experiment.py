@@ -241,3 +241,67 @@ def test_a_results_json_without_its_digest_is_reported_only_as_unsigned(smoke_ru
     assert main(["report", str(run)]) == 0
     mark = "unsigned: results.json carries no digest; it may have been edited"
     assert mark in (run / "report.md").read_text() and mark in (run / "report.html").read_text()
+
+
+def _eval_losses(root: Path, partitions: list[str], domains: list[str], tmp: Path, capsys) -> dict:
+    """Per-example NLL and tokens of base + Σ adapters(partitions) on each domain, by `lorasum eval --per-example`,
+    summed here: {domain: (ΣNLL, Σtokens)}."""
+    cfg = load_config(str(root / "run" / "config.json"))
+    folders = {}
+    for d in (root / "run" / "adapters").iterdir():
+        meta = json.loads((d / "lorasum.json").read_text())
+        if not meta["data"]["skip"]:  # not the second-sample reference of the domain
+            folders[meta["partition"]] = d
+    per = tmp / f"{'_'.join(partitions)}-{'_'.join(domains)}.jsonl"
+    capsys.readouterr()
+    rc = main(["eval", "--model", "tiny-gpt2", "--data-dir", cfg.data_dir, "--data", *domains,
+               *[x for p in partitions for x in ("--adapter", str(folders[p]))], "--max-test", str(cfg.max_test),
+               "--max-length", str(cfg.train.max_length), "--per-example", str(per), "--json"])
+    assert rc == 0
+    capsys.readouterr()
+    rows = [json.loads(line) for line in per.read_text().splitlines()]
+    return {d: (sum(r["nll"] for r in rows if r["domain"] == d), sum(r["tokens"] for r in rows if r["domain"] == d))
+            for d in domains}
+
+
+def test_oracle_router_and_where_the_cost_lands_match_losses_recomputed_by_eval(smoke_run, tmp_path, capsys):
+    """The oracle row (each domain served by its own block), its %Δ vs merged, the sum's %Δ vs the oracle and the
+    per-domain split of the sum's gap, against per-example losses from separate `lorasum eval` runs."""
+    root, _ = smoke_run
+    r = json.loads((root / "run" / "results.json").read_text())
+    pair = ["alpha", "beta"]
+    own = {d: _eval_losses(root, [d], [d], tmp_path, capsys)[d] for d in pair}
+    merged = _eval_losses(root, ["alpha+beta"], pair, tmp_path, capsys)
+    summed = _eval_losses(root, pair, pair, tmp_path, capsys)
+    tokens = sum(t for _, t in merged.values())
+    assert tokens == sum(t for _, t in own.values()) == sum(t for _, t in summed.values())
+    ppl = lambda parts: math.exp(sum(n for n, _ in parts) / tokens)  # noqa: E731  pooled over the pair
+    oracle, ppl_merged, ppl_sum = ppl(own.values()), ppl(merged.values()), ppl(summed.values())
+    assert ppl_sum > 1 and abs(ppl_sum - oracle) > 1e-3 * oracle  # the check distinguishes the sum from the oracle
+
+    row = next(x for x in r["routing"] if x["subset"] == pair)["oracle"]
+    assert row["route"] == {"alpha": "adapter[alpha]", "beta": "adapter[beta]"}
+    assert row["perplexity"]["mean"] == pytest.approx(oracle, rel=1e-6)
+    assert row["pct_change"]["mean"] == pytest.approx(100 * (oracle / ppl_merged - 1), abs=1e-4)
+    assert row["sum_vs_oracle"]["mean"] == pytest.approx(100 * (ppl_sum / oracle - 1), abs=1e-4)
+    lo, hi = row["pct_change"]["ci"]
+    assert lo <= row["pct_change"]["mean"] <= hi
+
+    cost = next(x for x in r["cost_by_domain"] if x["subset"] == pair)
+    s = cost["models"]["sum"]
+    for d in pair:
+        assert cost["own"][d]["mean"] == pytest.approx(math.exp(own[d][0] / own[d][1]), rel=1e-6)
+        assert cost["merged"][d]["mean"] == pytest.approx(math.exp(merged[d][0] / merged[d][1]), rel=1e-6)
+        sd = s["domains"][d]
+        assert sd["vs_own"]["mean"] == pytest.approx(100 * (math.exp((summed[d][0] - own[d][0]) / own[d][1]) - 1),
+                                                     abs=1e-4)
+        assert sd["vs_merged"]["mean"] == pytest.approx(
+            100 * (math.exp((summed[d][0] - merged[d][0]) / own[d][1]) - 1), abs=1e-4)
+        assert s["interference_by_domain"][d] == pytest.approx((summed[d][0] - own[d][0]) / tokens, abs=1e-7)
+    assert s["oracle_gap"] == pytest.approx(math.log(oracle / ppl_merged), abs=1e-7)
+    assert s["log_gap"] == pytest.approx(math.log(ppl_sum / ppl_merged), abs=1e-7)
+    assert s["interference"] + s["oracle_gap"] == pytest.approx(s["log_gap"], abs=1e-12)
+    verdicts = {f["claim"] for f in r["findings"] if f["subject"] == "alpha + beta"}
+    assert {"oracle routing vs merged", "where the cost of the sum lands"} <= verdicts
+    md = (root / "run" / "report.md").read_text()
+    assert "oracle routing (own block per domain)" in md and "Where the cost lands" in md

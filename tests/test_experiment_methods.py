@@ -104,3 +104,18 @@ def test_bad_method_grid_is_refused(grid, message):
     with pytest.raises(LorasumError, match=message):
         load_config(preset="smoke", overrides={"domains": ["a", "b"], "compositions": ["sum", "ties"],
                                                "method_grid": grid})
+
+
+def test_where_the_cost_lands_follows_the_composition_chosen_on_validation(method_run):
+    _, _, _, results = method_run
+    choice = results["compositions"][0]["method_choice"]
+    (cost,) = results["cost_by_domain"]
+    assert cost["models"]["sum"]["model"] == "sum[alpha+beta]"
+    if choice["best"] == "sum":
+        assert "best_on_validation" not in cost["models"]
+    else:
+        best = cost["models"]["best_on_validation"]
+        assert best["model"] == choice["best_model"] and best["method"] == choice["best"]
+        for d in ("alpha", "beta"):  # its per-domain test perplexity is the matrix's cell of that model
+            assert best["domains"][d]["perplexity"]["mean"] == pytest.approx(
+                results["perplexity"][choice["best_model"]][d]["mean"], rel=1e-12)

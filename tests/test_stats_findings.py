@@ -160,3 +160,29 @@ def test_rms_fit_has_one_point_per_pair_not_per_seed():
     assert fit["slope"] == pytest.approx(ref["slope"]) and fit["slope_ci"] == pytest.approx(ref["slope_ci"])
     naive = linear_fit([x for v in rms.values() for x in v], [y for v in pct.values() for y in v], 0.95)
     assert naive["slope_ci"][1] - naive["slope_ci"][0] < fit["slope_ci"][1] - fit["slope_ci"][0]
+
+
+def _ci(lo: float, hi: float) -> dict:
+    return {"mean": (lo + hi) / 2, "ci": [lo, hi], "per_seed": [(lo + hi) / 2]}
+
+
+@pytest.mark.parametrize("ci, starts", [((1.0, 3.0), "even the oracle router is worse"),
+                                        ((-1.0, 3.0), "the oracle router reaches"),
+                                        ((-3.0, -1.0), "the oracle router beats")])
+def test_oracle_verdict_follows_the_ci_of_its_change_vs_merged(ci, starts):
+    from lorasum.study.findings import oracle_verdict
+    assert oracle_verdict(ci).startswith(starts)
+
+
+def test_cost_verdict_places_interference_only_where_the_cis_decide():
+    from lorasum.study.findings import cost_verdict
+
+    def cost(vs_oracle, a, b):
+        return {"vs_oracle": _ci(*vs_oracle), "domains": {"a": {"vs_own": _ci(*a)}, "b": {"vs_own": _ci(*b)}}}
+
+    assert cost_verdict(cost((-1, 2), (1, 2), (1, 2))).startswith("no interference detected")
+    assert cost_verdict(cost((-3, -1), (1, 2), (1, 2))).startswith("no interference: better than the oracle")
+    assert cost_verdict(cost((1, 2), (1, 2), (-1, 2))) == "interference on a"
+    assert cost_verdict(cost((1, 2), (-1, 2), (0.5, 2))) == "interference on b"
+    assert cost_verdict(cost((1, 2), (1, 2), (0.5, 2))) == "interference spread over a, b"
+    assert cost_verdict(cost((1, 2), (-1, 2), (-1, 2))) == "interference, on no single domain decidably"

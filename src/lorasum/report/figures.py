@@ -13,6 +13,7 @@ from ..stats import fit_band
 from .ordering import find_model, pair_order
 from .methods import method_label, ranked
 from .paper import FIT
+from .routing import ORACLE_LABEL, oracle_of
 
 
 def split_layer(name: str) -> tuple[int, str]:
@@ -234,20 +235,27 @@ def method_ranking(results: dict) -> bytes:
     perplexity (best at the top, in red: the one chosen on validation)."""
     plt = pyplot()
     rows = [c for c in results["compositions"] if c.get("method_choice")]
-    n = max(len(ranked(rows[0])), 1)
+    n = max(len(ranked(rows[0])), 1) + 1
     fig, axes = plt.subplots(len(rows), 1, figsize=(6.4, 0.9 + (0.28 * n + 0.6) * len(rows)), squeeze=False)
     for ax, c in zip(axes[:, 0], rows):
         items = ranked(c)
-        ys = np.arange(len(items))[::-1]
+        oracle = oracle_of(results, c["subset"])
+        ys = np.arange(len(items))[::-1] + (oracle is not None)
         for y, (name, _, change, _) in zip(ys, items):
             colour = "C3" if name == c["method_choice"]["best"] else ("C0" if name != "sum" else "black")
             m, (lo, hi) = change["mean"], change["ci"]
             ax.errorbar(m, y, xerr=[[m - lo], [hi - m]], fmt="o", color=colour, capsize=3)
-        ax.set_yticks(ys, [method_label(name, c.get("baselines", {}).get(name)) for name, *_ in items], fontsize=7)
+        labels = [method_label(name, c.get("baselines", {}).get(name)) for name, *_ in items]
+        if oracle is not None:  # a reference, not a candidate: it needs each example's domain
+            m, (lo, hi) = oracle["pct_change"]["mean"], oracle["pct_change"]["ci"]
+            ax.errorbar(m, 0, xerr=[[m - lo], [hi - m]], fmt="D", color="grey", capsize=3)
+            ys, labels = np.append(ys, 0), labels + [ORACLE_LABEL]
+        ax.set_yticks(ys, labels, fontsize=7)
         ax.axvline(0, color="black", lw=0.5)
         ax.set_title(" + ".join(c["subset"]), fontsize=9)
     axes[-1, 0].set_xlabel("% change in test perplexity vs the merged-data block (CI)")
-    fig.suptitle("Merge methods ranked by validation perplexity (best on top, red)", fontsize=10)
+    fig.suptitle("Merge methods ranked by validation perplexity (best on top, red; grey: the oracle router)",
+                 fontsize=10)
     fig.tight_layout()
     return png(fig)
 
@@ -320,5 +328,7 @@ def figure_text(results: dict, name: str) -> tuple[str, str]:
                 f"{level}% CI, ranked by validation perplexity; best on validation — {best}.",
                 "Each row is a composition of the subset's blocks, top = lowest validation perplexity (red: the one "
                 "chosen on validation; black: the exact sum). Left of 0: better than the merged-data block. The "
-                "choice never looks at test; the test CI shows whether it holds there.")
+                "choice never looks at test; the test CI shows whether it holds there. The grey diamond at the "
+                "bottom is the oracle router (each domain's examples served by its own block): a reference, not a "
+                "candidate, since it needs each example's domain.")
     return name.replace("_", " "), name.replace("_", " ")

@@ -13,6 +13,7 @@ from .detail import L2P1_NEEDS, absent as _absent, per_layer_sections, weight_sp
 from .figures import available, figure_text
 from .methods import method_tables
 from .ordering import by_domain, model_order
+from .routing import cost_section, routing_table
 from .overview import HEADLINE, answer_section
 from .science import init_section, references_section, table1_section, unlearning_sweep_section
 from .text import ci as _ci, num as _num, pct as _pct
@@ -95,7 +96,8 @@ def _table3(r: dict, ci: str) -> list:
                   f"Each pair: pooled test perplexity (exp ΣNLL/Σtokens over its test sets) of the block trained on "
                   f"its merged data and of the sum of its two fundamentals ({ci}), macro = mean of the per-domain "
                   f"perplexities, the RMS of their per-layer cosines; {CHANGE_KEY}; last column: {paper.LABEL}.")
-    return _with_reference(blocks, table, matched, paper.table3_reference) + _baselines(pairs, cfg, ci)
+    return (_with_reference(blocks, table, matched, paper.table3_reference) + routing_table(r, pairs, ci)
+            + _baselines(pairs, cfg, ci))
 
 
 def _with_reference(blocks: list, table, matched: bool, reference) -> list:
@@ -138,7 +140,8 @@ def _table4(r: dict, ci: str) -> list:
                   f"The three-domain sum and each level-2 block + the remaining fundamental against the block "
                   f"trained on all three domains' merged data ({ci}); RMS between the two parts (for the sum: over "
                   f"all pairs of its blocks); {CHANGE_KEY}; last column: {paper.LABEL}.")
-    return _with_reference(blocks, table, matched, paper.table4_reference) + _baselines(triples, cfg, ci)
+    return (_with_reference(blocks, table, matched, paper.table4_reference) + routing_table(r, triples, ci)
+            + _baselines(triples, cfg, ci))
 
 
 def _unlearning(r: dict, ci: str) -> list:
@@ -187,7 +190,10 @@ def _rules(r: dict) -> str:
             "with at least 8 distinct pairs, by Spearman's ρ with a permutation test over domain labels and an OLS "
             "slope whose CI resamples domains (pairs sharing a domain are not independent); 'near-orthogonal' only "
             "where a pair's RMS is closer to the random null than to the same-domain ceiling; unlearning 'restores' "
-            f"only where perplexity after removal lies within the CI of the model trained without that domain. "
+            f"only where perplexity after removal lies within the CI of the model trained without that domain; the "
+            f"oracle router 'reaches' the merged block only where its %Δ CI includes or lies below 0; a cost is "
+            f"'interference' only where the composition's %Δ CI vs the oracle router lies above 0, and lands on a "
+            f"domain only where its %Δ CI vs that domain's own block lies above 0. "
             f"Every perplexity CI covers {cover}.")
 
 
@@ -270,6 +276,7 @@ SECTIONS = {
     "claims": answer_section,
     "tables_3_4": tables_3_4,
     "figures": figures_section,
+    "cost_by_domain": cost_section,
     "findings": findings_section,
     "tuning": tuning_section,
     "init": init_section,

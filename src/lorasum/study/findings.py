@@ -7,7 +7,11 @@
 - a pair is "near-orthogonal" only where its RMS (every seed's) lies closer to the random null than to the
   same-domain ceiling on a log scale, i.e. below their geometric midpoint;
 - unlearning "restores" a domain only where its perplexity after removal lies within the CI of the model trained
-  without that domain.
+  without that domain;
+- the oracle router (each domain's examples served by its own block) "reaches the merged block" only where the CI of
+  its %Δ vs merged includes or lies below 0;
+- a composition's cost is "interference" only where the CI of its %Δ vs the oracle router lies above 0, and it lands
+  "on" a domain only where the CI of its %Δ vs that domain's own block lies above 0 there.
 Anything else is stated as what it is, most often "inconclusive" or "cannot be decided here".
 """
 
@@ -75,6 +79,58 @@ def method_verdict(choice: dict) -> str:
     return f"{choice['best']} beats the exact sum" if hi < 0 else f"the exact sum beats {choice['best']}"
 
 
+def oracle_verdict(ci: list[float] | tuple[float, float]) -> str:
+    """The oracle router against the merged-data block, by the paired CI of its %Δ."""
+    lo, hi = ci
+    if lo > 0:
+        return "even the oracle router is worse than merged: no routing of these adapters per example reaches it"
+    return "the oracle router beats merged" if hi < 0 else "the oracle router reaches the merged block"
+
+
+def cost_verdict(cost: dict) -> str:
+    """Where a composition's cost lands (see study.units.cost): interference on one domain, on several, or none
+    detectable (then the cost, if any, is the merged block's advantage over the domains' own blocks)."""
+    lo, hi = cost["vs_oracle"]["ci"]
+    if hi < 0:
+        return "no interference: better than the oracle router (the other blocks help)"
+    if lo <= 0:
+        return "no interference detected (within the CI of the oracle router)"
+    hit = [d for d, v in cost["domains"].items() if v["vs_own"]["ci"][0] > 0]
+    if not hit:
+        return "interference, on no single domain decidably"
+    return f"interference on {hit[0]}" if len(hit) == 1 else f"interference spread over {', '.join(hit)}"
+
+
+def _shares(cost: dict) -> str:
+    gap = cost["log_gap"]
+    if not gap:
+        return "no gap to split"
+    parts = ", ".join(f"{d} {100 * v / gap:.0f}%" for d, v in cost["interference_by_domain"].items())
+    return f"of the gap to merged: interference {100 * cost['interference'] / gap:.0f}% ({parts}), the oracle's " \
+           f"gap {100 * cost['oracle_gap'] / gap:.0f}%"
+
+
+def routing_findings(results: dict) -> list[dict]:
+    """The oracle router per subset, and where the sum's (and the best merge method's) cost lands."""
+    out = []
+    for row in results.get("routing", []):
+        o = row["oracle"]
+        pc = o["pct_change"]
+        out.append({"claim": "oracle routing vs merged", "subject": " + ".join(row["subset"]),
+                    "verdict": oracle_verdict(pc["ci"]),
+                    "evidence": f"%Δ oracle vs merged {pc['mean']:+.1f}% (CI {pc['ci'][0]:+.1f}% to "
+                                f"{pc['ci'][1]:+.1f}%)"})
+    for row in results.get("cost_by_domain", []):
+        for name, cost in row["models"].items():
+            label = "sum" if name == "sum" else cost["method"]
+            vs = cost["vs_oracle"]
+            out.append({"claim": f"where the cost of the {'sum' if name == 'sum' else 'best on validation'} lands",
+                        "subject": " + ".join(row["subset"]), "verdict": cost_verdict(cost),
+                        "evidence": f"%Δ {label} vs oracle {vs['mean']:+.1f}% (CI {vs['ci'][0]:+.1f}% to "
+                                    f"{vs['ci'][1]:+.1f}%); {_shares(cost)}"})
+    return out
+
+
 def method_finding(row: dict) -> dict:
     c = choice = row["method_choice"]
     label = row["baselines"].get(c["best"], {}).get("model") or choice["best_model"]
@@ -107,6 +163,7 @@ def findings(results: dict) -> list[dict]:
     for row in results.get("compositions", []):
         if row.get("method_choice"):
             out.append(method_finding(row))
+    out += routing_findings(results)
     for pair, p in results.get("pairs", {}).items():
         if "null" not in p:
             continue

@@ -3,6 +3,8 @@ bootstrap, and any artifact's JSON."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from ..files import read_json
@@ -31,16 +33,19 @@ class RunScores:
             self._cache[key] = load(self.plan.evals[key])
         return self._cache[key]
 
-    def scores(self, model: str, domains: list[str], split: str = "test") -> Scores:
-        nll = np.array([np.concatenate([self.raw(model, d, s, split)["nll"] for d in domains])
+    def scores(self, model: str | Mapping[str, str], domains: list[str], split: str = "test") -> Scores:
+        """Per-example NLL over the domains' examples (seeds × examples). `model` is one model's name, or a route:
+        {domain: model} serving each domain's examples with its own model (the oracle router)."""
+        pick = model.__getitem__ if isinstance(model, Mapping) else (lambda d: model)
+        nll = np.array([np.concatenate([self.raw(pick(d), d, s, split)["nll"] for d in domains])
                         for s in self.cfg.seeds])
         first = self.cfg.seeds[0]
-        tokens = np.concatenate([self.raw(model, d, first, split)["tokens"] for d in domains]).astype(float)
-        strata = np.concatenate([np.full(len(self.raw(model, d, first, split)["nll"]), i)
+        tokens = np.concatenate([self.raw(pick(d), d, first, split)["tokens"] for d in domains]).astype(float)
+        strata = np.concatenate([np.full(len(self.raw(pick(d), d, first, split)["nll"]), i)
                                  for i, d in enumerate(domains)])
         return Scores(nll, tokens, strata)
 
-    def point_ppl(self, model: str, domains: list[str], split: str = "test") -> float:
+    def point_ppl(self, model: str | Mapping[str, str], domains: list[str], split: str = "test") -> float:
         """Pooled perplexity, mean over seeds, without an interval (for choosing, not for reporting)."""
         s = self.scores(model, domains, split)
         return float(np.exp(s.nll.sum(1) / s.tokens.sum()).mean())

@@ -3,8 +3,8 @@ parts of those before it). Adding an analysis is one module with a `Unit` and on
 
 from __future__ import annotations
 
-from . import (compositions, data, fit, init_comparison, models, pairs, perplexity, recipe,
-               references, table1, unlearning)
+from . import (compositions, cost, data, fit, init_comparison, models, pairs, perplexity, recipe,
+               references, routing, table1, unlearning)
 from .unit import Unit
 
 UNITS: dict[str, Unit] = {u.name: u for u in (
@@ -13,6 +13,8 @@ UNITS: dict[str, Unit] = {u.name: u for u in (
     references.UNIT,
     pairs.UNIT,
     compositions.UNIT,
+    routing.UNIT,
+    cost.UNIT,
     unlearning.UNIT,
     recipe.UNIT,
     fit.UNIT,

@@ -7,7 +7,7 @@ read the parts of the units registered before it (`out`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,14 +32,15 @@ class Assembly:
     scores: RunScores
     bodies: dict[str, dict] = field(default_factory=dict)
 
-    def ppl(self, model: str, domains: list[str]) -> dict:
-        """Pooled test perplexity of a model over the domains, with its bootstrap interval."""
+    def ppl(self, model: str | Mapping[str, str], domains: list[str]) -> dict:
+        """Pooled test perplexity of a model (or a route {domain: model}) over the domains, with its bootstrap
+        interval."""
         cfg = self.cfg
         return bootstrap_ppl(self.scores.scores(model, domains), cfg.bootstrap_samples, cfg.ci_level,
                              cfg.bootstrap_seed)
 
-    def pct(self, a: str, b: str, domains: list[str]) -> dict:
-        """Paired %Δ of model `a`'s pooled test perplexity against model `b`'s."""
+    def pct(self, a: str | Mapping[str, str], b: str | Mapping[str, str], domains: list[str]) -> dict:
+        """Paired %Δ of model (or route) `a`'s pooled test perplexity against `b`'s."""
         cfg = self.cfg
         return paired_pct_change(self.scores.scores(a, domains), self.scores.scores(b, domains),
                                  cfg.bootstrap_samples, cfg.ci_level, cfg.bootstrap_seed)

@@ -1,0 +1,67 @@
+"""The routing rows beside Tables 3 and 4 (the oracle router against the merged block and against the sum), and
+where each composition's cost lands, per member domain."""
+
+from __future__ import annotations
+
+from .blocks import Paragraph, Section, Table
+from .text import ci as _ci, pct as _pct
+
+ORACLE_LABEL = "oracle routing (own block per domain)"
+
+
+def oracle_of(r: dict, subset: list[str]) -> dict | None:
+    """The subset's oracle-router entry of results.json, or None (results made before it existed)."""
+    return next((x["oracle"] for x in r.get("routing", []) if x["subset"] == subset), None)
+
+
+def routing_table(r: dict, comps: list[dict], ci: str) -> list:
+    """One row per subset: merged, the oracle router, its %Δ vs merged and the sum's %Δ vs the oracle."""
+    rows = []
+    for c in comps:
+        o = oracle_of(r, c["subset"])
+        if o is None:
+            continue
+        verdict = next((f["verdict"] for f in r.get("findings", []) if f["claim"] == "oracle routing vs merged"
+                        and f["subject"] == " + ".join(c["subset"])), "")
+        rows.append([" + ".join(c["subset"]), _ci(c["merged"]), _ci(o["perplexity"]), _pct(o["pct_change"]),
+                     _pct(o["sum_vs_oracle"]) if "sum_vs_oracle" in o else "", verdict])
+    if not rows:
+        return []
+    return [Table(["combination", "ppl merged", f"ppl {ORACLE_LABEL}", "%Δ oracle vs merged", "%Δ sum vs oracle",
+                   "verdict"],
+                  rows, f"The oracle router serves each test example with its own domain's fundamental block (the "
+                        f"domain known, as per-request multi-adapter serving does): no per-example routing of these "
+                        f"adapters does better on average. Pooled test perplexity ({ci}); %Δ oracle vs merged above 0 "
+                        f"means no routing of these adapters reaches the merged block; %Δ sum vs oracle is what adding "
+                        f"the deltas costs beyond routing them (the interference).", verdicts=5)]
+
+
+def _cost_rows(row: dict) -> list[list[str]]:
+    out = []
+    for name, cost in row["models"].items():
+        label = "sum" if name == "sum" else f"best on validation: {cost['method']}"
+        gap = cost["log_gap"]
+        for d, v in cost["domains"].items():
+            share = cost["interference_by_domain"][d]
+            out.append([" + ".join(row["subset"]), label, d, _ci(row["own"][d]), _ci(row["merged"][d]),
+                        _ci(v["perplexity"]), _pct(v["vs_own"]), _pct(v["vs_merged"]),
+                        f"{100 * share / gap:.0f}%" if gap else ""])
+        out.append([" + ".join(row["subset"]), label, "oracle's gap", "", "", "", "", "",
+                    f"{100 * cost['oracle_gap'] / gap:.0f}%" if gap else ""])
+    return out
+
+
+def cost_section(r: dict) -> list[Section]:
+    rows = [x for row in r.get("cost_by_domain", []) for x in _cost_rows(row)]
+    if not rows:
+        return []
+    return [Section("Where the cost lands — per member domain", [
+        Table(["combination", "model", "domain", "ppl own block", "ppl merged", "ppl model", "%Δ vs own block",
+               "%Δ vs merged", "share of the gap"], rows,
+              "Each composed model on each member domain's test set against that domain's own fundamental block and "
+              "the merged-data block (paired CIs). The gap to merged, log(ppl model / ppl merged) pooled, splits "
+              "exactly into the interference on each domain (model vs own block, weighted by the domain's tokens) "
+              "and the oracle's gap (own blocks vs merged), which no routing of these adapters removes."),
+        Paragraph("A cost lands on a domain where the CI of its %Δ vs own block lies above 0; the verdicts are under "
+                  "Findings ('where the cost of the sum lands'); shares are of the pooled gap to merged and may be "
+                  "negative (a domain the composition serves better than its own block) or above 100%.")])]
