@@ -4,7 +4,9 @@ finding, and a byte-identical results.json on rerun."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 
@@ -20,7 +22,7 @@ from lorasum.study.experiment import plan, run_experiment
 from lorasum.study.plan import EvalKey, TrainKey
 from lorasum.study.findings import method_verdict
 
-COMPS = ["sum", "mean", "best_single", "ties", "weight_search"]
+COMPS = ["sum", "mean", "best_single", "ties", "weight_search", "arrow"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,8 @@ def method_run(tmp_path_factory):
     data = write_smoke_domains(root / "data")
     cfg = load_config(preset="smoke", overrides={"data_dir": str(data), "domains": ["alpha", "beta"],
                                                  "compositions": COMPS, "weight_search_trials": 3,
-                                                 "method_grid": {"ties": {"density": [0.2, 0.5]}}})
+                                                 "method_grid": {"ties": {"density": [0.2, 0.5]},
+                                                                 "arrow": {"top_k": [1, 2], "router_temperature": [1.0]}}})
     run = root / "run"
     return cfg, run, data, run_experiment(cfg, run)
 
@@ -119,3 +122,40 @@ def test_where_the_cost_lands_follows_the_composition_chosen_on_validation(metho
         for d in ("alpha", "beta"):  # its per-domain test perplexity is the matrix's cell of that model
             assert best["domains"][d]["perplexity"]["mean"] == pytest.approx(
                 results["perplexity"][choice["best_model"]][d]["mean"], rel=1e-12)
+
+
+def test_arrow_is_chosen_on_validation_and_the_test_split_never_decides(method_run, tmp_path):
+    """Arrow's top_k is the grid point with the lowest pooled validation perplexity, each figure as `evaluate` routes
+    it; making the chosen point's test NLL far worse (a copy of the run, reassembled) changes its test figures and
+    never the choice."""
+    cfg, run, data, results = method_run
+    p = plan(cfg, run.resolve())
+    folders = [run / "adapters" / p.train[TrainKey(d, 0)]["key"] for d in ("alpha", "beta")]
+    lm = load_model("tiny-gpt2", device="cpu")
+    dc = DataConfig(str(data), max_records={"validation": cfg.max_validation, "test": cfg.max_test})
+
+    def ppl(top_k, split):
+        return evaluate(lm, ["alpha", "beta"], [(str(f), 1.0) for f in folders], dc, split=split,
+                        max_length=cfg.train.max_length, batch_size=cfg.eval_batch_size, route="arrow",
+                        params={"top_k": top_k, "router_temperature": 1.0})["results"]["pooled"]["perplexity"]
+
+    val = {k: ppl(k, "validation") for k in (1, 2)}
+    assert abs(val[1] - val[2]) > 1e-6 * val[1]  # the two points differ: the choice means something
+    best = min(val, key=val.get)
+    arrow = results["compositions"][0]["baselines"]["arrow"]
+    assert arrow["params"] == {"router_temperature": 1.0, "top_k": best} and arrow["chosen_on"] == "validation"
+    for k in (1, 2):
+        assert math.isclose(arrow["validation_perplexity"][f"arrow(router_temperature=1, top_k={k})[alpha+beta]"],
+                            val[k], rel_tol=1e-6)
+    assert math.isclose(arrow["perplexity"]["mean"], ppl(best, "test"), rel_tol=1e-6)
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for d in ("alpha", "beta"):  # the chosen point's test evals, 10x its NLL
+        spec = p.evals[EvalKey(arrow["model"], d, 0)]
+        f = copy / "evals" / f"{spec['key']}.json"
+        art = json.loads(f.read_text())
+        f.write_text(json.dumps({**art, "nll": [10 * x for x in art["nll"]]}))
+    again = run_experiment(cfg, copy)["compositions"][0]["baselines"]["arrow"]
+    assert again["params"] == arrow["params"] and again["validation_perplexity"] == arrow["validation_perplexity"]
+    assert again["perplexity"]["mean"] > 100 * arrow["perplexity"]["mean"]

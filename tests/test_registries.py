@@ -121,8 +121,8 @@ def test_registries_are_plain_dicts_keyed_by_name():
     assert [k for k, j in JOB_KINDS.items() if not j.needs_model] == ["similarity"]
     assert list(grid.COMPOSITIONS)[:5] == grid.DEFAULT_COMPOSITIONS == ["sum", "mean", "best_single",
                                                                         "level2_plus_one", "unlearning"]
-    from lorasum.delta.registry import METHODS  # every merge method is a composition, and so is the weight search
-    assert set(grid.METHOD_COMPOSITIONS) == set(METHODS) - {"sum", "mean"} | {"weight_search"}
+    from lorasum.delta.registry import METHODS, ROUTES  # every merge method, route and the weight search is graded
+    assert set(grid.METHOD_COMPOSITIONS) == set(METHODS) - {"sum", "mean"} | {"weight_search"} | set(ROUTES)
     assert set(BLOCK_KINDS) == {"paragraph", "note", "table", "figures"}
     assert list(SECTIONS)[:3] == ["claims", "tables_3_4", "figures"] and list(SECTIONS)[-1] == "provenance"
 

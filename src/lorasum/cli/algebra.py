@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from ..delta.registry import METHODS, PEFT_METHODS, Param, all_methods, method_label, method_params
+from ..delta.registry import METHODS, PEFT_METHODS, ROUTES, Param, all_methods, method_label, method_params
 from ..lm.choices import LossOn
 from ..outputs import ADAPTER, MERGED, WEIGHT_SEARCH
 from .args import add_data_args, add_model_args, check_out, load, parse_max_rank, parse_term, print_json, terms_text
@@ -66,34 +66,54 @@ def format_table(report: dict) -> str:
 
 
 # --- merge methods: --method and a flag per declared hyperparameter (delta.registry, which imports no torch) -----
-def method_flags(seed: bool = True) -> list[Param]:
-    """Every hyperparameter some method declares, once, by name (`seed=False`: without --seed)."""
-    declared = {p.name: p for m in all_methods().values() for p in m.params}
+def method_flags(seed: bool = True, routes: bool = False) -> list[Param]:
+    """Every hyperparameter some method (and with `routes` some route) declares, once, by name (`seed=False`:
+    without --seed)."""
+    rows = {**all_methods(), **(ROUTES if routes else {})}
+    declared = {p.name: p for m in rows.values() for p in m.params}
     return [declared[n] for n in sorted(declared) if seed or n != "seed"]
 
 
-def add_method_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+def add_method_args(p: argparse.ArgumentParser, seed: bool = True, routes: bool = False) -> None:
     """--method and its hyperparameters (each None unless given, so a flag given to a method without it is refused);
-    `seed=False` where the command already has a --seed (generate: it then seeds DARE's masks too)."""
+    `seed=False` where the command already has a --seed (generate: it then seeds DARE's masks too); `routes`: also
+    --route, its hyperparameters and --general (eval, generate)."""
     p.add_argument("--method", default=None, help=f"merge method (default: sum, the exact sum): {', '.join(METHODS)}, "
                    f"and PEFT's own {', '.join(PEFT_METHODS)} (see docs/merge-methods.md)")
-    for param in method_flags(seed):
-        takers = [n for n, m in all_methods().items() if param in m.params]
+    if routes:
+        p.add_argument("--route", default=None, choices=list(ROUTES),
+                       help="keep the adapters separate and route each token between them (PEFT's Arrow)")
+        p.add_argument("--general", action="append", default=[], metavar="DIR",
+                       help="general-domain adapter for Arrow's GenKnowSub (repeat; their mean is subtracted first)")
+    rows = {**all_methods(), **(ROUTES if routes else {})}
+    for param in method_flags(seed, routes):
+        takers = [n for n, m in rows.items() if param in m.params]
         p.add_argument(f"--{param.name.replace('_', '-')}", default=None, metavar=param.metavar or None,
                        help=f"{param.help} ({', '.join(takers)}; default {param.default:g})")
 
 
 def method_choice(args: argparse.Namespace, seed: bool = True) -> tuple[str, dict]:
-    """(method, hyperparameters) from the flags, checked before any work (`seed=False`: --seed is the command's own
-    and seeds the masks of methods that draw them)."""
+    """(method or route, hyperparameters) from the flags, checked before any work (`seed=False`: --seed is the
+    command's own and seeds the masks of methods that draw them)."""
     from ..errors import LorasumError
 
-    name = "sum" if args.method is None else args.method  # `--method ''` names no method: refused, not the sum
+    route, routes = getattr(args, "route", None), hasattr(args, "route")
+    if route is not None and args.method is not None:
+        raise LorasumError("--route keeps the adapters separate and --method merges them; pass one of them",
+                           key="route")
+    name = route if route is not None else "sum" if args.method is None else args.method  # `--method ''`: refused
+    if name in ROUTES and route is None:
+        where = f"pass --route {name}" if routes else "routes are for `lorasum eval` and `lorasum generate`"
+        raise LorasumError(f"'{name}' routes between adapters kept separate and merges nothing; {where}",
+                           key="method")
     if name != "sum" and not getattr(args, "adapter", True):
         raise LorasumError(f"{name!r:.40} merges adapters, and none is given; pass --adapter DIR[:WEIGHT], or leave "
                            "--method out", key="method")
-    given = {p.name: p.parse(getattr(args, p.name, None)) for p in method_flags(seed)}
-    params = method_params(name, given, all_methods())
+    if getattr(args, "general", None) and route is None:
+        raise LorasumError("general-domain adapters serve Arrow's GenKnowSub; pass --route arrow with them",
+                           key="general")
+    given = {p.name: p.parse(getattr(args, p.name, None)) for p in method_flags(seed, routes)}
+    params = method_params(name, given, ROUTES if route is not None else all_methods())
     if not seed and "seed" in params and getattr(args, "seed", None) is not None:
         params["seed"] = int(args.seed)
     return name, params

@@ -11,6 +11,7 @@ from typing import get_args
 
 from ..lm.choices import SPLITS, LossOn
 from ..outputs import ADAPTER
+from ..delta.registry import method_label
 from .algebra import add_method_args, method_choice
 from .args import add_data_args, add_model_args, check_out, data_config, expand_domains, load, parse_term, \
     print_json, terms_text, train_config
@@ -56,13 +57,14 @@ def eval_command(args: argparse.Namespace) -> int:
                                key="per_example")
     method, params = method_choice(args)
     loaded = load(args)
-    terms = applied_terms(loaded, [parse_term(a) for a in args.adapter], method, params)
-    res = evaluate(loaded, expand_domains(args.data), terms, data_config(args),
-                   args.split, args.max_length, args.batch_size, args.loss_on, args.per_example)
+    terms, route = applied_terms(loaded, [parse_term(a) for a in args.adapter], method, params)
+    res = evaluate(loaded, expand_domains(args.data), terms, data_config(args), args.split, args.max_length,
+                   args.batch_size, args.loss_on, args.per_example, route, params, args.general)
     if args.json:
         print_json(res)
         return 0
-    print(f"model {res['model']}; adapters {terms_text(res['adapters']) or '(none)'}; split {res['split']}")
+    routed = f" routed by {method_label(method, params)}" if route else ""
+    print(f"model {res['model']}; adapters {terms_text(res['adapters']) or '(none)'}{routed}; split {res['split']}")
     for dom, r in res["results"].items():
         extra = f"  loss {r['loss']:.4f}  tokens {r['tokens']}" if "loss" in r else ""
         print(f"  {dom:<30} perplexity {r['perplexity']:10.4f}{extra}")
@@ -74,23 +76,28 @@ def generate_command(args: argparse.Namespace) -> int:
 
     method, params = method_choice(args, seed=False)
     loaded = load(args)
-    terms = applied_terms(loaded, [parse_term(a) for a in args.adapter], method, params)
+    terms, route = applied_terms(loaded, [parse_term(a) for a in args.adapter], method, params)
     print(generate(loaded, args.prompt, terms, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                   args.template))
+                   args.template, route, params, args.general))
     return 0
 
 
-def applied_terms(loaded, terms: list[tuple[str, float]], method: str, params: dict) -> list:
-    """The `PATH[:WEIGHT]` terms as they are applied: unchanged for the exact sum (evaluate and generate load and
-    check them), else loaded, each checked against the model, and merged by `method` (lm.combination)."""
+def applied_terms(loaded, terms: list[tuple[str, float]], method: str, params: dict) -> tuple[list, str | None]:
+    """(the `PATH[:WEIGHT]` terms as they are served, the route or None): unchanged for the exact sum and for a
+    route (evaluate and generate load and check them), else loaded, each checked against the model, and merged by
+    `method` (lm.combination)."""
+    from ..delta.registry import is_route
+
+    if is_route(method):
+        return terms, method
     if method == "sum" or not terms:
-        return terms
+        return terms, None
     from ..lm.adapters import adapters_for
     from ..lm.combination import merged_name, method_terms
 
     adapters = adapters_for(loaded, terms)
     return method_terms([a for a, _ in adapters], [w for _, w in adapters], method, params, loaded,
-                        merged_name(adapters, method, params))
+                        merged_name(adapters, method, params)), None
 
 
 def data_stats_command(args: argparse.Namespace) -> int:
@@ -163,7 +170,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]",
                    help="adapter to add (repeat: their weighted sum, or their --method merge, is applied)")
-    add_method_args(p)
+    add_method_args(p, routes=True)
     p.add_argument("--data", nargs="+", required=True, help="domains; a+b expands to both (pooled = partition)")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--max-length", type=int, default=64)
@@ -178,7 +185,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("prompt", help="the question; formatted with the training template")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]")
-    add_method_args(p, seed=False)
+    add_method_args(p, seed=False, routes=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

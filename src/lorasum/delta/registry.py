@@ -139,9 +139,31 @@ PEFT_METHODS: dict[str, Method] = {
 }
 
 
+TOP_K = Param("top_k", int, 1, 1, 64, metavar="K", grid=(1, 2), help="adapters mixed per token by the router",
+              what="a whole number")
+ROUTER_TEMPERATURE = Param("router_temperature", float, 1.0, 0, 1000, low_open=True, metavar="T", grid=(0.1, 1.0),
+                           help="softmax temperature of the router's scores", what="a number",
+                           hint="lower routes more sharply to the best-aligned adapter")
+
+# Routes keep the adapters separate and mix them per token (lm.routing): evaluated like merge methods, never saved.
+ROUTES: dict[str, Method] = {
+    "arrow": Method("arrow", params=(TOP_K, ROUTER_TEMPERATURE)),
+}
+
+
 def all_methods() -> dict[str, Method]:
     """Every method a command accepts: lorasum's own, then PEFT's."""
     return {**METHODS, **PEFT_METHODS}
+
+
+def graded() -> dict[str, Method]:
+    """What an experiment grades per subset on validation: lorasum's merge methods and the routes."""
+    return {**METHODS, **ROUTES}
+
+
+def is_route(method: str) -> bool:
+    """Whether the name is a route (adapters kept separate, lm.routing), not a merge."""
+    return method in ROUTES
 
 
 def needs_model(method: str) -> bool:

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import schema
-from ..delta.apply import applied
 from ..errors import LorasumError
 from ..files import atomic_write_text
 from ..progress import progress
@@ -18,6 +17,7 @@ from .adapters import adapters_for
 from .data import DataConfig, Example, Split, collate, load_domain, require_nonempty, require_predicted_tokens, \
     tokenize_records
 from .models import LoadedModel, check_positions
+from .routing import serving
 
 
 @dataclass(frozen=True)
@@ -114,13 +114,15 @@ def example_rows(rows: list[ExampleNLL]) -> list[dict]:
 
 def evaluate(loaded: LoadedModel, domains: list[str], adapters=None, data: DataConfig | None = None,
              split: str = "test", max_length: int = 64, batch_size: int = 16, loss_on: str = "all",
-             per_example: str | None = None) -> dict:
+             per_example: str | None = None, route: str | None = None, params: dict | None = None,
+             general=()) -> dict:
     """Perplexity of the base model plus the weighted sum of adapters, per domain, pooled and macro-averaged.
 
     `adapters`: folders, Adapters or (folder or Adapter, weight) pairs (see delta.peft_format.load_terms). The sum
     is applied in place to the loaded model's weights and restored from a saved copy afterwards, so the model is
     unchanged when this returns (no round-off accumulates over many calls). `per_example` names a JSONL file for
-    each example's NLL and token count.
+    each example's NLL and token count. With `route` (lm.routing: "arrow", at `params`) the adapters are kept
+    separate and routed per token instead (`general`: general-domain adapters for GenKnowSub).
     """
     schema.require(Split, split, "split")
     if not domains:
@@ -134,8 +136,9 @@ def evaluate(loaded: LoadedModel, domains: list[str], adapters=None, data: DataC
     examples = {d.spec: tokenize_records(loaded.tokenizer, d.records[split], max_length) for d in loaded_domains}
     require_predicted_tokens(examples, split, max_length, loss_on)
     adapters = adapters_for(loaded, adapters or [])
-    with applied(loaded.model, adapters), loaded.autocast():
-        rows = per_example_nll(loaded.model, examples, loaded.tokenizer.pad_token_id, batch_size, loss_on)
+    general = [a for a, _ in adapters_for(loaded, list(general))]
+    with serving(loaded, adapters, route, params, general) as model, loaded.autocast():
+        rows = per_example_nll(model, examples, loaded.tokenizer.pad_token_id, batch_size, loss_on)
     check_finite_nll(rows, adapters)
     if per_example:
         atomic_write_text(per_example, "".join(json.dumps(r) + "\n" for r in example_rows(rows)))
@@ -143,5 +146,6 @@ def evaluate(loaded: LoadedModel, domains: list[str], adapters=None, data: DataC
         "model": loaded.model_id,
         "adapters": [{"name": a.name, "path": a.path, "weight": w} for a, w in adapters],
         "split": split,
+        **({"route": {"name": route, "params": params, "general": [a.name for a in general]}} if route else {}),
         "results": summarize(rows, domains),
     }

@@ -7,7 +7,7 @@ import math
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..delta.apply import applied
+from .routing import serving
 from ..errors import LorasumError
 from .adapters import adapters_for
 from .data import PROMPT_TEMPLATE
@@ -65,9 +65,10 @@ def check_generation_length(loaded: LoadedModel, prompt_tokens: int, max_new_tok
 
 @torch.no_grad()
 def generate(loaded: LoadedModel, question: str, adapters=None, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, template: str = "lorasum") -> str:
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, template: str = "lorasum",
+             route: str | None = None, params: dict | None = None, general=()) -> str:
     """Greedy (temperature 0) or sampled continuation of the formatted prompt with the weighted sum of `adapters`
-    (as for evaluate) applied; the model is restored afterwards."""
+    (as for evaluate) applied, or with them routed by `route`; the model is restored afterwards."""
     if max_new_tokens < 1:
         raise LorasumError(f"must be at least 1, got {max_new_tokens}", key="max_new_tokens")
     check_temperature(temperature)
@@ -83,7 +84,8 @@ def generate(loaded: LoadedModel, question: str, adapters=None, max_new_tokens: 
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     finite = LogitsProcessorList([_FiniteScores(adapters)])
-    with applied(model, adapters), loaded.autocast():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+    general = [a for a, _ in adapters_for(loaded, list(general))]
+    with serving(loaded, adapters, route, params, general) as served, loaded.autocast():
+        out = served.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, logits_processor=finite, **sampling)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -16,24 +16,29 @@ def oracle_of(r: dict, subset: list[str]) -> dict | None:
 
 def routing_table(r: dict, comps: list[dict], ci: str) -> list:
     """One row per subset: merged, the oracle router, its %Δ vs merged and the sum's %Δ vs the oracle."""
-    rows = []
+    rows, routed = [], any("arrow" in c.get("baselines", {}) for c in comps)
     for c in comps:
         o = oracle_of(r, c["subset"])
         if o is None:
             continue
         verdict = next((f["verdict"] for f in r.get("findings", []) if f["claim"] == "oracle routing vs merged"
                         and f["subject"] == " + ".join(c["subset"])), "")
+        arrow = c.get("baselines", {}).get("arrow")
+        cost = next((x["models"] for x in r.get("cost_by_domain", []) if x["subset"] == c["subset"]), {})
         rows.append([" + ".join(c["subset"]), _ci(c["merged"]), _ci(o["perplexity"]), _pct(o["pct_change"]),
-                     _pct(o["sum_vs_oracle"]) if "sum_vs_oracle" in o else "", verdict])
+                     _pct(o["sum_vs_oracle"]) if "sum_vs_oracle" in o else "",
+                     *((_pct(arrow["pct_change"]), _pct(cost["arrow"]["vs_oracle"]) if "arrow" in cost else "")
+                       if routed else ()), verdict])
     if not rows:
         return []
     return [Table(["combination", "ppl merged", f"ppl {ORACLE_LABEL}", "%Δ oracle vs merged", "%Δ sum vs oracle",
-                   "verdict"],
+                   *(("%Δ arrow vs merged", "%Δ arrow vs oracle") if routed else ()), "verdict"],
                   rows, f"The oracle router serves each test example with its own domain's fundamental block (the "
                         f"domain known, as per-request multi-adapter serving does): no per-example routing of these "
                         f"adapters does better on average. Pooled test perplexity ({ci}); %Δ oracle vs merged above 0 "
                         f"means no routing of these adapters reaches the merged block; %Δ sum vs oracle is what adding "
-                        f"the deltas costs beyond routing them (the interference).", verdicts=5)]
+                        f"the deltas costs beyond routing them (the interference); Arrow (PEFT's token-level router, "
+                        f"its top_k and temperature chosen on validation) against both.", verdicts=7 if routed else 5)]
 
 
 def _cost_rows(row: dict) -> list[list[str]]:

@@ -20,6 +20,7 @@ from ..lm.models import MAX_THREADS, resolve_device
 from ..tune.search import HEARTBEAT_S, MAX_HEARTBEAT_S
 from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
 from ..delta.methods import method_params
+from ..delta.registry import graded
 from .grid import COMPOSITIONS, DEFAULT_COMPOSITIONS, METHOD_COMPOSITIONS, grid_points
 
 MAX_BOOTSTRAP = 100_000  # resamples: more would only exhaust memory after the whole grid has run
@@ -103,7 +104,7 @@ def _check_method_grid(method_grid: dict) -> None:
                                f"{{density: [0.1, 0.2]}}, got {show(grid)}")
         for point in grid_points(grid):
             try:
-                method_params(name, dict(point))
+                method_params(name, dict(point), graded())
             except LorasumError as e:
                 raise LorasumError(f"{name}: {e}") from None
 

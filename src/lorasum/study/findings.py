@@ -124,7 +124,8 @@ def routing_findings(results: dict) -> list[dict]:
         for name, cost in row["models"].items():
             label = "sum" if name == "sum" else cost["method"]
             vs = cost["vs_oracle"]
-            out.append({"claim": f"where the cost of the {'sum' if name == 'sum' else 'best on validation'} lands",
+            what = "best on validation" if name == "best_on_validation" else name
+            out.append({"claim": f"where the cost of the {what} lands",
                         "subject": " + ".join(row["subset"]), "verdict": cost_verdict(cost),
                         "evidence": f"%Δ {label} vs oracle {vs['mean']:+.1f}% (CI {vs['ci'][0]:+.1f}% to "
                                     f"{vs['ci'][1]:+.1f}%); {_shares(cost)}"})

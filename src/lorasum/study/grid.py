@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from ..delta.registry import METHODS
+from ..delta.registry import METHODS, ROUTES, graded
 
 
 def partition_name(domains) -> str:
@@ -92,7 +92,7 @@ def default_grid(name: str) -> dict[str, list[float]] | None:
     """The hyperparameter points tried for a merge method, the best chosen on validation, as its parameters declare
     them (delta.registry; the config's `method_grid` replaces a method's); None where there are none to try (one
     point: the defaults)."""
-    method = METHODS.get(name)
+    method = graded().get(name)
     return (method.grid or None) if method is not None else None
 
 
@@ -150,6 +150,7 @@ COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
     Composition("unlearning", whole=_unlearning),
     *(Composition(m, per_subset=partial(_method, m), method=True) for m in METHODS if m not in ("sum", "mean")),
     Composition("weight_search", per_subset=_weight_search, method=True),
+    *(Composition(r, per_subset=partial(_method, r), method=True) for r in ROUTES),
 )}
 METHOD_COMPOSITIONS = [n for n, c in COMPOSITIONS.items() if c.method]
 

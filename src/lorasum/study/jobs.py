@@ -29,6 +29,8 @@ from ..files import atomic_write_json, parse_json, read_json
 from ..lm.data import DataConfig, load_domain, parse_spec, partition_domains, require_nonempty, \
     require_predicted_tokens, tokenize_records
 from ..lm.combination import method_terms
+from ..lm.routing import serving
+from ..delta.registry import is_route
 from ..lm.datastats import domain_stats
 from ..lm.evaluate import per_example_nll
 from ..lm.models import LoadedModel, load_model
@@ -76,11 +78,12 @@ def _run_eval(spec: dict, out: Path, loaded: LoadedModel) -> None:
     examples = tokenize_records(loaded.tokenizer, dom.records[split], spec["max_length"])
     # a split with nothing to predict would give a NaN perplexity: refuse it, naming domain, split and the fix
     require_predicted_tokens({dom.spec: examples}, split, spec["max_length"], spec["loss_on"])
-    terms = _method_terms(spec)
+    route = spec.get("method") if is_route(spec.get("method") or "sum") else None
+    terms = _terms(spec, "adapters") if route else _method_terms(spec)
     t0 = time.perf_counter()
-    with applied(loaded.model, terms), loaded.autocast():
-        apply_s = time.perf_counter() - t0  # compose + apply in place: what replaces training a merged block
-        rows = per_example_nll(loaded.model, {dom.spec: examples}, loaded.tokenizer.pad_token_id,
+    with serving(loaded, terms, route, spec.get("params")) as model, loaded.autocast():
+        apply_s = time.perf_counter() - t0  # compose + apply (or build the router): what replaces training a block
+        rows = per_example_nll(model, {dom.spec: examples}, loaded.tokenizer.pad_token_id,
                                spec["batch_size"], spec["loss_on"], desc=f"eval {dom.spec}")
     atomic_write_json(out, {"domain": dom.spec, "nll": [r.nll for r in rows], "tokens": [r.tokens for r in rows]})
     return {"apply_s": round(apply_s, 4)}

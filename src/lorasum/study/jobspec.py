@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from ..delta.methods import METHODS, method_params
+from ..delta.methods import method_params
+from ..delta.registry import graded
 from ..errors import LorasumError
 from ..lm.choices import SPLITS, LossOn, Split
 from ..lm.data import DataConfig, check_domain, partition_domains
@@ -116,7 +117,7 @@ class JobSpec:
         if self.weights_from is not None and not SEARCH_KEY.fullmatch(self.weights_from):
             raise LorasumError(f"must be a weight_search job's key, got {self.weights_from!r:.60}", key="weights_from")
         if self.method is not None:
-            method_params(self.method, dict(self.params or {}), METHODS)
+            method_params(self.method, dict(self.params or {}), graded())
         for d in ([self.domain] if self.domain else []) + list(self.domains or []):
             check_domain(d, "domain" if d == self.domain else "domains")
         for d in partition_domains(self.partition) if self.partition else []:

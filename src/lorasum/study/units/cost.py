@@ -1,6 +1,6 @@
 """Where the cost of a composition lands: per member domain, the composed model's test perplexity against that
-domain's own fundamental block and against the merged-data block, for the exact sum and the composition best on
-validation (when the run ranks merge methods and it is not the sum).
+domain's own fundamental block and against the merged-data block, for the exact sum, each route (Arrow) at its point
+chosen on validation, and the composition best on validation (when the run ranks merge methods and it is neither).
 
 The pooled gap splits exactly (per seed, in NLL per token, T the subset's test tokens):
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...delta.registry import ROUTES
 from ..grid import adapter, subsets
 from .routing import oracle_route
 from .row import Row
@@ -55,8 +56,12 @@ def _row(r: Row, comp: dict) -> dict:
     summed = r.a.plan.models.find("sum", r.s)
     if summed is not None:
         models["sum"] = model_cost(r, summed.name)
+    for name in ROUTES:  # each route at its point chosen on validation
+        chosen = comp.get("baselines", {}).get(name)
+        if chosen:
+            models[name] = {"method": name, **model_cost(r, chosen["model"])}
     choice = comp.get("method_choice")
-    if choice and choice["best"] != "sum":
+    if choice and choice["best"] != "sum" and choice["best"] not in models:
         models["best_on_validation"] = {"method": choice["best"], **model_cost(r, choice["best_model"])}
     return {"subset": r.doms, "level": len(r.s),
             "own": {d: r.a.ppl(adapter([d]).name, [d]) for d in r.s},
