@@ -8,13 +8,16 @@ import json
 import math
 import shutil
 
+import numpy as np
+import torch
+
 import pytest
 
 from conftest import write_smoke_domains
 from lorasum.delta.methods import merge
 from lorasum.delta.peft_format import load_adapter
 from lorasum.errors import LorasumError
-from lorasum.lm.data import DataConfig
+from lorasum.lm.data import DataConfig, load_domain
 from lorasum.lm.evaluate import evaluate
 from lorasum.lm.models import load_model
 from lorasum.study.config import load_config
@@ -22,7 +25,7 @@ from lorasum.study.experiment import plan, run_experiment
 from lorasum.study.plan import EvalKey, TrainKey
 from lorasum.study.findings import method_verdict
 
-COMPS = ["sum", "mean", "best_single", "ties", "weight_search", "arrow"]
+COMPS = ["sum", "mean", "best_single", "ties", "weight_search", "arrow", "prompt_router"]
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +162,71 @@ def test_arrow_is_chosen_on_validation_and_the_test_split_never_decides(method_r
     again = run_experiment(cfg, copy)["compositions"][0]["baselines"]["arrow"]
     assert again["params"] == arrow["params"] and again["validation_perplexity"] == arrow["validation_perplexity"]
     assert again["perplexity"]["mean"] > 100 * arrow["perplexity"]["mean"]
+
+
+def _features(lm, questions: list[str]) -> np.ndarray:
+    """The base model's last hidden state averaged over `Question: q\nAnswer:`, one question at a time (no padding),
+    computed here with transformers directly."""
+    out = []
+    for q in questions:
+        ids = lm.tokenizer(f"Question: {q}\nAnswer:", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            h = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]  # (n, hidden)
+        out.append(h.double().mean(0).numpy())
+    return np.stack(out)
+
+
+def test_prompt_router_rows_follow_the_question_features_and_the_fundamentals_losses(method_run):
+    """Distances from features computed here; top-1 and soft rows recomputed from the run's per-example losses; the
+    soft temperature chosen on validation alone."""
+    cfg, run, data, results = method_run
+    p = plan(cfg, run.resolve())
+    art = json.loads((run / "checks" / f"{p.prompt_route['key']}.json").read_text())
+    lm = load_model("tiny-gpt2", device="cpu")
+    dc = DataConfig(str(data), max_records={"train": cfg.max_train, "validation": cfg.max_validation,
+                                            "test": cfg.max_test})
+    doms = {d: load_domain(d, dc) for d in ("alpha", "beta")}
+    centroids = np.stack([_features(lm, [r.question for r in doms[d].records["train"]]).mean(0) for d in doms])
+    for split in ("validation", "test"):
+        for d in doms:
+            x = _features(lm, [r.question for r in doms[d].records[split]])
+            mine = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)
+            assert np.allclose(np.asarray(art["distances"][split][d]), mine, rtol=1e-4, atol=1e-6 * mine.max())
+
+    def losses(split):  # (n, k) per-example NLL of each fundamental, and the tokens
+        nll = np.stack([np.concatenate([json.loads((run / "evals" / f"{p.evals[EvalKey(f'adapter[{k}]', d, 0, split)]['key']}.json").read_text())["nll"] for d in doms]) for k in doms], -1)
+        tok = np.concatenate([json.loads((run / "evals" / f"{p.evals[EvalKey(f'adapter[{d}]', d, 0, split)]['key']}.json").read_text())["tokens"] for d in doms])
+        dist = np.concatenate([np.asarray(art["distances"][split][d]) for d in doms])
+        return nll, np.asarray(tok, float), dist
+
+    nll, tok, dist = losses("test")
+    own = np.concatenate([np.full(len(art["distances"]["test"][d]), i) for i, d in enumerate(doms)])
+    row = next(x for x in results["routing"] if x["subset"] == ["alpha", "beta"])["prompt"]
+    choice = dist.argmin(1)
+    assert row["accuracy"] == pytest.approx(np.mean(choice == own), abs=1e-12)
+    top1 = math.exp(nll[np.arange(len(choice)), choice].sum() / tok.sum())
+    assert row["top1"]["perplexity"]["mean"] == pytest.approx(top1, rel=1e-9)
+
+    def soft(nll, dist, t):  # -log Σ_k w_k exp(-NLL_k), w = softmax(-d² / (τ σ²))
+        w = np.exp(-dist / (t * art["scale"]))
+        w /= w.sum(1, keepdims=True)
+        return -np.log((w * np.exp(-(nll - nll.min(1, keepdims=True)))).sum(1)) + nll.min(1)
+
+    vnll, vtok, vdist = losses("validation")
+    val = {t: math.exp(soft(vnll, vdist, t).sum() / vtok.sum()) for t in (0.1, 0.3, 1.0, 3.0)}
+    assert row["soft"]["temperature"] == min(val, key=val.get) and row["soft"]["chosen_on"] == "validation"
+    assert row["soft"]["perplexity"]["mean"] == pytest.approx(
+        math.exp(soft(nll, dist, row["soft"]["temperature"]).sum() / tok.sum()), rel=1e-9)
+
+
+def test_the_prompt_routers_choice_never_reads_the_answers(tmp_path):
+    """The same questions with other answers give the same features, bit for bit."""
+    from lorasum.lm.data import Record, tokenize_records
+    from lorasum.lm.prompt_routing import prompt_features
+
+    lm = load_model("tiny-gpt2", device="cpu")
+    qs = [f"{i}+{i + 3}?" for i in range(6)]
+    a = tokenize_records(lm.tokenizer, [Record(q, f"it is {2 * i + 3}", "x", 0.5) for i, q in enumerate(qs)], 32)
+    b = tokenize_records(lm.tokenizer, [Record(q, "no idea at all, sorry " * (i + 1), "x", 0.5) for i, q in enumerate(qs)], 32)
+    assert [x.input_ids for x in a] != [x.input_ids for x in b]
+    assert np.array_equal(prompt_features(lm, a, batch_size=4), prompt_features(lm, b, batch_size=4))

@@ -41,6 +41,28 @@ def routing_table(r: dict, comps: list[dict], ci: str) -> list:
                         f"its top_k and temperature chosen on validation) against both.", verdicts=7 if routed else 5)]
 
 
+def prompt_table(r: dict, comps: list[dict], ci: str) -> list:
+    """The prompt router per subset: routing accuracy, then top-1 and soft against merged and the oracle."""
+    rows = []
+    for c in comps:
+        p = next((x.get("prompt") for x in r.get("routing", []) if x["subset"] == c["subset"]), None)
+        if p is None:
+            continue
+        acc = ", ".join(f"{d} {100 * v:.0f}%" for d, v in p["accuracy_by_domain"].items())
+        rows.append([" + ".join(c["subset"]), f"{100 * p['accuracy']:.0f}% ({acc})",
+                     _ci(p["top1"]["perplexity"]), _pct(p["top1"]["pct_change"]), _pct(p["top1"]["vs_oracle"]),
+                     f"{p['soft']['temperature']:g}", _ci(p["soft"]["perplexity"]), _pct(p["soft"]["pct_change"]),
+                     _pct(p["soft"]["vs_oracle"])])
+    if not rows:
+        return []
+    return [Table(["combination", "routing accuracy", "ppl top-1", "%Δ top-1 vs merged", "%Δ top-1 vs oracle",
+                   "soft τ", "ppl soft", "%Δ soft vs merged", "%Δ soft vs oracle"], rows,
+                  f"The prompt router chooses each example's block from its question alone: the nearest centroid of "
+                  f"the base model's prompt features (top-1), or the blocks' predictions mixed with weights from those "
+                  f"distances at the temperature τ chosen on validation (soft). Routing accuracy: share of test "
+                  f"examples sent to their own domain's block. Pooled test perplexity ({ci}); paired %Δ.")]
+
+
 def _cost_rows(row: dict) -> list[list[str]]:
     out = []
     for name, cost in row["models"].items():

@@ -13,7 +13,7 @@ from .detail import L2P1_NEEDS, absent as _absent, per_layer_sections, weight_sp
 from .figures import available, figure_text
 from .methods import method_tables
 from .ordering import by_domain, model_order
-from .routing import cost_section, routing_table
+from .routing import cost_section, prompt_table, routing_table
 from .overview import HEADLINE, answer_section
 from .science import init_section, references_section, table1_section, unlearning_sweep_section
 from .text import ci as _ci, num as _num, pct as _pct
@@ -97,7 +97,7 @@ def _table3(r: dict, ci: str) -> list:
                   f"its merged data and of the sum of its two fundamentals ({ci}), macro = mean of the per-domain "
                   f"perplexities, the RMS of their per-layer cosines; {CHANGE_KEY}; last column: {paper.LABEL}.")
     return (_with_reference(blocks, table, matched, paper.table3_reference) + routing_table(r, pairs, ci)
-            + _baselines(pairs, cfg, ci))
+            + prompt_table(r, pairs, ci) + _baselines(pairs, cfg, ci))
 
 
 def _with_reference(blocks: list, table, matched: bool, reference) -> list:
@@ -141,7 +141,7 @@ def _table4(r: dict, ci: str) -> list:
                   f"trained on all three domains' merged data ({ci}); RMS between the two parts (for the sum: over "
                   f"all pairs of its blocks); {CHANGE_KEY}; last column: {paper.LABEL}.")
     return (_with_reference(blocks, table, matched, paper.table4_reference) + routing_table(r, triples, ci)
-            + _baselines(triples, cfg, ci))
+            + prompt_table(r, triples, ci) + _baselines(triples, cfg, ci))
 
 
 def _unlearning(r: dict, ci: str) -> list:

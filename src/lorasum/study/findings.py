@@ -11,7 +11,9 @@
 - the oracle router (each domain's examples served by its own block) "reaches the merged block" only where the CI of
   its %Δ vs merged includes or lies below 0;
 - a composition's cost is "interference" only where the CI of its %Δ vs the oracle router lies above 0, and it lands
-  "on" a domain only where the CI of its %Δ vs that domain's own block lies above 0 there.
+  "on" a domain only where the CI of its %Δ vs that domain's own block lies above 0 there;
+- a practical router (prompt-level, Arrow) is "within 2% of the oracle" only where the upper end of its %Δ vs the
+  oracle's CI is at most 2%.
 Anything else is stated as what it is, most often "inconclusive" or "cannot be decided here".
 """
 
@@ -87,6 +89,36 @@ def oracle_verdict(ci: list[float] | tuple[float, float]) -> str:
     return "the oracle router beats merged" if hi < 0 else "the oracle router reaches the merged block"
 
 
+NEAR_ORACLE_MARGIN = 2.0  # percent: a router "approaches the oracle" where its %Δ vs the oracle's CI stays below it
+
+
+def near_oracle_verdict(ci: list[float] | tuple[float, float], margin: float = NEAR_ORACLE_MARGIN) -> str:
+    """A practical router against the oracle router, by the paired CI of its %Δ."""
+    lo, hi = ci
+    if hi <= margin:
+        return f"within {margin:g}% of the oracle"
+    return f"more than {margin:g}% worse than the oracle" if lo > margin else "inconclusive"
+
+
+def _router_findings(results: dict) -> list[dict]:
+    """The prompt router (top-1, soft) and Arrow against the oracle, per subset."""
+    out = []
+    arrow = {tuple(c["subset"]): c["models"]["arrow"] for c in results.get("cost_by_domain", [])
+             if "arrow" in c["models"]}
+    for row in results.get("routing", []):
+        found = {f"prompt router ({k})": row["prompt"][k]["vs_oracle"] for k in ("top1", "soft")} \
+            if "prompt" in row else {}
+        if tuple(row["subset"]) in arrow:
+            found["arrow"] = arrow[tuple(row["subset"])]["vs_oracle"]
+        for name, vs in found.items():
+            acc = f"; routing accuracy {100 * row['prompt']['accuracy']:.0f}%" if name.startswith("prompt") else ""
+            out.append({"claim": f"{name} vs the oracle router", "subject": " + ".join(row["subset"]),
+                        "verdict": near_oracle_verdict(vs["ci"]),
+                        "evidence": f"%Δ vs oracle {vs['mean']:+.1f}% (CI {vs['ci'][0]:+.1f}% to {vs['ci'][1]:+.1f}%)"
+                                    f"{acc}"})
+    return out
+
+
 def cost_verdict(cost: dict) -> str:
     """Where a composition's cost lands (see study.units.cost): interference on one domain, on several, or none
     detectable (then the cost, if any, is the merged block's advantage over the domains' own blocks)."""
@@ -120,6 +152,7 @@ def routing_findings(results: dict) -> list[dict]:
                     "verdict": oracle_verdict(pc["ci"]),
                     "evidence": f"%Δ oracle vs merged {pc['mean']:+.1f}% (CI {pc['ci'][0]:+.1f}% to "
                                 f"{pc['ci'][1]:+.1f}%)"})
+    out += _router_findings(results)
     for row in results.get("cost_by_domain", []):
         for name, cost in row["models"].items():
             label = "sum" if name == "sum" else cost["method"]

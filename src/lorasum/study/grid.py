@@ -148,6 +148,7 @@ COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
     Composition("best_single"),  # no models of its own: chosen among the fundamentals on validation
     Composition("level2_plus_one", per_subset=_level2_plus_one),
     Composition("unlearning", whole=_unlearning),
+    Composition("prompt_router"),  # no models of its own: each example served by a fundamental chosen from its prompt
     *(Composition(m, per_subset=partial(_method, m), method=True) for m in METHODS if m not in ("sum", "mean")),
     Composition("weight_search", per_subset=_weight_search, method=True),
     *(Composition(r, per_subset=partial(_method, r), method=True) for r in ROUTES),

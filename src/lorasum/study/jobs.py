@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .. import schema
 from ..delta.apply import apply_adapters, applied, snapshot_weights
 from ..delta.compose import weighted_sum
@@ -26,12 +28,14 @@ from ..delta.similarity import layer_cosines, layer_norms, rms
 from ..delta.subspace import factor_similarity, factor_summary, null_rms
 from ..errors import LorasumError
 from ..files import atomic_write_json, parse_json, read_json
+from ..lm.choices import SPLITS
 from ..lm.data import DataConfig, load_domain, parse_spec, partition_domains, require_nonempty, \
     require_predicted_tokens, tokenize_records
 from ..lm.combination import method_terms
 from ..lm.routing import serving
 from ..delta.registry import is_route
 from ..lm.datastats import domain_stats
+from ..lm.prompt_routing import prompt_features, squared_distances
 from ..lm.evaluate import per_example_nll
 from ..lm.models import LoadedModel, load_model
 from ..lm.train import TrainConfig, train_adapter
@@ -187,6 +191,21 @@ def _run_data_stats(spec: dict, out: Path, loaded: LoadedModel) -> None:
                                                                                spec["max_length"])]})
 
 
+def _run_prompt_route(spec: dict, out: Path, loaded: LoadedModel) -> None:
+    """The prompt router's inputs (lm.prompt_routing): each domain's centroid of its training questions' features, and
+    every validation and test example's squared distance to each centroid."""
+    data = _data(spec)
+    doms = [load_domain(d, data) for d in spec["domains"]]
+    _check_sources(spec, doms)
+    feats = {d.spec: {s: prompt_features(loaded, tokenize_records(loaded.tokenizer, d.records[s], spec["max_length"]),
+                                         spec["batch_size"]) for s in SPLITS} for d in doms}
+    centroids = np.stack([feats[d.spec]["train"].mean(0) for d in doms])  # (k, hidden)
+    own = [squared_distances(feats[d.spec]["train"], centroids[i:i + 1])[:, 0] for i, d in enumerate(doms)]
+    atomic_write_json(out, {"domains": [d.spec for d in doms], "scale": float(np.mean(np.concatenate(own))),
+                            "distances": {s: {d.spec: squared_distances(feats[d.spec][s], centroids).tolist()
+                                              for d in doms} for s in ("validation", "test")}})
+
+
 def _train_work(spec: dict) -> float:
     """Training costs ~3 forward passes per token, plus a validation pass per epoch."""
     k, caps, epochs = len(partition_domains(spec["partition"])), spec["data"]["max_records"], spec["train"]["epochs"]
@@ -220,6 +239,8 @@ JOB_KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("similarity", "sims", ("a", "b"), _run_similarity, needs_model=False, terms=("a", "b")),
     JobKind("inplace", "checks", ("model", "all", "removed"), _run_inplace),
     JobKind("data_stats", "checks", ("model", "domains", "data", "max_length"), _run_data_stats),
+    JobKind("prompt_route", "checks", ("model", "domains", "data", "max_length", "batch_size"), _run_prompt_route,
+            work=lambda spec: 3.0 * len(spec["domains"]) * (spec["data"]["max_records"].get("train") or 500)),
     JobKind("weight_search", "searches", ("model", "adapters", "domains", "data", "max_length", "batch_size", "loss_on",
                                           "trials", "method"), _run_weight_search, terms=("adapters",),
             work=lambda spec: 2.0 * spec["trials"] * len(spec["domains"])),

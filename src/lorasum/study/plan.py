@@ -15,7 +15,7 @@ from ..lm.train import TrainConfig
 from .config import ExperimentConfig
 from .grid import Catalog, Model, model_catalog
 from .specs import SpecContext, Terms, data_sources, data_stats_spec, eval_spec, inplace_spec, method_fields, \
-    search_spec, similarity_spec, train_spec
+    prompt_route_spec, search_spec, similarity_spec, train_spec
 
 SECOND = "second"  # a train job's sample: the disjoint second sample of a domain's records (the same-domain ceiling)
 
@@ -80,11 +80,13 @@ class Plan:
     checks: dict[CheckKey, dict] = field(default_factory=dict)
     searches: dict[SearchKey, dict] = field(default_factory=dict)
     data_stats: dict | None = None
+    prompt_route: dict | None = None
 
     def jobs(self) -> list[dict]:
         """The jobs in an order that respects what each reads: adapters before the jobs that use them, weight
         searches before the evals that read their weights."""
-        return [*([self.data_stats] if self.data_stats else []), *self.train.values(), *self.sims.values(),
+        once = [j for j in (self.data_stats, self.prompt_route) if j]
+        return [*once, *self.train.values(), *self.sims.values(),
                 *self.checks.values(), *self.searches.values(), *self.evals.values()]
 
 
@@ -143,3 +145,6 @@ class Planner:
 
     def data_stats(self) -> None:
         self.plan.data_stats = data_stats_spec(self.ctx)
+
+    def prompt_route(self) -> None:
+        self.plan.prompt_route = prompt_route_spec(self.ctx)

@@ -108,3 +108,11 @@ def data_stats_spec(ctx: SpecContext) -> dict:
     cfg = ctx.cfg
     return with_key({**ctx.base(), "kind": "data_stats", "domains": list(cfg.domains),
                      "data": ctx.data(cfg.domains, None), "max_length": cfg.train.max_length})
+
+
+def prompt_route_spec(ctx: SpecContext) -> dict:
+    """The prompt router's centroids (training questions) and every validation and test example's distances."""
+    cfg = ctx.cfg
+    return with_key({**ctx.base(), "kind": "prompt_route", "domains": list(cfg.domains),
+                     "data": ctx.data(cfg.domains, None), "max_length": cfg.train.max_length,
+                     "batch_size": cfg.eval_batch_size})

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...stats import bootstrap_ppl, paired_pct_change
+from ...stats import Scores, bootstrap_ppl, paired_pct_change
 from ..config import ExperimentConfig
 from ..plan import Plan, Planner, SimKey
 from ..scores import RunScores, load
+
+
+Served = str | Mapping[str, str] | Scores  # a model's name, a route {domain: model}, or a per-example router's scores
 
 
 def _mean_layers(per_seed: list[dict]) -> dict:
@@ -32,18 +35,22 @@ class Assembly:
     scores: RunScores
     bodies: dict[str, dict] = field(default_factory=dict)
 
-    def ppl(self, model: str | Mapping[str, str], domains: list[str]) -> dict:
+    def ppl(self, model: Served, domains: list[str]) -> dict:
         """Pooled test perplexity of a model (or a route {domain: model}) over the domains, with its bootstrap
         interval."""
         cfg = self.cfg
-        return bootstrap_ppl(self.scores.scores(model, domains), cfg.bootstrap_samples, cfg.ci_level,
-                             cfg.bootstrap_seed)
+        return bootstrap_ppl(self._scores(model, domains), cfg.bootstrap_samples, cfg.ci_level, cfg.bootstrap_seed)
 
-    def pct(self, a: str | Mapping[str, str], b: str | Mapping[str, str], domains: list[str]) -> dict:
+    def pct(self, a: Served, b: Served, domains: list[str]) -> dict:
         """Paired %Δ of model (or route) `a`'s pooled test perplexity against `b`'s."""
         cfg = self.cfg
-        return paired_pct_change(self.scores.scores(a, domains), self.scores.scores(b, domains),
-                                 cfg.bootstrap_samples, cfg.ci_level, cfg.bootstrap_seed)
+        return paired_pct_change(self._scores(a, domains), self._scores(b, domains), cfg.bootstrap_samples,
+                                 cfg.ci_level, cfg.bootstrap_seed)
+
+    def _scores(self, model: Served, domains: list[str]) -> Scores:
+        """A model's (or route's) test scores over the domains; Scores built elsewhere (a per-example router's) as
+        given."""
+        return model if isinstance(model, Scores) else self.scores.scores(model, domains)
 
     def sim_runs(self, what: str, subset: tuple[str, ...], domain: str | None = None) -> list[dict]:
         """A similarity's artifact for each seed."""

@@ -1,0 +1,68 @@
+"""A prompt-level router: choose the adapter for a request from its question alone, never its answer.
+
+Each example's feature is the base model's last hidden state averaged over the prompt tokens
+(`Question: q\\nAnswer:`, truncated as the eval truncates it); each domain's centroid is the mean feature of its
+training questions. An example goes to the nearest centroid in Euclidean distance (top-1), or is scored by the
+mixture of the adapters' predictions with weights softmax(−‖x − c_k‖² / (τ·σ²)) (soft), σ² the mean squared distance
+of a training question to its own centroid. The base model computes every feature (no adapter applied), so the
+choice depends on the prompt and the base weights only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import Example
+from .models import LoadedModel
+
+
+def prompt_ids(e: Example) -> list[int]:
+    """The prompt part of a tokenized example (its answer tokens dropped): what the router may see."""
+    return [t for t, a in zip(e.input_ids, e.answer_mask) if not a]
+
+
+@torch.no_grad()
+def prompt_features(loaded: LoadedModel, examples: list[Example], batch_size: int = 16) -> np.ndarray:
+    """(n, hidden) float64: the base model's last hidden state, mean over each example's prompt tokens."""
+    model, pad = loaded.model, loaded.tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(examples), batch_size):
+        ids = [prompt_ids(e) for e in examples[start:start + batch_size]]
+        n = max(len(x) for x in ids)
+        batch = torch.full((len(ids), n), pad, dtype=torch.long)  # (b, n)
+        mask = torch.zeros((len(ids), n), dtype=torch.long)
+        for i, x in enumerate(ids):
+            batch[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+        with loaded.autocast():
+            h = model(input_ids=batch.to(device), attention_mask=mask.to(device),
+                      output_hidden_states=True).hidden_states[-1].float()  # (b, n, hidden)
+        m = mask.to(device).unsqueeze(-1).float()
+        out.append(((h * m).sum(1) / m.sum(1)).double().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out)
+
+
+def squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(n, k): ‖x_i − c_k‖²."""
+    return ((x[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+
+
+def soft_weights(dist: np.ndarray, scale: float, temperature: float) -> np.ndarray:
+    """(n, k) routing weights softmax(−d² / (τ·σ²)) over the candidate adapters."""
+    z = -dist / (temperature * scale)
+    z -= z.max(1, keepdims=True)
+    w = np.exp(z)
+    return w / w.sum(1, keepdims=True)
+
+
+def mixture_nll(nll: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(…, n) −log Σ_k w_k·exp(−NLL_k): each example's NLL under the mixture of the adapters' predictions.
+    `nll`: (…, n, k) per adapter; `weights`: (n, k)."""
+    logw = np.log(np.clip(weights, 1e-300, None))
+    a = logw - nll  # (…, n, k)
+    top = a.max(-1, keepdims=True)
+    return -(top[..., 0] + np.log(np.exp(a - top).sum(-1)))
