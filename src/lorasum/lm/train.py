@@ -23,7 +23,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
 from .. import schema
-from ..delta.factors import lora_scale
+from ..delta.factors import Adapter, lora_scale
 from ..errors import DivergedError, LorasumError
 from ..files import atomic_dir, atomic_write_json, pause_for_test, read_json
 from ..progress import progress
@@ -110,6 +110,7 @@ class TrainResult:
     best_epoch: int = 0
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
+    steps: int = 0  # optimizer steps taken
 
 
 def set_seed(seed: int) -> None:
@@ -152,16 +153,40 @@ def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> li
     return [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
 
 
+def start_config(start: Adapter, cfg: TrainConfig, loaded: LoadedModel) -> LoraConfig:
+    """The LoRA layers that continue `start` (e.g. the exact sum of blocks, rank r₁ + r₂ on every layer): its rank
+    and layers, and lora_alpha = s·r so that the scale s multiplying B A is the recipe's own (cfg.scale)."""
+    ranks = {f.rank for f in start.layers.values()}
+    if len(ranks) != 1:
+        raise LorasumError(f"adapter '{start.name}' has layers of ranks {sorted(ranks)}; training continues one rank "
+                           "on every layer")
+    r = ranks.pop()
+    return LoraConfig(r=r, lora_alpha=cfg.scale * r, lora_dropout=cfg.dropout, target_modules=sorted(start.layers),
+                      bias="none", task_type="CAUSAL_LM", fan_in_fan_out=loaded.model_type == "gpt2")
+
+
+@torch.no_grad()
+def load_start(peft_model, start: Adapter, scale: float) -> None:
+    """Copy `start`'s factors into the LoRA layers made by start_config: A as is, B·s_start/scale (the same ΔW)."""
+    for name, f in start.layers.items():
+        module = peft_model.base_model.model.get_submodule(name)
+        module.lora_A["default"].weight.copy_(f.A)
+        module.lora_B["default"].weight.copy_(f.B * (f.scale / scale))
+
+
 def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: TrainConfig | None = None,
                   data: DataConfig | None = None, overwrite: bool = False,
-                  on_epoch: Callable[[int, float], None] | None = None, sample: str = "") -> TrainResult:
+                  on_epoch: Callable[[int, float], None] | None = None, sample: str = "",
+                  start: Adapter | None = None, max_steps: int | None = None) -> TrainResult:
     """Train a LoRA adapter on `partition` (e.g. "math" or "math+medicine") and save it to `out` (a non-empty `out`
     is replaced only with `overwrite`).
 
     The base model is left as it was (LoRA layers are unloaded afterwards), so one loaded model serves many runs.
     `on_epoch(epoch, val_loss)` is called after each epoch's validation; an exception it raises (e.g. a tuning
     trial pruned) aborts training and nothing is saved. `sample` names a second sample of the partition's records
-    (data.skip), so that it gets an initialisation of its own in `independent` mode.
+    (data.skip), so that it gets an initialisation of its own in `independent` mode. With `start` training
+    continues that adapter's factors (its rank, at the recipe's LoRA scale) instead of a fresh initialisation; with
+    `max_steps` it stops after that many optimizer steps (the schedule spans them; 0 saves `start` as it is).
     """
     cfg = TrainConfig.from_dict(asdict(cfg)) if cfg is not None else TrainConfig()
     check_positions(loaded, cfg.max_length)
@@ -174,19 +199,21 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     base_sha = weights_fingerprint(loaded.model) if fp32 else None
     grad_flags = {n: p.requires_grad for n, p in loaded.model.named_parameters()}
 
-    lcfg = lora_config(cfg, loaded)
+    lcfg = lora_config(cfg, loaded) if start is None else start_config(start, cfg, loaded)
     check_targets(loaded.model, list(lcfg.target_modules))
     a_seed = init_seed(partition, cfg, sample)
     set_seed(a_seed)
     try:
         peft_model = get_peft_model(loaded.model, lcfg)
+        if start is not None:
+            load_start(peft_model, start, cfg.scale)
     except ValueError as e:  # e.g. a target that is a container module, not a layer PEFT can adapt
         raise LorasumError(f"cannot add LoRA layers for {' '.join(sorted(lcfg.target_modules))}: "
                            f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}", key="targets") from None
     torch.manual_seed(train_stream_seed(cfg))
     try:
         result = _fit(peft_model, train_ex, val_ex, tok.pad_token_id, cfg, get_linear_schedule_with_warmup,
-                      loaded.autocast, on_epoch)
+                      loaded.autocast, on_epoch, max_steps)
         peft_model.peft_config["default"].base_model_name_or_path = loaded.model_id
         meta = {
             "lorasum_version": provenance()["lorasum"], "partition": partition, "domains": [d.spec for d in domains],
@@ -195,6 +222,8 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
             "seed": cfg.seed, "init": {"mode": cfg.init, "seed": a_seed}, "epochs": result.epochs, "best_epoch": result.best_epoch,
             "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s,
             "provenance": provenance(str(next(loaded.model.parameters()).device)),
+            **({"start": {"adapter": start.name, "rank": lcfg.r, "scale": cfg.scale, "max_steps": max_steps,
+                          "steps": result.steps}} if start is not None else {}),
         }
         with atomic_dir(out, overwrite=overwrite) as tmp:
             peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
@@ -280,20 +309,22 @@ def train_epoch(model, batches, opt, sched, max_grad_norm: float, bar=None, epoc
 
 def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg: TrainConfig,
          schedule_fn, autocast=contextlib.nullcontext,
-         on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
+         on_epoch: Callable[[int, float], None] | None = None, max_steps: int | None = None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    sched = schedule_fn(opt, int(cfg.warmup_ratio * total), total)
+    total = steps_per_epoch * cfg.epochs if max_steps is None else min(max_steps, steps_per_epoch * cfg.epochs)
+    epochs = math.ceil(total / steps_per_epoch)  # a step budget may end inside an epoch (or before the first)
+    sched = schedule_fn(opt, int(cfg.warmup_ratio * total), max(total, 1))
     rng = random.Random(cfg.seed)
     result = TrainResult(out=Path())
     best_loss, best_state = float("inf"), None
     tokens, train_s, wall0 = 0, 0.0, time.perf_counter()
     bar = progress(total=total, desc="train", unit="step")
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         t_epoch = time.perf_counter()
-        batches = (collate(b, pad_id, cfg.loss_on) for b in _batches(train_ex, cfg.batch_size, rng))
+        left = total - (epoch - 1) * steps_per_epoch
+        batches = (collate(b, pad_id, cfg.loss_on) for b in _batches(train_ex, cfg.batch_size, rng)[:left])
         try:
             stats = train_epoch(model, batches, opt, sched, cfg.max_grad_norm, bar, epoch, autocast, cfg)
         except LorasumError:
@@ -302,6 +333,7 @@ def _fit(model, train_ex: list[Example], val_ex: list[Example], pad_id: int, cfg
         train_s += time.perf_counter() - t_epoch  # validation time is excluded from throughput
         tokens += stats["tokens"]
         running, seen = stats["loss_sum"], stats["steps"]
+        result.steps += seen
         with autocast():
             rows = per_example_nll(model, {"validation": val_ex}, pad_id, cfg.eval_batch_size, cfg.loss_on,
                                    desc="val")

@@ -7,6 +7,7 @@ these sections.
 
 from __future__ import annotations
 
+from .repair import repair_timing_table
 from .blocks import Note, Paragraph, Section, Table
 from .ordering import by_domain, model_order, pair_order
 from .text import ci, num
@@ -124,7 +125,7 @@ def speed_section(r: dict, timings: dict) -> list[Section]:
                and t.get("init") == primary]
     train: dict = {}
     for t in entries:
-        if t.get("kind") == "train":
+        if t.get("kind") == "train" and "repair" not in t:
             train.setdefault(t.get("partition"), []).append(t["wall_s"])  # one per seed
     apply: dict = {}
     for t in entries:
@@ -137,14 +138,15 @@ def speed_section(r: dict, timings: dict) -> list[Section]:
         trained = train.get(part)
         rows.append([name, f"{1000 * sum(apply[name]) / len(apply[name]):.1f} ms",
                      "" if not trained else f"{sum(trained) / len(trained):.1f} s"])
+    repairs = repair_timing_table(entries, train)
     if not rows:
-        return []
+        return [Section("Speed — repairs against training", repairs)] if repairs else []
     applied = [1000 * sum(v) / len(v) for v in apply.values()]
     trains = [sum(v) / len(v) for v in train.values()]
     return [Section("Speed — composing instead of training", [Table(
         ["composed model", "compose + apply (mean over its evals)", "training its subset's merged-data block "
                                                                     "(mean over seeds)"], rows,
         "What composing a model costs beside training the block it stands in for: wall times on this machine, "
-        "from timings.json (not results.json, which stays deterministic).")],
+        "from timings.json (not results.json, which stays deterministic).")] + repairs,
         summary=f"{len(rows)} composed models: {min(applied):.1f} to {max(applied):.1f} ms to compose and apply"
                 + (f"; training a block: {min(trains):.1f} to {max(trains):.1f} s" if trains else ""))]

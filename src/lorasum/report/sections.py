@@ -13,6 +13,7 @@ from .detail import L2P1_NEEDS, absent as _absent, per_layer_sections, weight_sp
 from .figures import available, figure_text
 from .methods import method_tables
 from .ordering import by_domain, model_order
+from .repair import repair_section
 from .routing import cost_section, prompt_table, routing_table
 from .overview import HEADLINE, answer_section
 from .science import init_section, references_section, table1_section, unlearning_sweep_section
@@ -277,6 +278,7 @@ SECTIONS = {
     "tables_3_4": tables_3_4,
     "figures": figures_section,
     "cost_by_domain": cost_section,
+    "repair": repair_section,
     "findings": findings_section,
     "tuning": tuning_section,
     "init": init_section,

@@ -124,6 +124,13 @@ def _check_unlearn_weights(weights: list[float]) -> None:
         raise LorasumError(f"must be distinct weights in (0, 2], got {show(weights)}")
 
 
+def _check_repair_budgets(budgets: list[float]) -> None:
+    """Distinct shares in (0, 1] of the merged block's optimizer steps, one repair each."""
+    if not budgets or len(set(budgets)) != len(budgets) or not all(0 < b <= 1 for b in budgets):
+        raise LorasumError(f"must be distinct shares of the merged block's optimizer steps in (0, 1], e.g. "
+                           f"[0.05, 0.1, 0.25], got {show(budgets)}")
+
+
 def _check_min_records(minimums: dict) -> None:
     """{split: records} with known splits and whole numbers in [0, MAX_RECORDS]."""
     for split, n in minimums.items():
@@ -146,6 +153,7 @@ Threads = Annotated[int | None, Range(1, MAX_THREADS),
                     Wording(f"at least 1 and at most {MAX_THREADS} (or null for torch's choice)")]
 InitModes = Annotated[list[str] | None, Rule(_check_init_modes)]
 UnlearnWeights = Annotated[list[float], Rule(_check_unlearn_weights)]
+RepairBudgets = Annotated[list[float], Rule(_check_repair_budgets)]
 MethodGrid = Annotated[dict | None, Rule(_check_method_grid)]
 MinRecords = Annotated[dict | None, Rule(_check_min_records)]
 EvalScope = Annotated[Literal["all", "own"], Wording("one of all, own")]
@@ -187,6 +195,8 @@ class ExperimentConfig:
     retention_tolerance: Annotated[float, Range(0), Wording(">= 0")] = 0.05
     eval_scope: EvalScope = "all"  # "all": every model on every domain; "own": each on its own subset's domains
     min_records: MinRecords = None  # {"train": n, "test": n}: records each domain needs before caps (else refused)
+    # composition `repair`: the exact sum trained on merged data for these shares of the merged block's steps
+    repair_budgets: RepairBudgets = field(default_factory=lambda: [0.05, 0.1, 0.25])
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -35,7 +35,7 @@ def needed_inputs(spec: dict) -> list[str]:
     """What a job reads from the run folder, as paths relative to it, in a stable order: its adapters' folders and
     other jobs' JSON artifacts (an eval's weight search)."""
     kind = JOB_KINDS[spec["kind"]]
-    keys = [t["train_key"] for field in kind.terms for t in spec[field]] + list(spec.get("all", []))
+    keys = [t["train_key"] for field in kind.terms for t in spec.get(field) or []] + list(spec.get("all", []))
     paths = [str(adapter_dir("", k)) for k in dict.fromkeys(keys)]
     return paths + ([f"searches/{spec['weights_from']}.json"] if spec.get("weights_from") else [])
 

@@ -172,6 +172,8 @@ def _labels(ps: dict[str, Plan]) -> dict[str, dict]:
         for k, spec in p.train.items():
             if not k.sample:
                 out[spec["key"]] = {"init": mode, "partition": k.partition, "seed": k.seed}
+            elif "fraction" in spec:  # a repair: its wall time against the merged block's training
+                out[spec["key"]] = {"init": mode, "partition": k.partition, "seed": k.seed, "repair": spec["fraction"]}
         for k, spec in p.evals.items():
             if k.split == "test":
                 out[spec["key"]] = {"init": mode, "model": k.model, "domain": k.domain, "seed": k.seed}

@@ -13,7 +13,8 @@
 - a composition's cost is "interference" only where the CI of its %Δ vs the oracle router lies above 0, and it lands
   "on" a domain only where the CI of its %Δ vs that domain's own block lies above 0 there;
 - a practical router (prompt-level, Arrow) is "within 2% of the oracle" only where the upper end of its %Δ vs the
-  oracle's CI is at most 2%.
+  oracle's CI is at most 2%;
+- a repaired sum "reaches the merged block" at the smallest budget whose %Δ vs merged CI includes or lies below 0.
 Anything else is stated as what it is, most often "inconclusive" or "cannot be decided here".
 """
 
@@ -142,6 +143,23 @@ def _shares(cost: dict) -> str:
            f"gap {100 * cost['oracle_gap'] / gap:.0f}%"
 
 
+def repair_finding(row: dict) -> dict:
+    """The smallest budget whose repaired sum reaches the merged block (its %Δ CI includes or lies below 0), else how
+    much of the gap the largest budget closes."""
+    reached = next((b for b in row["budgets"] if b["pct_change"]["ci"][0] <= 0), None)
+    last = row["budgets"][-1]
+    if reached is not None:
+        verdict = f"reaches the merged block at {100 * reached['fraction']:g}% of its steps"
+    else:
+        verdict = f"does not reach the merged block within {100 * last['fraction']:g}% of its steps"
+    evidence = "; ".join(f"{100 * b['fraction']:g}%: %Δ vs merged {b['pct_change']['mean']:+.1f}% (CI "
+                         f"{b['pct_change']['ci'][0]:+.1f}% to {b['pct_change']['ci'][1]:+.1f}%)"
+                         + ("" if b.get("gap_closed") is None else f", gap closed {100 * b['gap_closed']:.0f}%")
+                         for b in row["budgets"])
+    return {"claim": "a short repair of the sum vs merged", "subject": " + ".join(row["subset"]), "verdict": verdict,
+            "evidence": evidence}
+
+
 def routing_findings(results: dict) -> list[dict]:
     """The oracle router per subset, and where the sum's (and the best merge method's) cost lands."""
     out = []
@@ -153,6 +171,7 @@ def routing_findings(results: dict) -> list[dict]:
                     "evidence": f"%Δ oracle vs merged {pc['mean']:+.1f}% (CI {pc['ci'][0]:+.1f}% to "
                                 f"{pc['ci'][1]:+.1f}%)"})
     out += _router_findings(results)
+    out += [repair_finding(row) for row in results.get("repair", [])]
     for row in results.get("cost_by_domain", []):
         for name, cost in row["models"].items():
             label = "sum" if name == "sum" else cost["method"]

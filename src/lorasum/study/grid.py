@@ -149,6 +149,7 @@ COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
     Composition("level2_plus_one", per_subset=_level2_plus_one),
     Composition("unlearning", whole=_unlearning),
     Composition("prompt_router"),  # no models of its own: each example served by a fundamental chosen from its prompt
+    Composition("repair"),  # its adapters are trained (units.repair): the sum continued on merged data
     *(Composition(m, per_subset=partial(_method, m), method=True) for m in METHODS if m not in ("sum", "mean")),
     Composition("weight_search", per_subset=_weight_search, method=True),
     *(Composition(r, per_subset=partial(_method, r), method=True) for r in ROUTES),

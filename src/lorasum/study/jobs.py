@@ -11,6 +11,7 @@ The spec's fields, its key and its trust model: `jobspec`.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -67,10 +68,19 @@ def _check_sources(spec: dict, domains) -> None:
 
 # --- the runners: (spec, artifact path, loaded model or None) -----------------------------------------------------
 def _run_train(spec: dict, out: Path, loaded: LoadedModel) -> None:
+    """An adapter; a repair (`start`) continues the exact sum of its start adapters for `fraction` of the steps a
+    full run of the recipe takes on the partition (at least one)."""
     data = _data(spec)
-    _check_sources(spec, [load_domain(d, data) for d in partition_domains(spec["partition"])])
-    train_adapter(loaded, spec["partition"], out, TrainConfig.from_dict(spec["train"]), data, overwrite=True,
-                  sample=spec.get("sample", ""))
+    domains = [load_domain(d, data) for d in partition_domains(spec["partition"])]
+    _check_sources(spec, domains)
+    cfg = TrainConfig.from_dict(spec["train"])
+    start, steps = None, None
+    if spec.get("start"):
+        start = weighted_sum(_terms(spec, "start"), "sum")
+        full = math.ceil(sum(len(d.records["train"]) for d in domains) / cfg.batch_size) * cfg.epochs
+        steps = max(1, round(spec["fraction"] * full))
+    train_adapter(loaded, spec["partition"], out, cfg, data, overwrite=True, sample=spec.get("sample", ""),
+                  start=start, max_steps=steps)
 
 
 def _run_eval(spec: dict, out: Path, loaded: LoadedModel) -> None:
@@ -209,7 +219,8 @@ def _run_prompt_route(spec: dict, out: Path, loaded: LoadedModel) -> None:
 def _train_work(spec: dict) -> float:
     """Training costs ~3 forward passes per token, plus a validation pass per epoch."""
     k, caps, epochs = len(partition_domains(spec["partition"])), spec["data"]["max_records"], spec["train"]["epochs"]
-    return 3.0 * k * (caps.get("train") or 500) * epochs + k * (caps.get("validation") or 60) * epochs
+    share = spec.get("fraction") or 1.0  # a repair takes that share of the steps
+    return 3.0 * k * (caps.get("train") or 500) * epochs * share + k * (caps.get("validation") or 60) * epochs
 
 
 def _eval_work(spec: dict) -> float:
@@ -233,7 +244,7 @@ class JobKind:
 
 JOB_KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("train", "adapters", ("model", "partition", "data", "train"), _run_train, folder_artifact=True,
-            work=_train_work),
+            terms=("start",), work=_train_work),
     JobKind("eval", "evals", ("model", "adapters", "domain", "data", "max_length", "batch_size", "loss_on"), _run_eval,
             terms=("adapters",), work=_eval_work),
     JobKind("similarity", "sims", ("a", "b"), _run_similarity, needs_model=False, terms=("a", "b")),
@@ -331,7 +342,7 @@ def check_spec(spec, where: str) -> None:
         raise LorasumError(f"{where}: {'an' if kind.name[0] in 'aei' else 'a'} {kind.name} job spec needs "
                            f"{', '.join(missing)}; {fix}")
     try:
-        for key in kind.terms:
+        for key in (k for k in kind.terms if k in spec):
             schema.convert(list[AdapterTerm], spec[key], None, f"{key}.", strict=True)
         nulls = [k for k in kind.required if spec[k] is None]
         if nulls:

@@ -112,6 +112,8 @@ class JobSpec:
     params: dict | None = None  # its hyperparameters
     weights_from: str | None = None  # eval: the weight_search job whose best weights replace the terms' weights
     trials: int | None = None  # weight_search: TPE trials
+    start: list[AdapterTerm] | None = None  # train (a repair): the adapters whose exact sum training continues
+    fraction: Annotated[float | None, Range(0, 1, low_open=True)] = None  # its share of the full run's steps
 
     def check(self) -> None:
         if self.weights_from is not None and not SEARCH_KEY.fullmatch(self.weights_from):

@@ -15,7 +15,7 @@ from ..lm.train import TrainConfig
 from .config import ExperimentConfig
 from .grid import Catalog, Model, model_catalog
 from .specs import SpecContext, Terms, data_sources, data_stats_spec, eval_spec, inplace_spec, method_fields, \
-    prompt_route_spec, search_spec, similarity_spec, train_spec
+    prompt_route_spec, repair_spec, search_spec, similarity_spec, train_spec
 
 SECOND = "second"  # a train job's sample: the disjoint second sample of a domain's records (the same-domain ceiling)
 
@@ -145,6 +145,22 @@ class Planner:
 
     def data_stats(self) -> None:
         self.plan.data_stats = data_stats_spec(self.ctx)
+
+    def repair(self, s: tuple[str, ...], seed: int, fraction: float) -> TrainKey:
+        """The exact sum of the subset's fundamentals trained on its merged data for `fraction` of the merged block's
+        optimizer steps (an adapter like any other, under its own train key)."""
+        part = "+".join(s)
+        key = TrainKey(part, seed, f"repair@{fraction:g}")
+        start = self.terms([(d, 1.0) for d in s], seed)
+        self.plan.train[key] = repair_spec(self.ctx, part, seed, start, fraction)
+        return key
+
+    def eval_adapter(self, name: str, key: TrainKey, domain: str, seed: int, split: str = "test") -> EvalKey:
+        """A trained adapter that is not in the catalog (a repair), at weight 1, under the model name `name`."""
+        ek = EvalKey(name, domain, seed, split)
+        self.plan.evals[ek] = eval_spec(self.ctx, [{"train_key": self.plan.train[key]["key"], "weight": 1.0}], domain,
+                                        split, {})
+        return ek
 
     def prompt_route(self) -> None:
         self.plan.prompt_route = prompt_route_spec(self.ctx)

@@ -116,3 +116,10 @@ def prompt_route_spec(ctx: SpecContext) -> dict:
     return with_key({**ctx.base(), "kind": "prompt_route", "domains": list(cfg.domains),
                      "data": ctx.data(cfg.domains, None), "max_length": cfg.train.max_length,
                      "batch_size": cfg.eval_batch_size})
+
+
+def repair_spec(ctx: SpecContext, part: str, seed: int, start: Terms, fraction: float) -> dict:
+    """The exact sum of `start` (the subset's fundamentals) trained on the partition's merged data with the merged
+    block's recipe, for `fraction` of its optimizer steps."""
+    spec = train_spec(ctx, part, seed)
+    return with_key({**{k: v for k, v in spec.items() if k != "key"}, "start": start, "fraction": fraction})

@@ -4,7 +4,7 @@ parts of those before it). Adding an analysis is one module with a `Unit` and on
 from __future__ import annotations
 
 from . import (compositions, cost, data, fit, init_comparison, models, pairs, perplexity, recipe,
-               references, routing, table1, unlearning)
+               references, repair, routing, table1, unlearning)
 from .unit import Unit
 
 UNITS: dict[str, Unit] = {u.name: u for u in (
@@ -15,6 +15,7 @@ UNITS: dict[str, Unit] = {u.name: u for u in (
     compositions.UNIT,
     routing.UNIT,
     cost.UNIT,
+    repair.UNIT,
     unlearning.UNIT,
     recipe.UNIT,
     fit.UNIT,
