@@ -190,9 +190,7 @@ def train_adapter(loaded: LoadedModel, partition: str, out: str | Path, cfg: Tra
     """
     cfg = TrainConfig.from_dict(asdict(cfg)) if cfg is not None else TrainConfig()
     check_positions(loaded, cfg.max_length)
-    data = data or DataConfig()
-    out = Path(out)
-    tok = loaded.tokenizer
+    data, out, tok = data or DataConfig(), Path(out), loaded.tokenizer
     domains, train_ex, val_ex = _training_examples(tok, partition, cfg, data)
     # the base identity is the fp32 weights' hash; a half-precision model cannot reproduce it, so none is recorded
     fp32 = next(loaded.model.parameters()).dtype == torch.float32
