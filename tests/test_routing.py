@@ -128,3 +128,48 @@ def test_merge_and_compose_refuse_a_route(run_cli, arrow_args, tmp_path):
     _, a, b = arrow_args
     one_line_error(run_cli("compose", a, b, "--method", "arrow", "--out", tmp_path / "c"), "routes", "merges nothing",
                    absent=tmp_path / "c")
+
+
+def test_prompt_route_sends_each_example_to_its_nearest_training_centroid(tiny_adapters, run_cli, arrow_args,
+                                                                         tmp_path):
+    """`eval --route prompt`: every example's NLL is the one a single adapter alone gives it, and the examples
+    matching each adapter are as many as the choices reported."""
+    import json
+
+    t = tiny_adapters
+    folders = [t["tiny-gpt2"]["colors"], t["tiny-gpt2"]["shapes"]]
+    lm = load_model("tiny-gpt2", device="cpu")
+
+    def per_example(adapters, route=None):
+        f = tmp_path / f"{len(adapters)}-{route}-{adapters[0][0][-6:]}.jsonl"
+        res = evaluate(lm, ["colors", "shapes"], adapters, t["data"], max_length=32, batch_size=4, route=route,
+                       per_example=str(f))
+        return res, {(r["domain"], r["index"]): r["nll"] for r in map(json.loads, f.read_text().splitlines())}
+
+    res, routed = per_example([(str(f), 1.0) for f in folders], "prompt")
+    alone = [per_example([(str(f), 1.0)])[1] for f in folders]
+    names = [load_adapter(f).name for f in folders]
+    matched = {d: {n: 0 for n in names} for d in ("colors", "shapes")}
+    for key, nll in routed.items():
+        hits = [k for k in (0, 1) if nll == pytest.approx(alone[k][key], rel=1e-6)]
+        assert hits, key  # served by one adapter alone
+        if len(hits) == 1:
+            matched[key[0]][names[hits[0]]] += 1
+    chosen = res["route"]["chosen"]
+    for d in matched:
+        assert sum(chosen[d].values()) == TINY_CAPS["test"]
+        for n in names:
+            assert matched[d][n] <= chosen[d][n]
+    base, a, b = arrow_args
+    rc, out, err, _ = run_cli(*base, "--adapter", a, "--adapter", b, "--route", "prompt")
+    assert rc == 0, err
+    one_line_error(run_cli(*base, "--adapter", a, "--adapter", b, "--route", "prompt", "--top-k", "2"), "--top-k",
+                   quiet=True)
+
+
+def test_generate_with_a_route(run_cli, arrow_args):
+    _, a, b = arrow_args
+    for route in ("prompt", "arrow"):
+        rc, out, err, _ = run_cli("generate", "--model", "tiny-gpt2", "--adapter", a, "--adapter", b, "--route", route,
+                                  "--max-new-tokens", "3", "red?")
+        assert rc == 0, err

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from ..delta.registry import METHODS, PEFT_METHODS, ROUTES, Param, all_methods, method_label, method_params
+from ..delta.registry import METHODS, PEFT_METHODS, ROUTES, Param, all_methods, all_routes, method_label, \
+    method_params
 from ..lm.choices import LossOn
 from ..outputs import ADAPTER, MERGED, WEIGHT_SEARCH
 from .args import add_data_args, add_model_args, check_out, load, parse_max_rank, parse_term, print_json, terms_text
@@ -81,8 +82,9 @@ def add_method_args(p: argparse.ArgumentParser, seed: bool = True, routes: bool 
     p.add_argument("--method", default=None, help=f"merge method (default: sum, the exact sum): {', '.join(METHODS)}, "
                    f"and PEFT's own {', '.join(PEFT_METHODS)} (see docs/merge-methods.md)")
     if routes:
-        p.add_argument("--route", default=None, choices=list(ROUTES),
-                       help="keep the adapters separate and route each token between them (PEFT's Arrow)")
+        p.add_argument("--route", default=None, choices=list(all_routes()),
+                       help="keep the adapters separate: arrow routes each token between them (PEFT's Arrow), "
+                            "prompt sends each request to the adapter whose training questions are nearest its own")
         p.add_argument("--general", action="append", default=[], metavar="DIR",
                        help="general-domain adapter for Arrow's GenKnowSub (repeat; their mean is subtracted first)")
     rows = {**all_methods(), **(ROUTES if routes else {})}
@@ -102,7 +104,7 @@ def method_choice(args: argparse.Namespace, seed: bool = True) -> tuple[str, dic
         raise LorasumError("--route keeps the adapters separate and --method merges them; pass one of them",
                            key="route")
     name = route if route is not None else "sum" if args.method is None else args.method  # `--method ''`: refused
-    if name in ROUTES and route is None:
+    if name in all_routes() and route is None:
         where = f"pass --route {name}" if routes else "routes are for `lorasum eval` and `lorasum generate`"
         raise LorasumError(f"'{name}' routes between adapters kept separate and merges nothing; {where}",
                            key="method")
@@ -113,7 +115,7 @@ def method_choice(args: argparse.Namespace, seed: bool = True) -> tuple[str, dic
         raise LorasumError("general-domain adapters serve Arrow's GenKnowSub; pass --route arrow with them",
                            key="general")
     given = {p.name: p.parse(getattr(args, p.name, None)) for p in method_flags(seed, routes)}
-    params = method_params(name, given, ROUTES if route is not None else all_methods())
+    params = method_params(name, given, all_routes() if route is not None else all_methods())
     if not seed and "seed" in params and getattr(args, "seed", None) is not None:
         params["seed"] = int(args.seed)
     return name, params

@@ -151,6 +151,18 @@ ROUTES: dict[str, Method] = {
 }
 
 
+# Routes that choose per request, for `eval` and `generate` (lm.prompt_routing); an experiment's `prompt_router`
+# composition computes the same choice from its own jobs.
+REQUEST_ROUTES: dict[str, Method] = {
+    "prompt": Method("prompt"),
+}
+
+
+def all_routes() -> dict[str, Method]:
+    """Every route `--route` accepts."""
+    return {**ROUTES, **REQUEST_ROUTES}
+
+
 def all_methods() -> dict[str, Method]:
     """Every method a command accepts: lorasum's own, then PEFT's."""
     return {**METHODS, **PEFT_METHODS}
@@ -163,7 +175,7 @@ def graded() -> dict[str, Method]:
 
 def is_route(method: str) -> bool:
     """Whether the name is a route (adapters kept separate, lm.routing), not a merge."""
-    return method in ROUTES
+    return method in all_routes()
 
 
 def needs_model(method: str) -> bool:

@@ -17,6 +17,8 @@ from .adapters import adapters_for
 from .data import DataConfig, Example, Split, collate, load_domain, require_nonempty, require_predicted_tokens, \
     tokenize_records
 from .models import LoadedModel, check_positions
+from ..delta.apply import applied
+from .prompt_routing import prompt_features, squared_distances, training_centroids
 from .routing import serving
 
 
@@ -112,6 +114,31 @@ def example_rows(rows: list[ExampleNLL]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
+def prompt_routed_nll(loaded: LoadedModel, terms: list[tuple], examples: dict[str, list[Example]],
+                      data: DataConfig, max_length: int, batch_size: int, loss_on: str) -> tuple[list, dict]:
+    """Each example served by the one adapter whose training questions' centroid is nearest its prompt's features
+    (lm.prompt_routing; never its answer): (rows in the examples' order, {domain: {adapter: examples sent}})."""
+    if len(terms) < 2 or any(w != 1.0 for _, w in terms):
+        raise LorasumError("--route prompt chooses one of at least two adapters, each at weight 1", key="route")
+    adapters = [a for a, _ in terms]
+    centroids = training_centroids(loaded, adapters, data, max_length, batch_size)
+    choice = {d: squared_distances(prompt_features(loaded, exs, batch_size), centroids).argmin(1)
+              for d, exs in examples.items()}
+    rows: dict = {}
+    for k, a in enumerate(adapters):
+        picked = {d: [i for i, c in enumerate(choice[d]) if c == k] for d in examples}
+        group = {d: [examples[d][i] for i in idx] for d, idx in picked.items() if idx}
+        if not group:
+            continue
+        with applied(loaded.model, [(a, 1.0)]), loaded.autocast():
+            for r in per_example_nll(loaded.model, group, loaded.tokenizer.pad_token_id, batch_size, loss_on):
+                rows[(r.domain, picked[r.domain][r.index])] = ExampleNLL(r.domain, picked[r.domain][r.index], r.nll,
+                                                                         r.tokens)
+    ordered = [rows[(d, i)] for d, exs in examples.items() for i in range(len(exs))]
+    chosen = {d: {a.name: int((choice[d] == k).sum()) for k, a in enumerate(adapters)} for d in examples}
+    return ordered, chosen
+
+
 def evaluate(loaded: LoadedModel, domains: list[str], adapters=None, data: DataConfig | None = None,
              split: str = "test", max_length: int = 64, batch_size: int = 16, loss_on: str = "all",
              per_example: str | None = None, route: str | None = None, params: dict | None = None,
@@ -137,8 +164,12 @@ def evaluate(loaded: LoadedModel, domains: list[str], adapters=None, data: DataC
     require_predicted_tokens(examples, split, max_length, loss_on)
     adapters = adapters_for(loaded, adapters or [])
     general = [a for a, _ in adapters_for(loaded, list(general))]
-    with serving(loaded, adapters, route, params, general) as model, loaded.autocast():
-        rows = per_example_nll(model, examples, loaded.tokenizer.pad_token_id, batch_size, loss_on)
+    chosen = None
+    if route == "prompt":
+        rows, chosen = prompt_routed_nll(loaded, adapters, examples, data, max_length, batch_size, loss_on)
+    else:
+        with serving(loaded, adapters, route, params, general) as model, loaded.autocast():
+            rows = per_example_nll(model, examples, loaded.tokenizer.pad_token_id, batch_size, loss_on)
     check_finite_nll(rows, adapters)
     if per_example:
         atomic_write_text(per_example, "".join(json.dumps(r) + "\n" for r in example_rows(rows)))
@@ -146,6 +177,7 @@ def evaluate(loaded: LoadedModel, domains: list[str], adapters=None, data: DataC
         "model": loaded.model_id,
         "adapters": [{"name": a.name, "path": a.path, "weight": w} for a, w in adapters],
         "split": split,
-        **({"route": {"name": route, "params": params, "general": [a.name for a in general]}} if route else {}),
+        **({"route": {"name": route, "params": params, "general": [a.name for a in general],
+                      **({"chosen": chosen} if chosen is not None else {})}} if route else {}),
         "results": summarize(rows, domains),
     }

@@ -85,7 +85,22 @@ def generate(loaded: LoadedModel, question: str, adapters=None, max_new_tokens: 
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     finite = LogitsProcessorList([_FiniteScores(adapters)])
     general = [a for a, _ in adapters_for(loaded, list(general))]
+    if route == "prompt":  # the one adapter whose training questions are nearest this prompt, applied in place
+        adapters, route = [adapters[_prompt_choice(loaded, adapters, question)]], None
     with serving(loaded, adapters, route, params, general) as served, loaded.autocast():
         out = served.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, logits_processor=finite, **sampling)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _prompt_choice(loaded: LoadedModel, terms: list, question: str) -> int:
+    from .data import DataConfig, Record, tokenize_records
+    from .prompt_routing import prompt_features, squared_distances, training_centroids
+
+    if len(terms) < 2 or any(w != 1.0 for _, w in terms):
+        raise LorasumError("--route prompt chooses one of at least two adapters, each at weight 1", key="route")
+    meta = terms[0][0].lorasum if isinstance(terms[0][0].lorasum, dict) else {}
+    length = int((meta.get("train") or {}).get("max_length", 64))  # the questions as the adapters saw them
+    centroids = training_centroids(loaded, [a for a, _ in terms], DataConfig(), length)
+    example = tokenize_records(loaded.tokenizer, [Record(question, "", "", 0.0)], length)
+    return int(squared_distances(prompt_features(loaded, example), centroids).argmin())

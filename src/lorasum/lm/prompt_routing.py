@@ -13,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import Example
+from ..delta.factors import Adapter
+from ..errors import LorasumError
+from .data import DataConfig, Example, load_domain, partition_domains, tokenize_records
 from .models import LoadedModel
 
 
@@ -66,3 +68,24 @@ def mixture_nll(nll: np.ndarray, weights: np.ndarray) -> np.ndarray:
     a = logw - nll  # (…, n, k)
     top = a.max(-1, keepdims=True)
     return -(top[..., 0] + np.log(np.exp(a - top).sum(-1)))
+
+
+def training_centroids(loaded: LoadedModel, adapters: list[Adapter], data: DataConfig, max_length: int,
+                       batch_size: int = 16) -> np.ndarray:
+    """(k, hidden): each adapter's centroid over the training questions it was trained on, as its lorasum.json
+    records them (partition, fields, split seed, cap), read from `data`'s folder when one is given."""
+    out = []
+    for a in adapters:
+        meta = a.lorasum if isinstance(a.lorasum, dict) else {}
+        rec = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+        if not isinstance(meta.get("partition"), str):
+            raise LorasumError(f"--route prompt routes to each adapter's training domain, and '{a.name}' has no "
+                               "lorasum.json naming it (train it with `lorasum train`)", key="adapter")
+        cap = (rec.get("max_records") or {}).get("train")
+        cfg = DataConfig(data.data_dir or rec.get("data_dir"), rec.get("question_field", data.question_field),
+                         rec.get("answer_field", data.answer_field), rec.get("split_seed", data.split_seed),
+                         {"train": cap} if isinstance(cap, int) else {})
+        examples = [e for d in partition_domains(meta["partition"])
+                    for e in tokenize_records(loaded.tokenizer, load_domain(d, cfg).records["train"], max_length)]
+        out.append(prompt_features(loaded, examples, batch_size).mean(0))
+    return np.stack(out)

@@ -264,10 +264,9 @@ PRESETS: dict[str, dict] = {
                  "max_validation": 30, "max_test": 50, "seeds": [0, 1], "autocast": "bfloat16", "max_ppl_ratio": 0.8,
                  "eval_scope": "own", "min_records": {"train": 100, "test": 50},
                  "train": {"epochs": 1, "init": "independent"},
-                 # beyond the sum: the oracle (always), the prompt router, Arrow (2 points) and the repair curve
-                 "compositions": [*DEFAULT_COMPOSITIONS, "prompt_router", "arrow", "repair"],
-                 "method_grid": {"arrow": {"top_k": [1, 2], "router_temperature": [1.0]}},
-                 "repair_budgets": [0.1, 0.25, 0.5]},
+                 # beyond the sum: the oracle (always), the prompt router and Arrow (top_k 1 or 2, on validation)
+                 "compositions": [*DEFAULT_COMPOSITIONS, "prompt_router", "arrow"],
+                 "method_grid": {"arrow": {"top_k": [1, 2], "router_temperature": [1.0]}}},
     # the paper's setup: GPT-2 small from the hub, all data, r=4, alpha=64, c_attn/c_proj, max length 64 (a GPU)
     "paper": {"model": "gpt2", "domains": ["math", "medicine", "finance"], "seeds": [0],
               "train": {"r": 4, "alpha": 64, "targets": ["c_attn", "c_proj"], "max_length": 64, "epochs": 3,
