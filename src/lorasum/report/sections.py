@@ -97,8 +97,12 @@ def _table3(r: dict, ci: str) -> list:
                   f"Each pair: pooled test perplexity (exp ΣNLL/Σtokens over its test sets) of the block trained on "
                   f"its merged data and of the sum of its two fundamentals ({ci}), macro = mean of the per-domain "
                   f"perplexities, the RMS of their per-layer cosines; {CHANGE_KEY}; last column: {paper.LABEL}.")
-    return (_with_reference(blocks, table, matched, paper.table3_reference) + routing_table(r, pairs, ci)
-            + prompt_table(r, pairs, ci) + _baselines(pairs, cfg, ci))
+    return _with_reference(blocks, table, matched, paper.table3_reference) + _beside(r, pairs, ci)
+
+
+def _beside(r: dict, comps: list[dict], ci: str) -> list:
+    """What follows Table 3 or 4: the routers (oracle, prompt, Arrow), then the baselines and merge methods."""
+    return routing_table(r, comps, ci) + prompt_table(r, comps, ci) + _baselines(comps, r["config"], ci)
 
 
 def _with_reference(blocks: list, table, matched: bool, reference) -> list:
@@ -141,8 +145,7 @@ def _table4(r: dict, ci: str) -> list:
                   f"The three-domain sum and each level-2 block + the remaining fundamental against the block "
                   f"trained on all three domains' merged data ({ci}); RMS between the two parts (for the sum: over "
                   f"all pairs of its blocks); {CHANGE_KEY}; last column: {paper.LABEL}.")
-    return (_with_reference(blocks, table, matched, paper.table4_reference) + routing_table(r, triples, ci)
-            + prompt_table(r, triples, ci) + _baselines(triples, cfg, ci))
+    return _with_reference(blocks, table, matched, paper.table4_reference) + _beside(r, triples, ci)
 
 
 def _unlearning(r: dict, ci: str) -> list:
