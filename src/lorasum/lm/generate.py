@@ -10,8 +10,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .routing import serving
 from ..errors import LorasumError
 from .adapters import adapters_for
-from .data import PROMPT_TEMPLATE
+from .data import PROMPT_TEMPLATE, DataConfig, Record, tokenize_records
 from .models import LoadedModel, max_positions
+from .prompt_routing import prompt_features, squared_distances, training_centroids
 from .train import check_seed
 
 
@@ -94,9 +95,6 @@ def generate(loaded: LoadedModel, question: str, adapters=None, max_new_tokens: 
 
 
 def _prompt_choice(loaded: LoadedModel, terms: list, question: str) -> int:
-    from .data import DataConfig, Record, tokenize_records
-    from .prompt_routing import prompt_features, squared_distances, training_centroids
-
     if len(terms) < 2 or any(w != 1.0 for _, w in terms):
         raise LorasumError("--route prompt chooses one of at least two adapters, each at weight 1", key="route")
     meta = terms[0][0].lorasum if isinstance(terms[0][0].lorasum, dict) else {}
