@@ -18,7 +18,7 @@ from .data import DataConfig, Example, Split, collate, load_domain, require_none
     tokenize_records
 from .models import LoadedModel, check_positions
 from ..delta.apply import applied
-from .prompt_routing import prompt_features, squared_distances, training_centroids
+from .prompt_routing import prompt_choices
 from .routing import serving
 
 
@@ -118,12 +118,8 @@ def prompt_routed_nll(loaded: LoadedModel, terms: list[tuple], examples: dict[st
                       data: DataConfig, max_length: int, batch_size: int, loss_on: str) -> tuple[list, dict]:
     """Each example served by the one adapter whose training questions' centroid is nearest its prompt's features
     (lm.prompt_routing; never its answer): (rows in the examples' order, {domain: {adapter: examples sent}})."""
-    if len(terms) < 2 or any(w != 1.0 for _, w in terms):
-        raise LorasumError("--route prompt chooses one of at least two adapters, each at weight 1", key="route")
+    choice = prompt_choices(loaded, terms, examples, data, max_length, batch_size)
     adapters = [a for a, _ in terms]
-    centroids = training_centroids(loaded, adapters, data, max_length, batch_size)
-    choice = {d: squared_distances(prompt_features(loaded, exs, batch_size), centroids).argmin(1)
-              for d, exs in examples.items()}
     rows: dict = {}
     for k, a in enumerate(adapters):
         picked = {d: [i for i, c in enumerate(choice[d]) if c == k] for d in examples}

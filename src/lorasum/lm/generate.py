@@ -12,7 +12,7 @@ from ..errors import LorasumError
 from .adapters import adapters_for
 from .data import PROMPT_TEMPLATE, DataConfig, Record, tokenize_records
 from .models import LoadedModel, max_positions
-from .prompt_routing import prompt_features, squared_distances, training_centroids
+from .prompt_routing import prompt_choices
 from .train import check_seed
 
 
@@ -95,10 +95,7 @@ def generate(loaded: LoadedModel, question: str, adapters=None, max_new_tokens: 
 
 
 def _prompt_choice(loaded: LoadedModel, terms: list, question: str) -> int:
-    if len(terms) < 2 or any(w != 1.0 for _, w in terms):
-        raise LorasumError("--route prompt chooses one of at least two adapters, each at weight 1", key="route")
-    meta = terms[0][0].lorasum if isinstance(terms[0][0].lorasum, dict) else {}
+    meta = terms[0][0].lorasum if terms and isinstance(terms[0][0].lorasum, dict) else {}
     length = int((meta.get("train") or {}).get("max_length", 64))  # the questions as the adapters saw them
-    centroids = training_centroids(loaded, [a for a, _ in terms], DataConfig(), length)
     example = tokenize_records(loaded.tokenizer, [Record(question, "", "", 0.0)], length)
-    return int(squared_distances(prompt_features(loaded, example), centroids).argmin())
+    return int(prompt_choices(loaded, terms, {"prompt": example}, DataConfig(), length)["prompt"][0])

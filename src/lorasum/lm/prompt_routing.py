@@ -89,3 +89,13 @@ def training_centroids(loaded: LoadedModel, adapters: list[Adapter], data: DataC
                     for e in tokenize_records(loaded.tokenizer, load_domain(d, cfg).records["train"], max_length)]
         out.append(prompt_features(loaded, examples, batch_size).mean(0))
     return np.stack(out)
+
+
+def prompt_choices(loaded: LoadedModel, terms: list[tuple[Adapter, float]], examples: dict[str, list[Example]],
+                   data: DataConfig, max_length: int, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """{domain: (n,) index of the adapter each example goes to}: the nearest training centroid of its prompt."""
+    if len(terms) < 2 or any(w != 1.0 for _, w in terms):
+        raise LorasumError("--route prompt chooses one of at least two adapters, each at weight 1", key="route")
+    centroids = training_centroids(loaded, [a for a, _ in terms], data, max_length, batch_size)
+    return {d: squared_distances(prompt_features(loaded, exs, batch_size), centroids).argmin(1)
+            for d, exs in examples.items()}
