@@ -88,3 +88,26 @@ def test_the_experiments_repair_rows_follow_its_steps_and_losses(tmp_path):
         assert b["gap_closed"] == pytest.approx(1 - math.log(rep / merged) / math.log(summed / merged), rel=1e-9)
     assert any(f["claim"] == "a short repair of the sum vs merged" for f in results["findings"])
     assert "Repair — the exact sum" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("yaml_text, culprits", [
+    ("repair_budgets: [0.0]\n", ["repair_budgets", "(0, 1]"]),
+    ("repair_budgets: [0.1, 0.1]\n", ["repair_budgets"]),
+    ("repair_budgets: []\n", ["repair_budgets"]),
+    ("compositions: [sum, arrow]\nmethod_grid: {arrow: {top_k: [0]}}\n", ["top_k"]),
+    ("compositions: [sum, arrow]\nmethod_grid: {arrow: {router_temperature: [-1]}}\n", ["router_temperature"]),
+    ("compositions: [sum, prompt_routr]\n", ["prompt_routr"]),
+])
+def test_the_experiments_new_keys_refuse_bad_values_in_one_line(run_cli, tmp_path, yaml_text, culprits):
+    from conftest import one_line_error
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    one_line_error(run_cli("experiment", "--preset", "smoke", "--domains", "a", "b", "--config", cfg,
+                           "--out", tmp_path / "run"), *culprits, quiet=True, absent=tmp_path / "run")
+
+
+def test_an_unknown_route_is_refused_in_one_line(run_cli, tmp_path):
+    from conftest import one_line_error
+
+    one_line_error(run_cli("eval", "--model", "tiny-gpt2", "--data", "a", "--route", "arow"), "--route", "arow", quiet=True)

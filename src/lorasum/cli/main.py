@@ -25,8 +25,18 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with lorasum's refusal: one line naming the command and the flag, exit code 2 (no usage block;
+    `--help` shows it)."""
+
+    def error(self, message: str):
+        print(f"lorasum: error: {self.prog.removeprefix('lorasum').strip() or 'lorasum'}: {message}; see "
+              f"{self.prog} --help", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorasum", description="Modular learning by naive LoRA summation: train, "
+    parser = Parser(prog="lorasum", description="Modular learning by naive LoRA summation: train, "
                                      "compare, compose and evaluate LoRA deltas exactly.")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (core, algebra, study):
@@ -46,7 +56,10 @@ def _message(e: LorasumError, parser: argparse.ArgumentParser | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a flag argparse refused (2, one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Unable to fetch remote file.*")
     try:
