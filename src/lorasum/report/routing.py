@@ -3,6 +3,7 @@ where each composition's cost lands, per member domain."""
 
 from __future__ import annotations
 
+from ..lm.throughput import DESCRIPTIONS
 from .blocks import Paragraph, Section, Table
 from .text import ci as _ci, pct as _pct
 
@@ -92,3 +93,26 @@ def cost_section(r: dict) -> list[Section]:
         Paragraph("A cost lands on a domain where the CI of its %Δ vs own block lies above 0; the verdicts are under "
                   "Findings ('where the cost of the sum lands'); shares are of the pooled gap to merged and may be "
                   "negative (a domain the composition serves better than its own block) or above 100%.")])]
+
+
+def serving_cost_table(entries: list[dict]) -> list:
+    """Eval tokens per second of the base model and of each serving variant (lm.throughput), from timings.json."""
+    found = [t for t in entries if t.get("kind") == "throughput" and isinstance(t.get("throughput"), dict)]
+    if not found:
+        return []
+    t = found[0]["throughput"]
+    rows = []
+    for name in sorted(t["variants"], key=lambda n: list(DESCRIPTIONS).index(n) if n in DESCRIPTIONS else 99):
+        v = t["variants"][name]
+        setup = v.get("setup_s", t.get("centroids_s") if name.startswith("prompt") else None)
+        rows.append([DESCRIPTIONS.get(name, name), f"{v['tokens_per_s']:.0f}", f"{v['x_base']:.2f}×",
+                     "" if setup is None else f"{1000 * setup:.0f} ms"])
+    subset = " + ".join(found[0].get("subset", []))
+    return [Table(["served as", "eval tokens/s", "speed against the base model (median over rounds)",
+                   "one-off setup"], rows,
+                  f"Serving cost on {subset}'s test split ({t['tokens']} token positions per pass, {t['rounds']} "
+                  "rounds, the variants taking turns within each round on the same batches): a merged model runs "
+                  "the base model's own architecture; Arrow keeps the adapters beside it and routes each token; the "
+                  "prompt router first reads each prompt with the base model, then applies the chosen adapter "
+                  "(top-1) or every adapter (soft). Setup: building the Arrow router, or the prompt router's "
+                  "centroids from the training questions. Wall times on this machine, from timings.json.")]

@@ -8,6 +8,7 @@ these sections.
 from __future__ import annotations
 
 from .repair import repair_timing_table
+from .routing import serving_cost_table
 from .blocks import Note, Paragraph, Section, Table
 from .ordering import by_domain, model_order, pair_order
 from .text import ci, num
@@ -138,9 +139,9 @@ def speed_section(r: dict, timings: dict) -> list[Section]:
         trained = train.get(part)
         rows.append([name, f"{1000 * sum(apply[name]) / len(apply[name]):.1f} ms",
                      "" if not trained else f"{sum(trained) / len(trained):.1f} s"])
-    repairs = repair_timing_table(entries, train)
+    repairs = repair_timing_table(entries, train) + serving_cost_table(entries)
     if not rows:
-        return [Section("Speed — repairs against training", repairs)] if repairs else []
+        return [Section("Speed — repairs and serving", repairs)] if repairs else []
     applied = [1000 * sum(v) / len(v) for v in apply.values()]
     trains = [sum(v) / len(v) for v in train.values()]
     return [Section("Speed — composing instead of training", [Table(

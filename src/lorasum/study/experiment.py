@@ -174,6 +174,8 @@ def _labels(ps: dict[str, Plan]) -> dict[str, dict]:
                 out[spec["key"]] = {"init": mode, "partition": k.partition, "seed": k.seed}
             elif "fraction" in spec:  # a repair: its wall time against the merged block's training
                 out[spec["key"]] = {"init": mode, "partition": k.partition, "seed": k.seed, "repair": spec["fraction"]}
+        if p.throughput:
+            out[p.throughput["key"]] = {"init": mode, "subset": p.throughput["domains"]}
         for k, spec in p.evals.items():
             if k.split == "test":
                 out[spec["key"]] = {"init": mode, "model": k.model, "domain": k.domain, "seed": k.seed}

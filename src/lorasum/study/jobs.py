@@ -39,6 +39,7 @@ from ..lm.datastats import domain_stats
 from ..lm.prompt_routing import prompt_features, squared_distances
 from ..lm.evaluate import per_example_nll
 from ..lm.models import LoadedModel, load_model
+from ..lm.throughput import serving_throughput
 from ..lm.train import TrainConfig, train_adapter
 from .jobspec import AdapterTerm, DataSpec, JobSpec, adapter_dir, job_key
 from ..tune.search import InputsChanged
@@ -216,6 +217,29 @@ def _run_prompt_route(spec: dict, out: Path, loaded: LoadedModel) -> None:
                                               for d in doms} for s in ("validation", "test")}})
 
 
+def _run_throughput(spec: dict, out: Path, loaded: LoadedModel) -> dict:
+    """Tokens per second of each serving variant (lm.throughput) on the subset's pooled test split; the figures are
+    wall times, so they go to timings.json (the artifact keeps a copy and marks the job done)."""
+    data = _data(spec)
+    doms = [load_domain(d, data) for d in spec["domains"]]
+    _check_sources(spec, doms)
+    tok = loaded.tokenizer
+    examples = {d.spec: tokenize_records(tok, d.records["test"], spec["max_length"]) for d in doms}
+    centroids = None
+    if any(v.startswith("prompt") for v in spec["variants"]):
+        t0 = time.perf_counter()
+        centroids = np.stack([prompt_features(loaded, tokenize_records(tok, d.records["train"], spec["max_length"]),
+                                              spec["batch_size"]).mean(0) for d in doms])  # (k, hidden)
+        centroid_s = time.perf_counter() - t0
+    result = serving_throughput(loaded, _terms(spec, "adapters"), examples, centroids,
+                                spec["params"] if "arrow" in spec["variants"] else None, spec["rounds"],
+                                spec["batch_size"], spec["loss_on"])
+    if centroids is not None:
+        result["centroids_s"] = round(centroid_s, 4)
+    atomic_write_json(out, result)
+    return {"throughput": result}
+
+
 def _train_work(spec: dict) -> float:
     """Training costs ~3 forward passes per token, plus a validation pass per epoch."""
     k, caps, epochs = len(partition_domains(spec["partition"])), spec["data"]["max_records"], spec["train"]["epochs"]
@@ -255,6 +279,10 @@ JOB_KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("weight_search", "searches", ("model", "adapters", "domains", "data", "max_length", "batch_size", "loss_on",
                                           "trials", "method"), _run_weight_search, terms=("adapters",),
             work=lambda spec: 2.0 * spec["trials"] * len(spec["domains"])),
+    JobKind("throughput", "checks", ("model", "adapters", "domains", "data", "max_length", "batch_size", "loss_on",
+                                     "params", "variants", "rounds"), _run_throughput, terms=("adapters",),
+            work=lambda spec: spec["rounds"] * len(spec["variants"]) * len(spec["domains"])
+            * (spec["data"]["max_records"].get("test") or 60) / 2),
 )}
 
 

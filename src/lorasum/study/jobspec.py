@@ -25,6 +25,7 @@ from ..errors import LorasumError
 from ..lm.choices import SPLITS, LossOn, Split
 from ..lm.data import DataConfig, check_domain, partition_domains
 from ..lm.train import Seed, TrainConfig
+from ..lm.throughput import VARIANTS
 from ..schema import Range
 
 _NOT_IN_KEY = ("run_dir", "key", "device", "data_dir")
@@ -114,6 +115,8 @@ class JobSpec:
     trials: int | None = None  # weight_search: TPE trials
     start: list[AdapterTerm] | None = None  # train (a repair): the adapters whose exact sum training continues
     fraction: Annotated[float | None, Range(0, 1, low_open=True)] = None  # its share of the full run's steps
+    variants: list[str] | None = None  # throughput: the serving variants timed (lm.throughput.VARIANTS)
+    rounds: Annotated[int | None, Range(1, 100)] = None  # throughput: how many times each variant runs
 
     def check(self) -> None:
         if self.weights_from is not None and not SEARCH_KEY.fullmatch(self.weights_from):
@@ -128,6 +131,10 @@ class JobSpec:
             check_train_key(k, "all")
         if self.removed is not None:
             check_train_key(self.removed, "removed")
+        for v in self.variants or []:
+            if v not in VARIANTS:
+                raise LorasumError(f"must name serving variants among {', '.join(VARIANTS)}, got {v!r:.60}",
+                                   key="variants")
 
 
 def job_key(spec: dict) -> str:

@@ -15,7 +15,7 @@ from ..lm.train import TrainConfig
 from .config import ExperimentConfig
 from .grid import Catalog, Model, model_catalog
 from .specs import SpecContext, Terms, data_sources, data_stats_spec, eval_spec, inplace_spec, method_fields, \
-    prompt_route_spec, repair_spec, search_spec, similarity_spec, train_spec
+    prompt_route_spec, repair_spec, throughput_spec, search_spec, similarity_spec, train_spec
 
 SECOND = "second"  # a train job's sample: the disjoint second sample of a domain's records (the same-domain ceiling)
 
@@ -81,13 +81,15 @@ class Plan:
     searches: dict[SearchKey, dict] = field(default_factory=dict)
     data_stats: dict | None = None
     prompt_route: dict | None = None
+    throughput: dict | None = None
 
     def jobs(self) -> list[dict]:
         """The jobs in an order that respects what each reads: adapters before the jobs that use them, weight
         searches before the evals that read their weights."""
         once = [j for j in (self.data_stats, self.prompt_route) if j]
+        last = [self.throughput] if self.throughput else []
         return [*once, *self.train.values(), *self.sims.values(),
-                *self.checks.values(), *self.searches.values(), *self.evals.values()]
+                *self.checks.values(), *self.searches.values(), *self.evals.values(), *last]
 
 
 class Planner:
@@ -164,3 +166,8 @@ class Planner:
 
     def prompt_route(self) -> None:
         self.plan.prompt_route = prompt_route_spec(self.ctx)
+
+    def throughput(self, s: tuple[str, ...], seed: int, variants: list[str], params: dict) -> None:
+        """The serving cost of the subset's fundamentals (lm.throughput), measured once per run."""
+        terms = self.terms([(d, 1.0) for d in s], seed)
+        self.plan.throughput = throughput_spec(self.ctx, terms, list(s), variants, params)

@@ -16,6 +16,7 @@ from .config import ExperimentConfig
 from .grid import Model
 from .jobspec import with_key
 
+THROUGHPUT_ROUNDS = 3  # each serving variant's passes, interleaved with the others'
 Terms = list[dict]  # [{"train_key": ..., "weight": ...}]: the adapters a job reads, by the keys of their train jobs
 
 
@@ -116,6 +117,16 @@ def prompt_route_spec(ctx: SpecContext) -> dict:
     return with_key({**ctx.base(), "kind": "prompt_route", "domains": list(cfg.domains),
                      "data": ctx.data(cfg.domains, None), "max_length": cfg.train.max_length,
                      "batch_size": cfg.eval_batch_size})
+
+
+def throughput_spec(ctx: SpecContext, terms: Terms, subset: list[str], variants: list[str], params: dict) -> dict:
+    """Tokens per second of the base model and of the subset's adapters served merged, routed by Arrow (at
+    `params`) and chosen per prompt, on the subset's test split, interleaved (lm.throughput)."""
+    cfg = ctx.cfg
+    return with_key({**ctx.base(), "kind": "throughput", "adapters": terms, "domains": list(subset),
+                     "data": ctx.data(list(subset), ("train", "test")), "max_length": cfg.train.max_length,
+                     "batch_size": cfg.eval_batch_size, "loss_on": cfg.eval_loss_on, "method": "arrow",
+                     "params": dict(params), "variants": list(variants), "rounds": THROUGHPUT_ROUNDS})
 
 
 def repair_spec(ctx: SpecContext, part: str, seed: int, start: Terms, fraction: float) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...delta.registry import ROUTES, method_params
 from ...lm.prompt_routing import mixture_nll, soft_weights
 from ...stats import Scores
 from ..grid import adapter, subsets
@@ -46,9 +47,21 @@ def oracle(r: Row) -> dict:
     return entry
 
 
+def plan_throughput(p: Planner) -> None:
+    """With routing rows, what serving costs per token: the base model, the first pair's fundamentals merged, routed
+    by Arrow (at its default parameters) and chosen per prompt, for the first seed (lm.throughput)."""
+    comps = p.cfg.compositions
+    routes = (["arrow"] if "arrow" in comps else []) + (["prompt_top1", "prompt_soft"] if "prompt_router" in comps
+                                                        else [])
+    pairs = list(subsets(p.cfg.domains, p.cfg.level, 2))
+    if routes and pairs:
+        p.throughput(pairs[0], p.cfg.seeds[0], ["base", "merged", *routes], method_params("arrow", {}, ROUTES))
+
+
 def plan(p: Planner) -> None:
     """The prompt router's features, and each fundamental on every domain of each subset (validation: the soft
-    router's temperature; test: the rows)."""
+    router's temperature; test: the rows); the serving cost when there are routing rows."""
+    plan_throughput(p)
     if "prompt_router" not in p.cfg.compositions:
         return
     p.prompt_route()
