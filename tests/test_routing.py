@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_CAPS, one_line_error
+from conftest import TINY_CAPS, one_line_error, write_smoke_domains
+from lorasum.errors import LorasumError
+from lorasum.study.config import load_config
+from lorasum.study.experiment import plan, run_experiment
 from lorasum.delta.peft_format import load_adapter
 from lorasum.lm.data import load_domain, tokenize_records
 from lorasum.lm.evaluate import evaluate, per_example_nll
@@ -173,3 +176,27 @@ def test_generate_with_a_route(run_cli, arrow_args):
         rc, out, err, _ = run_cli("generate", "--model", "tiny-gpt2", "--adapter", a, "--adapter", b, "--route", route,
                                   "--max-new-tokens", "3", "red?")
         assert rc == 0, err
+
+
+def test_general_domains_give_arrow_genknowsub_in_the_experiment(tmp_path):
+    """`general`: one adapter per general partition and seed, read by every Arrow eval (and only by those), and the
+    report says GenKnowSub ran; without it the report says it did not."""
+    data = write_smoke_domains(tmp_path / "data")
+    (data / "gamma.jsonl").write_text((data / "alpha.jsonl").read_text())
+    cfg = load_config(preset="smoke", overrides={"data_dir": str(data), "domains": ["alpha", "beta"],
+                                                 "compositions": ["sum", "arrow"], "general": ["gamma"]})
+    p = plan(cfg, (tmp_path / "run").resolve())
+    gamma = p.train[next(k for k in p.train if k.partition == "gamma")]["key"]
+    for k, spec in p.evals.items():
+        assert (spec.get("general") == [{"train_key": gamma, "weight": 1.0}]) == k.model.startswith("arrow")
+    run_experiment(cfg, tmp_path / "run")
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Arrow ran with GenKnowSub" in md and "trained on gamma" in md
+
+
+@pytest.mark.parametrize("general, culprit", [(["alpha"], "also in 'domains'"), ([], "distinct single domains"),
+                                              (["a+b"], "distinct single domains")])
+def test_general_refuses_bad_values_naming_the_key(tmp_path, general, culprit):
+    with pytest.raises(LorasumError, match="general") as e:
+        load_config(preset="smoke", overrides={"domains": ["alpha", "beta"], "general": general})
+    assert culprit in str(e.value) and "\n" not in str(e.value)

@@ -86,3 +86,4 @@ def test_the_experiment_reports_the_serving_cost(tmp_path):
         < html.index("routed per token by PEFT")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert "throughput" not in json.dumps(results.get("findings", []))  # wall times stay out of results.json
+

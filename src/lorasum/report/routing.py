@@ -39,7 +39,18 @@ def routing_table(r: dict, comps: list[dict], ci: str) -> list:
                         f"adapters does better on average. Pooled test perplexity ({ci}); %Δ oracle vs merged above 0 "
                         f"means no routing of these adapters reaches the merged block; %Δ sum vs oracle is what adding "
                         f"the deltas costs beyond routing them (the interference); Arrow (PEFT's token-level router, "
-                        f"its top_k and temperature chosen on validation) against both.", verdicts=7 if routed else 5)]
+                        f"its top_k and temperature chosen on validation) against both. {genknowsub(r)}",
+                  verdicts=7 if routed else 5)]
+
+
+def genknowsub(r: dict) -> str:
+    """Whether Arrow subtracted general-domain adapters first (GenKnowSub), and which."""
+    general = (r.get("config") or {}).get("general")
+    if general:
+        return (f"Arrow ran with GenKnowSub: the mean of general-domain adapters trained on {', '.join(general)} "
+                "(one per seed) was subtracted from every adapter first.")
+    return ("Arrow ran without GenKnowSub: the config names no general-domain partitions (add `general: [...]` to "
+            "subtract their adapters first).")
 
 
 def prompt_table(r: dict, comps: list[dict], ci: str) -> list:

@@ -131,6 +131,17 @@ def _check_repair_budgets(budgets: list[float]) -> None:
                            f"[0.05, 0.1, 0.25], got {show(budgets)}")
 
 
+def _check_general(domains: list[str] | None) -> None:
+    """Distinct single domains, each a general-domain adapter's training data for Arrow's GenKnowSub."""
+    if domains is None:
+        return
+    if not domains or len(set(domains)) != len(domains) or any("+" in d for d in domains):
+        raise LorasumError(f"must list distinct single domains (general-domain data for GenKnowSub), or be null; "
+                           f"got {show(domains)}")
+    for d in domains:
+        check_domain(d, key="general")
+
+
 def _check_min_records(minimums: dict) -> None:
     """{split: records} with known splits and whole numbers in [0, MAX_RECORDS]."""
     for split, n in minimums.items():
@@ -156,6 +167,7 @@ UnlearnWeights = Annotated[list[float], Rule(_check_unlearn_weights)]
 RepairBudgets = Annotated[list[float], Rule(_check_repair_budgets)]
 MethodGrid = Annotated[dict | None, Rule(_check_method_grid)]
 MinRecords = Annotated[dict | None, Rule(_check_min_records)]
+General = Annotated[list[str] | None, Rule(_check_general)]
 EvalScope = Annotated[Literal["all", "own"], Wording("one of all, own")]
 
 
@@ -197,6 +209,8 @@ class ExperimentConfig:
     min_records: MinRecords = None  # {"train": n, "test": n}: records each domain needs before caps (else refused)
     # composition `repair`: the exact sum trained on merged data for these shares of the merged block's steps
     repair_budgets: RepairBudgets = field(default_factory=lambda: [0.05, 0.1, 0.25])
+    # composition `arrow`: general-domain partitions, one adapter each per seed, subtracted first (GenKnowSub)
+    general: General = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,6 +224,10 @@ class ExperimentConfig:
         if self.max_level is not None and not 2 <= self.max_level <= len(self.domains):
             raise LorasumError(f"must be between 2 (singletons and pairs) and {len(self.domains)} (the number of "
                                f"domains), or null for all; got {schema.number_text(self.max_level)}", key="max_level")
+        both = [d for d in self.general or [] if d in self.domains]
+        if both:
+            raise LorasumError(f"names {show(both[0])}, which is also in 'domains'; general-domain data must be "
+                               "other data than the domains routed between", key="general")
 
     @property
     def modes(self) -> list[str]:

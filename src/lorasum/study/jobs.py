@@ -96,7 +96,8 @@ def _run_eval(spec: dict, out: Path, loaded: LoadedModel) -> None:
     route = spec.get("method") if is_route(spec.get("method") or "sum") else None
     terms = _terms(spec, "adapters") if route else _method_terms(spec)
     t0 = time.perf_counter()
-    with serving(loaded, terms, route, spec.get("params")) as model, loaded.autocast():
+    general = [a for a, _ in _terms(spec, "general")] if spec.get("general") else []
+    with serving(loaded, terms, route, spec.get("params"), general) as model, loaded.autocast():
         apply_s = time.perf_counter() - t0  # compose + apply (or build the router): what replaces training a block
         rows = per_example_nll(model, {dom.spec: examples}, loaded.tokenizer.pad_token_id,
                                spec["batch_size"], spec["loss_on"], desc=f"eval {dom.spec}")
@@ -270,7 +271,7 @@ JOB_KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("train", "adapters", ("model", "partition", "data", "train"), _run_train, folder_artifact=True,
             terms=("start",), work=_train_work),
     JobKind("eval", "evals", ("model", "adapters", "domain", "data", "max_length", "batch_size", "loss_on"), _run_eval,
-            terms=("adapters",), work=_eval_work),
+            terms=("adapters", "general"), work=_eval_work),
     JobKind("similarity", "sims", ("a", "b"), _run_similarity, needs_model=False, terms=("a", "b")),
     JobKind("inplace", "checks", ("model", "all", "removed"), _run_inplace),
     JobKind("data_stats", "checks", ("model", "domains", "data", "max_length"), _run_data_stats),

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..delta.registry import ROUTES
 from ..lm.train import TrainConfig
 from .config import ExperimentConfig
 from .grid import Catalog, Model, model_catalog
@@ -127,7 +128,10 @@ class Planner:
         """Model `m` (its terms, merged by its method) on one domain's split."""
         search = self.search(m, seed)["key"] if m.kind == "weight_search" else None
         key = EvalKey(m.name, domain, seed, split)
-        self.plan.evals[key] = eval_spec(self.ctx, self.terms(m.terms, seed), domain, split, method_fields(m, search))
+        fields = method_fields(m, search)
+        if self.cfg.general and m.method in ROUTES:  # GenKnowSub: the general-domain adapters subtracted first
+            fields["general"] = self.terms([(self.train(g, seed).partition, 1.0) for g in self.cfg.general], seed)
+        self.plan.evals[key] = eval_spec(self.ctx, self.terms(m.terms, seed), domain, split, fields)
         return key
 
     def similarity(self, key: SimKey, a: Iterable[tuple[str, float]], b: Iterable[tuple[str, float]],

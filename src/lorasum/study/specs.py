@@ -23,7 +23,7 @@ Terms = list[dict]  # [{"train_key": ..., "weight": ...}]: the adapters a job re
 def data_sources(cfg: ExperimentConfig) -> dict[str, str | None]:
     """sha256 of each domain's source file (None for hub datasets), so a changed file changes the keys."""
     out = {}
-    for d in cfg.domains:
+    for d in [*cfg.domains, *(cfg.general or [])]:
         name = parse_spec(d)[0]
         path = resolve_source(name, cfg.data_dir)
         out[name] = None if path.startswith("hf:") else sha256_file(path)
