@@ -133,6 +133,12 @@ def test_activation_identities(name):
         got = activation_stats(lm, a, other, PROMPTS_A)
         assert got.ratio == pytest.approx([ratio] * len(got.layers), abs=1e-12)
         assert got.cosine == pytest.approx([cos] * len(got.layers), abs=1e-12)
+    head = lm.model.lm_head  # a delta on the LM head: its input is hooked on the whole model, not its body
+    gen = torch.Generator().manual_seed(5)
+    on_head = Adapter("head", "", {}, {"lm_head": LoraFactors(torch.randn(2, head.in_features, generator=gen),
+                                                              torch.randn(head.out_features, 2, generator=gen), 1.0)})
+    got = activation_stats(lm, on_head, _scaled(on_head, -3.0), PROMPTS_A)
+    assert got.layers == ["lm_head"] and got.ratio == pytest.approx([3.0]) and got.cosine == pytest.approx([-1.0])
     res = pair_interference(lm, a, _scaled(a, 2.0), PROMPTS_A, PROMPTS_B, kl=False)
     assert res["delta_ratio_a"] == pytest.approx(2.0, abs=1e-12) and res["delta_ratio_b"] == pytest.approx(0.5)
     assert res["delta_ratio"] == pytest.approx(1.25) and "kl_sum" not in res

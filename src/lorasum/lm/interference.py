@@ -206,13 +206,14 @@ def capture_inputs(loaded: LoadedModel, modules: Mapping[str, torch.nn.Module], 
         return hook
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
+    body = _body(model, modules.values())
     was_training = model.training
     model.eval()
     try:
         for ids, mask in chunks:
             current["mask"] = mask.bool().reshape(-1)
             with loaded.autocast():
-                model(input_ids=ids, attention_mask=mask)
+                body(input_ids=ids, attention_mask=mask)
     finally:
         for handle in handles:
             handle.remove()
@@ -223,6 +224,14 @@ def capture_inputs(loaded: LoadedModel, modules: Mapping[str, torch.nn.Module], 
         raise LorasumError(f"layer '{bad[0]}' ran {out[bad[0]].shape[0]} times for {tokens} tokens (not once per "
                            "forward pass); its inputs cannot be read by token")
     return out
+
+
+def _body(model: torch.nn.Module, modules) -> torch.nn.Module:
+    """The model without its LM head (transformers' `base_model`) when every hooked module is inside it: the
+    vocabulary projection is no input of an adapted layer, so it need not run; else the whole model."""
+    body = getattr(model, "base_model", model)
+    inside = {id(m) for m in body.modules()}
+    return body if all(id(m) in inside for m in modules) else model
 
 
 def stats_from_inputs(inputs: Mapping[str, torch.Tensor], a: Adapter, b: Adapter) -> ActivationStats:
