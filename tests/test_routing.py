@@ -182,7 +182,6 @@ def test_general_domains_give_arrow_genknowsub_in_the_experiment(tmp_path):
     """`general`: one adapter per general partition and seed, read by every Arrow eval (and only by those), and the
     report says GenKnowSub ran; without it the report says it did not."""
     data = write_smoke_domains(tmp_path / "data")
-    (data / "gamma.jsonl").write_text((data / "alpha.jsonl").read_text())
     cfg = load_config(preset="smoke", overrides={"data_dir": str(data), "domains": ["alpha", "beta"],
                                                  "compositions": ["sum", "arrow"], "general": ["gamma"]})
     p = plan(cfg, (tmp_path / "run").resolve())

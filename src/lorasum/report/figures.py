@@ -14,6 +14,7 @@ from .ordering import find_model, pair_order
 from .methods import method_label, ranked
 from .paper import FIT
 from .routing import ORACLE_LABEL, oracle_of
+from .forecast import forecast_figure, forecast_figure_text
 
 
 def split_layer(name: str) -> tuple[int, str]:
@@ -261,14 +262,15 @@ def method_ranking(results: dict) -> bytes:
 
 
 FIGURES = {"rms_vs_pct_change": rms_scatter, "cosine_heatmap": cosine_heatmap, "perplexity_bars": perplexity_bars,
-           "unlearning_curve": unlearning_curve, "method_ranking": method_ranking}
+           "unlearning_curve": unlearning_curve, "method_ranking": method_ranking, "forecast": forecast_figure}
 
 
 def available(results: dict) -> list[str]:
     """The figures this results file can draw (the unlearning curve needs the λ sweep of schema 2)."""
     sweep = any("sweep" in u for u in results.get("unlearning", []))
     methods = any(c.get("method_choice") for c in results.get("compositions", []))
-    return [n for n in FIGURES if (n != "unlearning_curve" or sweep) and (n != "method_ranking" or methods)]
+    return [n for n in FIGURES if (n != "unlearning_curve" or sweep) and (n != "method_ranking" or methods)
+            and (n != "forecast" or bool(results.get("forecast", {}).get("predictors")))]
 
 
 def _fit_text(results: dict) -> str:
@@ -289,6 +291,8 @@ def _span(xs: list[float], fmt: str) -> str:
 def figure_text(results: dict, name: str) -> tuple[str, str]:
     """(alt text, caption) of a report figure: what it shows, with its numbers, and how to read it."""
     level = int(100 * results["config"].get("ci_level", 0.95))
+    if name == "forecast":
+        return forecast_figure_text(results)
     if name == "rms_vs_pct_change":
         rows = [c for c in results["compositions"] if c["level"] == 2 and "pct_change" in c]
         pts = "; ".join(f"{' + '.join(c['subset'])}: RMS {results['pairs'].get('|'.join(c['subset']), c)['rms']:.4f}"

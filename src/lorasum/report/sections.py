@@ -13,6 +13,7 @@ from .detail import L2P1_NEEDS, absent as _absent, per_layer_sections, weight_sp
 from .figures import available, figure_text
 from .methods import method_tables
 from .ordering import by_domain, model_order
+from .forecast import forecast_section
 from .repair import repair_section
 from .routing import cost_section, prompt_table, routing_table
 from .overview import HEADLINE, answer_section
@@ -236,7 +237,7 @@ def unlearning_section(r: dict) -> list[Section]:
 
 def figures_section(r: dict) -> list[Section]:
     """The figures after the headline one (which leads the report)."""
-    names = tuple(n for n in available(r) if n != HEADLINE)
+    names = tuple(n for n in available(r) if n not in (HEADLINE, "forecast"))  # forecast: beside its table
     texts = [figure_text(r, n) for n in names]
     return [Section("Figures", [Figures(names, tuple(a for a, _ in texts), tuple(c for _, c in texts))])]
 
@@ -282,6 +283,7 @@ SECTIONS = {
     "figures": figures_section,
     "cost_by_domain": cost_section,
     "repair": repair_section,
+    "forecast": forecast_section,
     "findings": findings_section,
     "tuning": tuning_section,
     "init": init_section,

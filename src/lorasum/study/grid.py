@@ -150,6 +150,7 @@ COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
     Composition("unlearning", whole=_unlearning),
     Composition("prompt_router"),  # no models of its own: each example served by a fundamental chosen from its prompt
     Composition("repair"),  # its adapters are trained (units.repair): the sum continued on merged data
+    Composition("forecast"),  # no models: what predicts a pair's summing cost before its sum is evaluated
     *(Composition(m, per_subset=partial(_method, m), method=True) for m in METHODS if m not in ("sum", "mean")),
     Composition("weight_search", per_subset=_weight_search, method=True),
     *(Composition(r, per_subset=partial(_method, r), method=True) for r in ROUTES),

@@ -39,6 +39,8 @@ from ..lm.datastats import domain_stats
 from ..lm.prompt_routing import prompt_features, squared_distances
 from ..lm.evaluate import per_example_nll
 from ..lm.models import LoadedModel, load_model
+from ..lm.interference import question_prompts
+from ..lm.pair_predictors import all_predictors
 from ..lm.throughput import serving_throughput
 from ..lm.train import TrainConfig, train_adapter
 from .jobspec import AdapterTerm, DataSpec, JobSpec, adapter_dir, job_key
@@ -241,6 +243,19 @@ def _run_throughput(spec: dict, out: Path, loaded: LoadedModel) -> dict:
     return {"throughput": result}
 
 
+def _run_predictors(spec: dict, out: Path, loaded: LoadedModel) -> dict:
+    """The pair's predictors (lm.pair_predictors) from its two adapters and each domain's first `inputs` training
+    questions; the artifact keeps the values and forward-pass tokens, timings.json the wall seconds."""
+    data = _data(spec)
+    doms = [load_domain(d, data) for d in spec["domains"]]
+    _check_sources(spec, doms)
+    prompts = [question_prompts([r.question for r in d.records["train"][:spec["inputs"]]]) for d in doms]
+    (a, _), (b, _) = _terms(spec, "a")[0], _terms(spec, "b")[0]
+    found = all_predictors(loaded, a, b, prompts[0], prompts[1], spec["max_length"], spec["batch_size"])
+    atomic_write_json(out, {"values": found["values"], "forward_tokens": found["forward_tokens"]})
+    return {"predictor_s": {k: round(v, 4) for k, v in found["seconds"].items()}}
+
+
 def _train_work(spec: dict) -> float:
     """Training costs ~3 forward passes per token, plus a validation pass per epoch."""
     k, caps, epochs = len(partition_domains(spec["partition"])), spec["data"]["max_records"], spec["train"]["epochs"]
@@ -280,6 +295,8 @@ JOB_KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("weight_search", "searches", ("model", "adapters", "domains", "data", "max_length", "batch_size", "loss_on",
                                           "trials", "method"), _run_weight_search, terms=("adapters",),
             work=lambda spec: 2.0 * spec["trials"] * len(spec["domains"])),
+    JobKind("predictors", "sims", ("model", "a", "b", "domains", "data", "max_length", "batch_size", "inputs"),
+            _run_predictors, terms=("a", "b"), work=lambda spec: 0.1 * spec["inputs"]),
     JobKind("throughput", "checks", ("model", "adapters", "domains", "data", "max_length", "batch_size", "loss_on",
                                      "params", "variants", "rounds"), _run_throughput, terms=("adapters",),
             work=lambda spec: spec["rounds"] * len(spec["variants"]) * len(spec["domains"])

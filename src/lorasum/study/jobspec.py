@@ -116,6 +116,7 @@ class JobSpec:
     start: list[AdapterTerm] | None = None  # train (a repair): the adapters whose exact sum training continues
     fraction: Annotated[float | None, Range(0, 1, low_open=True)] = None  # its share of the full run's steps
     general: list[AdapterTerm] | None = None  # eval (a route): general-domain adapters for GenKnowSub
+    inputs: Annotated[int | None, Range(1, 100_000)] = None  # predictors: questions per domain read (no answers)
     variants: list[str] | None = None  # throughput: the serving variants timed (lm.throughput.VARIANTS)
     rounds: Annotated[int | None, Range(1, 100)] = None  # throughput: how many times each variant runs
 

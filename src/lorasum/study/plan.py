@@ -16,7 +16,7 @@ from ..lm.train import TrainConfig
 from .config import ExperimentConfig
 from .grid import Catalog, Model, model_catalog
 from .specs import SpecContext, Terms, data_sources, data_stats_spec, eval_spec, inplace_spec, method_fields, \
-    prompt_route_spec, repair_spec, throughput_spec, search_spec, similarity_spec, train_spec
+    predictors_spec, prompt_route_spec, repair_spec, throughput_spec, search_spec, similarity_spec, train_spec
 
 SECOND = "second"  # a train job's sample: the disjoint second sample of a domain's records (the same-domain ceiling)
 
@@ -83,6 +83,7 @@ class Plan:
     data_stats: dict | None = None
     prompt_route: dict | None = None
     throughput: dict | None = None
+    predictors: dict[SimKey, dict] = field(default_factory=dict)
 
     def jobs(self) -> list[dict]:
         """The jobs in an order that respects what each reads: adapters before the jobs that use them, weight
@@ -90,7 +91,7 @@ class Plan:
         once = [j for j in (self.data_stats, self.prompt_route) if j]
         last = [self.throughput] if self.throughput else []
         return [*once, *self.train.values(), *self.sims.values(),
-                *self.checks.values(), *self.searches.values(), *self.evals.values(), *last]
+                *self.checks.values(), *self.searches.values(), *self.evals.values(), *self.predictors.values(), *last]
 
 
 class Planner:
@@ -170,6 +171,13 @@ class Planner:
 
     def prompt_route(self) -> None:
         self.plan.prompt_route = prompt_route_spec(self.ctx)
+
+    def predictors(self, pair: tuple[str, str], seed: int, inputs: int) -> SimKey:
+        """The predictors of a pair's summing cost from its fundamentals of one seed (units.forecast)."""
+        key = SimKey("predictors", pair, seed)
+        self.plan.predictors[key] = predictors_spec(self.ctx, self.terms([(pair[0], 1.0)], seed),
+                                                    self.terms([(pair[1], 1.0)], seed), list(pair), inputs)
+        return key
 
     def throughput(self, s: tuple[str, ...], seed: int, variants: list[str], params: dict) -> None:
         """The serving cost of the subset's fundamentals (lm.throughput), measured once per run."""

@@ -129,6 +129,15 @@ def throughput_spec(ctx: SpecContext, terms: Terms, subset: list[str], variants:
                      "params": dict(params), "variants": list(variants), "rounds": THROUGHPUT_ROUNDS})
 
 
+def predictors_spec(ctx: SpecContext, a: Terms, b: Terms, pair: list[str], inputs: int) -> dict:
+    """Every predictor of the pair's summing cost (delta.predictors, lm.interference) from its two fundamentals and the
+    first `inputs` training questions of each domain (prompts only, never answers)."""
+    cfg = ctx.cfg
+    return with_key({**ctx.base(), "kind": "predictors", "a": a, "b": b, "domains": list(pair),
+                     "data": ctx.data(list(pair), ("train",)), "max_length": cfg.train.max_length,
+                     "batch_size": cfg.eval_batch_size, "inputs": inputs})
+
+
 def repair_spec(ctx: SpecContext, part: str, seed: int, start: Terms, fraction: float) -> dict:
     """The exact sum of `start` (the subset's fundamentals) trained on the partition's merged data with the merged
     block's recipe, for `fraction` of its optimizer steps."""

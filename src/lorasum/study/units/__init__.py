@@ -3,7 +3,7 @@ parts of those before it). Adding an analysis is one module with a `Unit` and on
 
 from __future__ import annotations
 
-from . import (compositions, cost, data, fit, init_comparison, models, pairs, perplexity, recipe,
+from . import (compositions, cost, data, fit, forecast, init_comparison, models, pairs, perplexity, recipe,
                references, repair, routing, table1, unlearning)
 from .unit import Unit
 
@@ -19,6 +19,7 @@ UNITS: dict[str, Unit] = {u.name: u for u in (
     unlearning.UNIT,
     recipe.UNIT,
     fit.UNIT,
+    forecast.UNIT,
     init_comparison.UNIT,
     table1.UNIT,
     data.UNIT,
