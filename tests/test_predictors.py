@@ -146,3 +146,9 @@ def test_unknown_predictor_and_incompatible_layers(adapters):
     for name in WEIGHT_PREDICTORS:
         with pytest.raises(LorasumError, match="adapters must target the same layers"):
             predictor_matrix([adapters[0], other], name)
+
+
+def test_torch_free_names_match_the_registry():
+    from lorasum.delta.registry import PREDICTOR_NAMES, RATIO_PREDICTORS
+
+    assert PREDICTOR_NAMES == tuple(WEIGHT_PREDICTORS) and RATIO_PREDICTORS <= set(PREDICTOR_NAMES)
