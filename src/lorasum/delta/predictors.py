@@ -23,8 +23,9 @@ adapter's factors once (batched SVDs, numpy's matrix_rank tolerance as `subspace
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -33,6 +34,21 @@ from .factors import Adapter, check_compatible
 from .similarity import _cosines, layer_cosines, layer_inner, layer_norms, unit_gram_matrices
 from .similarity import rms as rms_of
 from .subspace import factor_similarity, factor_summary
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with torch on one CPU thread, then restore the count (process-wide, like torch's setting).
+
+    For the many tiny (d, r) SVDs of the subspace predictors: threading them gains nothing, and on a busy machine
+    multi-threaded LAPACK's thread hand-offs made each one take ~70 ms instead of ~0.05 ms (2 shared cores).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- one pair -----------------------------------------------------------------------------------------------------
@@ -96,12 +112,14 @@ def symmetric_norm_ratio(a: Adapter, b: Adapter) -> float:
 
 def a_subspace(a: Adapter, b: Adapter) -> float:
     """mean_l of the A row-space similarity ‖Q_aᵀQ_b‖²_F / min(k_a, k_b) (Q orthonormal bases of row(A_l))."""
-    return factor_summary(factor_similarity(a, b))["A"]
+    with one_thread():  # its small SVDs (see one_thread)
+        return factor_summary(factor_similarity(a, b))["A"]
 
 
 def b_subspace(a: Adapter, b: Adapter) -> float:
     """mean_l of the B column-space similarity ‖Q_aᵀQ_b‖²_F / min(k_a, k_b) (Q orthonormal bases of col(B_l))."""
-    return factor_summary(factor_similarity(a, b))["B"]
+    with one_thread():  # its small SVDs (see one_thread)
+        return factor_summary(factor_similarity(a, b))["B"]
 
 
 WEIGHT_PREDICTORS: dict[str, Callable[[Adapter, Adapter], float]] = {
@@ -171,7 +189,8 @@ def _bases(x: torch.Tensor, ranks: list[int], eps: float) -> tuple[torch.Tensor,
     Returns Q (N, d, r) float64, the left singular vectors whose singular value exceeds max(d, rᵢ)·eps·σ_max
     (numpy's matrix_rank tolerance, as subspace._basis) and zero columns elsewhere, and k (N,) the counts.
     """
-    u, s, _ = torch.linalg.svd(x.double(), full_matrices=False)  # u (N, d, r), s (N, r)
+    with one_thread():
+        u, s, _ = torch.linalg.svd(x.double(), full_matrices=False)  # u (N, d, r), s (N, r)
     dims = torch.tensor([max(x.shape[1], r) for r in ranks], dtype=torch.float64)
     keep = s > (dims * eps * s[:, 0])[:, None]  # (N, r); a zero factor keeps nothing
     return u * keep[:, None, :], keep.sum(dim=1)
