@@ -9,7 +9,7 @@ VmHWM, reset through /proc/self/clear_refs; tracemalloc does not see torch's all
 `similarity --matrix` adds around the matrix (ranking the pairs, the clustered order, the CSVs and the heatmap).
 Accuracy: 20 sampled entries of each matrix against the pairwise functions of WEIGHT_PREDICTORS.
 
-    .venv/bin/python benchmarks/predictor_matrix.py [--adapters 200] [--repeats 3] [--threads 2] [--mlp]
+    .venv/bin/python benchmarks/predictor_matrix.py [--adapters 200] [--repeats 3] [--threads 2] [--mlp] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--mlp", action="store_true", help="also the MLP projections (gate, up, down)")
+    ap.add_argument("--only", nargs="+", default=None, choices=list(WEIGHT_PREDICTORS), metavar="NAME",
+                    help="time only these predictors (the rms matrix is computed anyway for the files' timing)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n, shapes = args.adapters, smollm2_shapes(args.mlp)
@@ -72,6 +74,8 @@ def main() -> None:
           f"target {TARGET_S:g} s")
     matrices = {}
     for name, pairwise in WEIGHT_PREDICTORS.items():
+        if args.only and name not in args.only:
+            continue
         holder = {}
         peak = peak_extra_mb(lambda: holder.setdefault("m", predictor_matrix(adapters, name)), torch.device("cpu"))
         times = []
@@ -86,6 +90,8 @@ def main() -> None:
         print(f"{name:<22} {med:9.2f} {min(times):7.2f} {peak:7.0f} MiB {err:24.1e}  {verdict}")
 
     names = display_names(adapters)
+    if "rms" not in matrices:
+        matrices["rms"] = predictor_matrix(adapters, "rms")
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         result = {"names": names, "matrix": matrices["rms"], "pairs": rank_pairs(names, matrices["rms"], "rms"),
