@@ -9,7 +9,8 @@ VmHWM, reset through /proc/self/clear_refs; tracemalloc does not see torch's all
 `similarity --matrix` adds around the matrix (ranking the pairs, the clustered order, the CSVs and the heatmap).
 Accuracy: 20 sampled entries of each matrix against the pairwise functions of WEIGHT_PREDICTORS.
 
-    .venv/bin/python benchmarks/predictor_matrix.py [--adapters 200] [--repeats 3] [--threads 2] [--mlp] [--only NAME ...]
+    .venv/bin/python benchmarks/predictor_matrix.py [--adapters 200] [--repeats 3] [--threads 2] [--mlp]
+        [--only NAME ...]
 """
 
 from __future__ import annotations

@@ -169,6 +169,7 @@ def test_rank_deficient_factors_count_their_true_rank(adapters):
 
 def test_non_finite_factors_are_refused(adapters):
     a = adapters[0]
-    bad = Adapter("bad", "", {}, {m: LoraFactors(f.A.clone().fill_(math.nan), f.B, f.scale) for m, f in a.layers.items()})
+    layers = {m: LoraFactors(f.A.clone().fill_(math.nan), f.B, f.scale) for m, f in a.layers.items()}
+    bad = Adapter("bad", "", {}, layers)
     with pytest.raises(LorasumError, match="NaN or infinite"):
         predictor_matrix([a, bad], "a_subspace")

@@ -2,7 +2,7 @@
 
 For adapters a, b with per-layer deltas ΔW_l = s_l · B_l A_l (l over the L shared layers):
 
-    rms                   sqrt(mean_l cos²_l)                          the paper's, cos_l = ⟨ΔW_a, ΔW_b⟩_l / ‖ΔW_a‖_l‖ΔW_b‖_l
+    rms                   sqrt(mean_l cos²_l)                          the paper's (cos_l: the layer-l deltas' cosine)
     max_abs_cosine        max_l |cos_l|
     cross_energy          2 Σ_l ⟨ΔW_a, ΔW_b⟩_l / Σ_l (‖ΔW_a‖²_l + ‖ΔW_b‖²_l)   in [-1, 1]
     norm_ratio            sqrt(Σ_l ‖ΔW_a‖²_l / Σ_l ‖ΔW_b‖²_l)          not symmetric: matrix[i, j] is i's over j's
