@@ -146,3 +146,30 @@ def test_unknown_predictor_and_incompatible_layers(adapters):
     for name in WEIGHT_PREDICTORS:
         with pytest.raises(LorasumError, match="adapters must target the same layers"):
             predictor_matrix([adapters[0], other], name)
+
+
+def test_torch_free_names_match_the_registry():
+    from lorasum.delta.registry import PREDICTOR_NAMES, RATIO_PREDICTORS
+
+    assert PREDICTOR_NAMES == tuple(WEIGHT_PREDICTORS) and RATIO_PREDICTORS <= set(PREDICTOR_NAMES)
+
+
+def test_rank_deficient_factors_count_their_true_rank(adapters):
+    """A rank-1 A in a rank-2 slot (two equal rows) spans one direction, as subspace._basis counts it."""
+    a = adapters[0]
+    layers = {m: LoraFactors(torch.cat([f.A[:1], f.A[:1]]), f.B, f.scale) for m, f in a.layers.items()}
+    low = Adapter("low", "", {}, layers)
+    for name in ("a_subspace", "b_subspace"):
+        mat = predictor_matrix([a, low, adapters[1]], name)
+        for i, j in [(0, 1), (1, 2)]:
+            x, y = [a, low, adapters[1]][i], [a, low, adapters[1]][j]
+            assert close(float(mat[i, j]), WEIGHT_PREDICTORS[name](x, y)), (name, i, j)
+    assert float(predictor_matrix([a, low], "a_subspace")[0, 1]) == pytest.approx(1.0, abs=TOL)  # row(low) ⊂ row(a)
+
+
+def test_non_finite_factors_are_refused(adapters):
+    a = adapters[0]
+    layers = {m: LoraFactors(f.A.clone().fill_(math.nan), f.B, f.scale) for m, f in a.layers.items()}
+    bad = Adapter("bad", "", {}, layers)
+    with pytest.raises(LorasumError, match="NaN or infinite"):
+        predictor_matrix([a, bad], "a_subspace")

@@ -1,5 +1,6 @@
 """Matplotlib on the Agg backend, PNG bytes out, and the two charts drawn from plain numbers that both the tuning
-summary and the experiment report show (optimisation history, parameter importances)."""
+summary and the experiment report show (optimisation history, parameter importances); the heatmap of a matrix
+of adapter pairs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
 
 
 def value_text(v) -> str:
@@ -68,5 +71,34 @@ def importance_png(imp: dict | None, note: str, title: str) -> bytes:
     else:
         ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, fontsize=9)
         ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    return png(fig)
+
+
+def heatmap_png(matrix: list[list[float]], labels: list[str], title: str, label: str, signed: bool = False,
+                log: bool = False) -> bytes:
+    """A square matrix as a heatmap with a colourbar titled `label`, rows and columns named by `labels` (ticks
+    left out past 60 names). `signed`: a diverging scale centred on 0; `log`: a logarithmic scale (positive
+    values). Non-finite cells (inf) are drawn grey."""
+    m = np.ma.masked_invalid(np.asarray(matrix, dtype=float))
+    n = len(labels)
+    side = min(3.5 + 0.16 * n, 22.0)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    cmap = plt.get_cmap("RdBu_r" if signed else "viridis").with_extremes(bad="lightgrey")
+    finite = m.compressed()
+    norm = None
+    if log and finite.size and finite.min() > 0 and finite.max() > finite.min():
+        norm = LogNorm(vmin=finite.min(), vmax=finite.max())
+    elif signed:
+        top = max(float(np.abs(finite).max()) if finite.size else 1.0, 1e-12)
+        norm = TwoSlopeNorm(vcenter=0.0, vmin=-top, vmax=top)
+    img = ax.imshow(m, cmap=cmap, norm=norm, interpolation="nearest")
+    fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04, label=label)
+    if n <= 60:
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), labels, fontsize=7)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
     ax.set_title(title, fontsize=10)
     return png(fig)

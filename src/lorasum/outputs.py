@@ -32,6 +32,7 @@ TUNE = OutKind("tuning study", frozenset({"best.json", "trials.csv", "summary.js
                                           "study.journal", "study.journal.lock"}), resumes=True)
 WEIGHT_SEARCH = OutKind("weight search", frozenset({"best.json", "study.db", "study.db.lock", "adapter"}),
                         resumes=True, inner={"adapter": ADAPTER})
+SIMILARITY_MATRIX = OutKind("similarity matrix", frozenset({"matrix.csv", "pairs.csv", "heatmap.png"}))
 
 
 def foreign_entry(folder: Path, kind: OutKind) -> str | None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from ..delta.registry import METHODS, PEFT_METHODS, ROUTES, Param, all_methods, all_routes, method_label, \
-    method_params
+from ..delta.registry import METHODS, PEFT_METHODS, PREDICTOR_NAMES, RATIO_PREDICTORS, ROUTES, Param, all_methods, \
+    all_routes, method_label, method_params
 from ..lm.choices import LossOn
-from ..outputs import ADAPTER, MERGED, WEIGHT_SEARCH
+from ..outputs import ADAPTER, MERGED, SIMILARITY_MATRIX, WEIGHT_SEARCH
 from .args import add_data_args, add_model_args, check_out, load, parse_max_rank, parse_term, print_json, terms_text
 
 
@@ -22,6 +22,13 @@ def similarity_command(args: argparse.Namespace) -> int:
     from ..delta.subspace import factor_similarity, factor_summary
     from ..errors import LorasumError
 
+    if args.matrix is not None:
+        return similarity_matrix(args)
+    for flag in ("predictor", "out"):
+        if getattr(args, flag) is not None:
+            raise LorasumError("goes with --matrix DIR [DIR ...]; leave it out for positional adapters", key=flag)
+    if args.overwrite:
+        raise LorasumError("goes with --matrix DIR [DIR ...] --out FOLDER; leave it out", key="overwrite")
     if len(args.adapters) < 2:
         raise LorasumError("similarity needs at least two adapters: lorasum similarity A B [C ...]")
     # each delta scaled by its weight; a negative weight flips the sign of its cosines
@@ -37,6 +44,41 @@ def similarity_command(args: argparse.Namespace) -> int:
                                           "B": {m: v["B"] for m, v in per.items()},
                                           "mean_A": mean["A"], "mean_B": mean["B"]}
     print_json(report) if args.json else print(format_table(report))
+    return 0
+
+
+def similarity_matrix(args: argparse.Namespace) -> int:
+    """`similarity --matrix DIR ...`: one weight-space predictor for every pair of a library of adapters
+    (delta.library), written as matrix.csv, pairs.csv and a clustered heatmap.png; prints the pairs to combine."""
+    from ..delta.library import library_matrix, write_library
+    from ..errors import LorasumError
+
+    if args.adapters:
+        raise LorasumError("takes the adapters from its folders; pass positional adapters or --matrix, not both",
+                           key="matrix")
+    if args.factors:
+        raise LorasumError("is for positional adapters; with --matrix pass --predictor a_subspace or b_subspace",
+                           key="factors")
+    if args.out is None:
+        raise LorasumError("is required with --matrix: the folder for matrix.csv, pairs.csv and heatmap.png",
+                           key="out")
+    predictor = args.predictor or "rms"
+    out = check_out(args.out, SIMILARITY_MATRIX, overwrite=args.overwrite)
+    result = library_matrix(args.matrix, predictor)
+    write_library(out, result, predictor)
+    n, top = len(result["names"]), result["pairs"][:5]
+    if args.json:
+        print_json({"out": str(out), "predictor": predictor, "adapters": result["names"], "pairs": n * (n - 1) // 2,
+                    "first": [{"a": a, "b": b, "value": v} for a, b, v in top]})
+        return 0
+    rule = "|log value|" if predictor in RATIO_PREDICTORS else "|value|"
+    print(f"wrote {out}: {predictor} for {n} adapters, {n * (n - 1) // 2} pairs (matrix.csv, pairs.csv, heatmap.png)")
+    print(f"pairs to combine first (lowest {rule}):")
+    width = max(len(f"{a} ~ {b}") for a, b, _ in top)
+    for a, b, v in top:
+        print(f"  {f'{a} ~ {b}':<{width}}  {v:.4g}")
+    a, b, v = result["pairs"][-1]
+    print(f"most interfering: {a} ~ {b}  {v:.4g}")
     return 0
 
 
@@ -209,6 +251,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--factors", action="store_true", help="also the similarity of the A row spaces and of the B "
                    "column spaces (mean squared cosine of principal angles; A near 1 means a shared initial A)")
+    p.add_argument("--matrix", nargs="+", default=None, metavar="DIR", help="a library of adapters instead: each "
+                   "DIR an adapter folder or a folder of them; every pair's --predictor into --out (matrix.csv, "
+                   "pairs.csv ranked least interfering first, heatmap.png in cluster order)")
+    p.add_argument("--predictor", default=None, choices=PREDICTOR_NAMES, help="with --matrix: the weight-space "
+                   "predictor (default rms); pairs.csv ranks the pairs to combine from least to most interfering, "
+                   "lowest |value| first (norm ratios: lowest |log value|, the most balanced, first)")
+    p.add_argument("--out", default=None, metavar="FOLDER", help="with --matrix (required): the output folder "
+                   "(must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="with --matrix: replace a similarity matrix lorasum "
+                   "wrote at --out")
     p.set_defaults(parser=p)
 
     p = sub.add_parser("compose", help="weighted sum (exact) or another merge of adapters, saved as one PEFT "

@@ -2,7 +2,7 @@
 
 For adapters a, b with per-layer deltas ΔW_l = s_l · B_l A_l (l over the L shared layers):
 
-    rms                   sqrt(mean_l cos²_l)                          the paper's, cos_l = ⟨ΔW_a, ΔW_b⟩_l / ‖ΔW_a‖_l‖ΔW_b‖_l
+    rms                   sqrt(mean_l cos²_l)                          the paper's (cos_l: the layer-l deltas' cosine)
     max_abs_cosine        max_l |cos_l|
     cross_energy          2 Σ_l ⟨ΔW_a, ΔW_b⟩_l / Σ_l (‖ΔW_a‖²_l + ‖ΔW_b‖²_l)   in [-1, 1]
     norm_ratio            sqrt(Σ_l ‖ΔW_a‖²_l / Σ_l ‖ΔW_b‖²_l)          not symmetric: matrix[i, j] is i's over j's
@@ -17,22 +17,38 @@ when only b's (a's) is; a zero factor's subspace has rank 0 and similarity 0.
 `WEIGHT_PREDICTORS` maps each name to its pairwise function (two Adapters → one float); `predictor_matrix` gives
 all N × N values at once. The Gram-based predictors (all but the subspaces) come from one `unit_gram_matrices`
 call, the (L, N, N) Gram of the unscaled deltas, as `rms_matrix` does. The subspace ones orthonormalise every
-adapter's factors once (batched SVDs, numpy's matrix_rank tolerance as `subspace._basis`) and then take one
+adapter's factors once (batched, numpy's matrix_rank tolerance as `subspace._basis`) and then take one
 (Σk, Σk) product of the stacked bases per layer: the cost is about that of the Gram, in float64.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from ..errors import LorasumError
-from .factors import Adapter, check_compatible
+from .factors import Adapter, LoraFactors, check_compatible
 from .similarity import _cosines, layer_cosines, layer_inner, layer_norms, unit_gram_matrices
 from .similarity import rms as rms_of
 from .subspace import factor_similarity, factor_summary
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with torch on one CPU thread, then restore the count (process-wide, like torch's setting).
+
+    For the subspace predictors' many small ops: threading them gains little, and on a busy machine the thread
+    hand-offs cost more (2 shared cores: a (576, 4) SVD took ~70 ms on two threads, ~0.1 ms on one).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- one pair -----------------------------------------------------------------------------------------------------
@@ -96,12 +112,14 @@ def symmetric_norm_ratio(a: Adapter, b: Adapter) -> float:
 
 def a_subspace(a: Adapter, b: Adapter) -> float:
     """mean_l of the A row-space similarity ‖Q_aᵀQ_b‖²_F / min(k_a, k_b) (Q orthonormal bases of row(A_l))."""
-    return factor_summary(factor_similarity(a, b))["A"]
+    with one_thread():  # its small SVDs (see one_thread)
+        return factor_summary(factor_similarity(a, b))["A"]
 
 
 def b_subspace(a: Adapter, b: Adapter) -> float:
     """mean_l of the B column-space similarity ‖Q_aᵀQ_b‖²_F / min(k_a, k_b) (Q orthonormal bases of col(B_l))."""
-    return factor_summary(factor_similarity(a, b))["B"]
+    with one_thread():  # its small SVDs (see one_thread)
+        return factor_summary(factor_similarity(a, b))["B"]
 
 
 WEIGHT_PREDICTORS: dict[str, Callable[[Adapter, Adapter], float]] = {
@@ -166,15 +184,27 @@ _GRAM_MATRICES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] 
 
 # --- all pairs of subspace similarities ---------------------------------------------------------------------------
 def _bases(x: torch.Tensor, ranks: list[int], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal bases of N column spaces at once: x (N, d, r) zero-padded past each rank rᵢ.
+    """Orthonormal bases of N column spaces at once: x (N, d, r) float64, zero-padded past each rank rᵢ.
 
-    Returns Q (N, d, r) float64, the left singular vectors whose singular value exceeds max(d, rᵢ)·eps·σ_max
-    (numpy's matrix_rank tolerance, as subspace._basis) and zero columns elsewhere, and k (N,) the counts.
+    From the small Grams xᵀx = V Σ² Vᵀ (batched eigh of (r, r) matrices): Q = x V Σ⁻¹ holds the left singular
+    vectors whose singular value exceeds max(d, rᵢ)·eps·σ_max (numpy's matrix_rank tolerance, as subspace._basis),
+    zero columns elsewhere. Through the Gram, σ carries an absolute error of about sqrt(float64 eps)·σ_max ≈ 1e-8·σ_max,
+    far below that tolerance (≥ 1e-4·σ_max for fp32 factors), so the ranks are those of the SVD; Q is orthonormal
+    to ~float64 eps·(σ_max/σ_min)². (A batched SVD of the tall (d, r) factors gives the same, but on a busy machine
+    multi-threaded LAPACK made each one take ~70 ms.)
+
+    Returns:
+        Q (N, d, r) and k (N,) the ranks kept.
     """
-    u, s, _ = torch.linalg.svd(x.double(), full_matrices=False)  # u (N, d, r), s (N, r)
+    gram = x.mT @ x  # (N, r, r)
+    if not bool(torch.isfinite(gram).all()):
+        raise LorasumError("a LoRA factor holds NaN or infinite values; re-train or re-save the adapter")
+    lam, v = torch.linalg.eigh(gram)  # ascending: (N, r), (N, r, r)
+    sigma = lam.clamp_min(0).sqrt()  # (N, r)
     dims = torch.tensor([max(x.shape[1], r) for r in ranks], dtype=torch.float64)
-    keep = s > (dims * eps * s[:, 0])[:, None]  # (N, r); a zero factor keeps nothing
-    return u * keep[:, None, :], keep.sum(dim=1)
+    keep = sigma > (dims * eps * sigma[:, -1])[:, None]  # (N, r); a zero factor keeps nothing
+    inv = torch.where(keep, 1.0 / torch.where(keep, sigma, 1.0), 0.0)  # (N, r)
+    return x @ (v * inv[:, None, :]), keep.sum(dim=1)
 
 
 def _overlap(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -192,21 +222,28 @@ def _subspace_matrix(adapters: list[Adapter], which: str) -> torch.Tensor:
     layers = check_compatible(adapters)
     n = len(adapters)
     total = torch.zeros(n, n, dtype=torch.float64)
-    for m in layers:
-        fs = [a.layers[m] for a in adapters]
-        mats = [(f.A.T if which == "A" else f.B) for f in fs]  # each (d, rᵢ)
-        ranks = [int(x.shape[1]) for x in mats]
-        d, rmax = int(mats[0].shape[0]), max(ranks)
-        x = torch.zeros(n, d, rmax, dtype=torch.float64)
+    with one_thread():  # per layer a few small ops: on a busy machine threads cost more in hand-offs than they gain
+        for m in layers:
+            total += _layer_overlap([a.layers[m] for a in adapters], which)
+    return total / len(layers)
+
+
+def _layer_overlap(fs: list[LoraFactors], which: str) -> torch.Tensor:
+    """One layer's pairwise A row-space (`which` "A") or B column-space ("B") similarities, (N, N)."""
+    n = len(fs)
+    mats = [(f.A.T if which == "A" else f.B) for f in fs]  # each (d, rᵢ)
+    ranks = [int(x.shape[1]) for x in mats]
+    d, rmax = int(mats[0].shape[0]), max(ranks)
+    if len(set(ranks)) == 1:
+        x = torch.stack([y.detach().cpu() for y in mats]).double()  # (N, d, r)
+    else:
+        x = torch.zeros(n, d, rmax, dtype=torch.float64)  # zero columns past each rank
         for i, y in enumerate(mats):
             x[i, :, : ranks[i]] = y.detach().cpu().double()
-        if not bool(torch.isfinite(x).all()):
-            raise LorasumError(f"layer '{m}': a LoRA factor holds NaN or infinite values; re-train or re-save "
-                               "the adapter")
-        eps = torch.finfo(torch.promote_types(mats[0].dtype, torch.float32)).eps
-        if rmax > 0:
-            total += _overlap(*_bases(x, ranks, eps))
-    return total / len(layers)
+    if rmax == 0:
+        return torch.zeros(n, n, dtype=torch.float64)
+    eps = torch.finfo(torch.promote_types(mats[0].dtype, torch.float32)).eps
+    return _overlap(*_bases(x, ranks, eps))
 
 
 def predictor_matrix(adapters: list[Adapter], name: str) -> torch.Tensor:
@@ -214,9 +251,10 @@ def predictor_matrix(adapters: list[Adapter], name: str) -> torch.Tensor:
 
     Gram-based predictors: one `unit_gram_matrices` call (the (L, N, N) Gram of the unscaled deltas and the
     (L, N) scales), then elementwise algebra; with fp32 factors the values agree with a float64 dense reference to
-    ~1e-6. Subspace predictors: per layer, batched SVDs give every adapter's basis once (O(N) small SVDs) and one
-    (N·r, N·r) product of the stacked bases gives every pair's overlap (O(N²·r²·d) flops in float64, about twice
-    the Gram's fp32 cost). All symmetric except norm_ratio, whose matrix[i, j] is ‖ΔW_i‖ / ‖ΔW_j‖.
+    ~1e-6. Subspace predictors: per layer, every adapter's basis once (O(N) batched (r, r) eigendecompositions) and one
+    (N·r, N·r) product of the stacked bases gives every pair's overlap (O(N²·r²·d) flops in float64), all on one
+    thread (`one_thread`): the per-layer ops are small, and on a busy 2-core machine two threads made them ~6x
+    slower, not faster. All symmetric except norm_ratio, whose matrix[i, j] is ‖ΔW_i‖ / ‖ΔW_j‖.
 
     Args:
         adapters: N ≥ 1 adapters on one base model and target layers (check_compatible).

@@ -217,3 +217,11 @@ def method_label(method: str, params: dict) -> str:
     if method == "sum":
         return ""
     return f"{method}({', '.join(f'{k}={v:g}' for k, v in params.items())})" if params else method
+
+
+# The weight-space predictors of delta.predictors.WEIGHT_PREDICTORS, by name, without torch (the command line's
+# `--predictor` choices); tests/test_predictors.py checks the two agree. Similarity predictors rank a pair by |value|
+# (the smaller, the less the two deltas share); ratio predictors by |log value| (the nearer 1, the more balanced).
+PREDICTOR_NAMES: tuple[str, ...] = ("rms", "max_abs_cosine", "cross_energy", "norm_ratio", "symmetric_norm_ratio",
+                                    "a_subspace", "b_subspace")
+RATIO_PREDICTORS: frozenset[str] = frozenset({"norm_ratio", "symmetric_norm_ratio"})
