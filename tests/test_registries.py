@@ -116,7 +116,7 @@ def test_an_unregistered_composition_is_refused_with_the_known_ones(tmp_path):
 
 
 def test_registries_are_plain_dicts_keyed_by_name():
-    assert list(JOB_KINDS) == ["train", "eval", "similarity", "inplace", "data_stats", "prompt_route", "weight_search"]
+    assert list(JOB_KINDS) == ["train", "eval", "similarity", "inplace", "data_stats", "prompt_route", "weight_search", "predictors", "throughput"]
     assert all(k.name == name for name, k in JOB_KINDS.items())
     assert [k for k, j in JOB_KINDS.items() if not j.needs_model] == ["similarity"]
     assert list(grid.COMPOSITIONS)[:5] == grid.DEFAULT_COMPOSITIONS == ["sum", "mean", "best_single",
