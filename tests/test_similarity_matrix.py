@@ -47,6 +47,7 @@ def test_matrix_files_hold_the_library_values(library, tmp_path, run_cli, predic
     rc, stdout, err, _ = run_cli("similarity", "--matrix", library / "team", library / "solo",
                                  "--predictor", predictor, "--out", out)
     assert rc == 0, err
+    assert f"a ranking by {predictor}, not a forecast" in stdout
     folders = [library / "team" / f"ad{i}" for i in range(4)] + [library / "solo"]
     names = [f.name for f in folders]
     ref = predictor_matrix([load_adapter(f) for f in folders], predictor)

@@ -79,6 +79,8 @@ def similarity_matrix(args: argparse.Namespace) -> int:
         print(f"  {f'{a} ~ {b}':<{width}}  {v:.4g}")
     a, b, v = result["pairs"][-1]
     print(f"most interfering: {a} ~ {b}  {v:.4g}")
+    print(f"a ranking by {predictor}, not a forecast: on the evidence run no weight-space predictor forecast the "
+          "cost of a sum (docs/evidence.md)")
     return 0
 
 
