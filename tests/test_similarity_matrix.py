@@ -113,6 +113,9 @@ def test_refusals(library, tmp_path, run_cli):
                    "--predictor", "--matrix")
     one_line_error(run_cli("similarity", "--matrix", library / "team", "--predictor", "cosine", "--out", out),
                    "--predictor", "cosine", absent=out)
+    err = one_line_error(run_cli("similarity", library / "solo", library / "team" / "ad0", "--forecast"),
+                         "--forecast", "unrecognized", quiet=True)  # no predictor forecasts (docs/evidence.md)
+    assert not err.startswith("lorasum: error: lorasum:"), err
 
 
 def test_incompatible_adapters_are_refused(tmp_path, run_cli):

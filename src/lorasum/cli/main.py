@@ -30,8 +30,9 @@ class Parser(argparse.ArgumentParser):
     `--help` shows it)."""
 
     def error(self, message: str):
-        print(f"lorasum: error: {self.prog.removeprefix('lorasum').strip() or 'lorasum'}: {message}; see "
-              f"{self.prog} --help", file=sys.stderr)
+        command = self.prog.removeprefix("lorasum").strip()
+        print(f"lorasum: error: {f'{command}: ' if command else ''}{message}; see {self.prog} --help",
+              file=sys.stderr)
         raise SystemExit(2)
 
 
