@@ -422,17 +422,17 @@ def test_progress_off_silences_library_bars(tmp_path, pair, run_cli, monkeypatch
 
 
 def test_json_reads_are_bounded_and_refuse_special_files(tmp_path, monkeypatch):
-    import lorasum.files as files
+    import lorasum.jsonfile as jsonfile
 
     at = tmp_path / "at.json"
     at.write_text('{"a": 1}' + " " * 92)  # exactly 100 bytes
-    monkeypatch.setattr(files, "MAX_JSON_BYTES", 100)
-    assert files.read_json(at, "run config", "fix it") == {"a": 1}
+    monkeypatch.setattr(jsonfile, "MAX_JSON_BYTES", 100)
+    assert jsonfile.read_json(at, "run config", "fix it") == {"a": 1}
     past = tmp_path / "past.json"
     past.write_text('{"a": 1}' + " " * 93)
     with pytest.raises(LorasumError, match=r"run config .*past\.json is 101 bytes, over the 0 MiB .*; fix it$"):
-        files.read_json(past, "run config", "fix it")
+        jsonfile.read_json(past, "run config", "fix it")
     fifo = tmp_path / "results.json"
     os.mkfifo(fifo)  # opening it for reading would block until a writer came
     with pytest.raises(LorasumError, match=r"results file .*results\.json is not a regular file; rerun"):
-        files.read_json(fifo, "results file", "rerun")
+        jsonfile.read_json(fifo, "results file", "rerun")

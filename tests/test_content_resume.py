@@ -14,7 +14,7 @@ from conftest import color_rows, one_line_error, shape_rows, write_data_folder, 
 from safetensors.torch import load_file, save_file
 
 from lorasum.errors import LorasumError
-from lorasum.files import sha256_file
+from lorasum.jsonfile import sha256_file
 from lorasum.lm.models import load_model
 from lorasum.study.config import load_config
 from lorasum.study.experiment import plan

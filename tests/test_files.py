@@ -22,7 +22,8 @@ from conftest import file_bytes, kill_when_paused
 
 from lorasum import files
 from lorasum.errors import LorasumError
-from lorasum.files import atomic_dir, atomic_write_bytes, atomic_write_json, read_json, recover, sweep
+from lorasum.files import atomic_dir, atomic_write_bytes, atomic_write_json, recover, sweep
+from lorasum.jsonfile import read_json
 from lorasum.lock import LOCK_FILE, folder_lock
 
 

@@ -186,6 +186,9 @@ def test_evidence_preset_plans_15_pairs_with_own_domain_evals(tmp_path):
     assert cfg.seeds == [0, 1] and cfg.train.init == "independent" and cfg.eval_scope == "own"
     assert len([k for k in p.train if not k.sample]) == 2 * (6 + 15)
     assert len([k for k in p.train if k.sample == "second"]) == 12
+    repairs = sorted({k.sample for k in p.train if k.sample and k.sample.startswith("repair@")})
+    assert repairs == ["repair@0.1", "repair@0.25"] and cfg.repair_budgets == [0.1, 0.25]
+    assert len([k for k in p.train if k.sample in repairs]) == 2 * 15 * 2  # each pair, each budget, per seed
     sums = [k for k in p.evals if k.model.startswith("sum[") and k.split == "test"]  # (validation: arrow's ranking)
     assert len(sums) == 2 * 15 * 2  # each summed model on its two domains only, per seed
     assert all(k.domain in k.model and k.split == "test" for k in sums)

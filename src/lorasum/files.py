@@ -1,7 +1,6 @@
 """Durable, atomic writes: every file lorasum leaves behind is complete or absent, and survives a power cut once
 published; interrupted writes are repaired or removed by the next write of the same path (`recover`, `sweep`).
-
-Also the one reader of untrusted JSON files (`read_json`).
+Reading JSON back lives in `jsonfile`.
 """
 
 from __future__ import annotations
@@ -9,18 +8,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import LorasumError
-from .testhooks import BARRIER_ENV, PAUSE_ENV, PAUSE_MARKER_ENV, barrier_for_test, pause_for_test  # noqa: F401
 
 
 # Names of in-flight writes: `.NAME.lorasum-PID.RANDOM.tmp` (a temp file or folder; after an exchange, the old folder),
@@ -30,6 +29,54 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.lorasum-(?P<pid>[1-9][0-9]{0,9})\.(?P<rand
 _JOURNAL = re.compile(r"^\.(?P<name>.+)\.lorasum-(?P<pid>[1-9][0-9]{0,9})\.journal$")
 MAX_NAME_BYTES = 200  # the filesystem's 255 less room for the temp-name decoration above
 EXCHANGE = True  # use renameat2(RENAME_EXCHANGE) where available; tests turn it off to exercise the journal
+
+
+# Test-only hooks: a named pause where a test SIGKILLs a writer, and a barrier that starts parallel workers
+# together. Unset (outside tests) both do nothing.
+PAUSE_ENV = "LORASUM_TEST_PAUSE"  # "train" (after the first optimizer step) or "write[:PART]" (temp file written,
+PAUSE_MARKER_ENV = "LORASUM_TEST_PAUSE_MARKER"  # not yet renamed; PART: a substring of the target path)
+BARRIER_ENV = "LORASUM_TEST_BARRIER"  # "DIR:N": N processes meet in DIR before they start work
+
+
+def pause_for_test(point: str, target: str = "", holding: str = "") -> None:
+    """Test-only: with LORASUM_TEST_PAUSE naming this point, write the marker file (its text: `holding`, else
+    `target`, else this process's pid) and sleep, so a test can SIGKILL the process exactly here. Once the marker
+    exists, later arrivals pass (a retried job is not paused again). Unset (outside tests) it does nothing."""
+    want = os.environ.get(PAUSE_ENV)
+    if not want:
+        return
+    name, _, part = want.partition(":")
+    if name != point or part not in target:
+        return
+    marker = os.environ.get(PAUSE_MARKER_ENV)
+    if marker and os.path.exists(marker):
+        return  # one pause per marker: a job retried after the kill runs through
+    if marker:
+        tmp = f"{marker}.{os.getpid()}.tmp"  # two workers can arrive at once: each its own temp, the first link wins
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(holding or target or str(os.getpid()))
+        try:
+            os.link(tmp, marker)
+        except FileExistsError:
+            return  # another process holds the pause; this one runs through
+        finally:
+            os.unlink(tmp)
+    deadline = time.monotonic() + 600  # a test that never kills still ends
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def barrier_for_test() -> None:
+    """Test-only: with LORASUM_TEST_BARRIER=DIR:N, wait until N processes (this one included) have arrived, so a
+    test of parallel workers does not depend on which one finished starting first. Unset it does nothing."""
+    want = os.environ.get(BARRIER_ENV)
+    if not want:
+        return
+    folder, _, n = want.rpartition(":")
+    open(os.path.join(folder, f"{socket.gethostname()}.{os.getpid()}"), "w").close()
+    deadline = time.monotonic() + 120
+    while len(os.listdir(folder)) < int(n) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def stat_or_refuse(path: str | os.PathLike, missing: str, unreadable: str) -> os.stat_result:
@@ -341,62 +388,3 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         if isinstance(e, OSError):
             raise _write_error(path, e) from None
         raise
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number (write a finite number or null)")
-
-
-def parse_json(text: str, where: str, fix: str) -> Any:
-    """Parse JSON text from an untrusted source: a byte-order mark is accepted; NaN/Infinity, nesting deep enough to
-    exhaust the parser's recursion, integers beyond the interpreter's digit limit and invalid JSON all become one
-    LorasumError naming `where` and ending with `fix`."""
-    try:
-        return json.loads(text.removeprefix("\ufeff"), parse_constant=_no_constant)
-    except RecursionError:
-        raise LorasumError(f"{where}: JSON nested too deeply to read; {fix}") from None
-    except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer with thousands of digits
-        raise LorasumError(f"{where}: not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
-
-
-def content_digest(obj: Any) -> str:
-    """sha256 of an object's canonical JSON (sorted keys): what a file lorasum wrote must still hash to."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, allow_nan=False).encode("utf-8")).hexdigest()
-
-
-MAX_JSON_BYTES = 256 << 20  # results.json of the largest grid is a few MiB
-
-
-def read_json(path: str | os.PathLike, what: str, fix: str, kind: type | None = dict) -> Any:
-    """Read a JSON file (see `parse_json`); with `kind`, the top level must be of that type."""
-    path = Path(path)
-    try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-            raise LorasumError(f"{what} {path} is not a regular file; {fix}")
-        if st.st_size > MAX_JSON_BYTES:
-            raise LorasumError(f"{what} {path} is {st.st_size} bytes, over the {MAX_JSON_BYTES >> 20} MiB lorasum "
-                               f"reads of a JSON file; {fix}")
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise LorasumError(f"{what} {path} not found; {fix}") from None
-    except IsADirectoryError:
-        raise LorasumError(f"{what} {path} is a folder, not a JSON file; {fix}") from None
-    except OSError as e:
-        raise LorasumError(f"cannot read {what} {path}: {e.strerror}; {fix}") from None
-    except UnicodeDecodeError as e:
-        raise LorasumError(f"{what} {path} is not UTF-8 text (byte {e.start}); {fix}") from None
-    obj = parse_json(text, f"{what} {path}", fix)
-    if kind is not None and not isinstance(obj, kind):
-        raise LorasumError(f"{what} {path} is not a JSON {'object' if kind is dict else kind.__name__}; {fix}")
-    return obj
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -28,7 +28,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .errors import LorasumError
-from .relation import Pair, closed_under_relabelling, mantel_test, pair_key, pair_permutation_test, spearman
+from .relation import (Pair, closed_under_relabelling, mantel_test, pair_key, pair_keys, pair_permutation_test,
+                       spearman)
 
 MIN_FIT_PAIRS = 3  # a LODO fold needs this many training pairs (and spread in x) to fit a line
 VERDICTS = ("predicts", "ranks only", "no evidence")
@@ -73,14 +74,7 @@ def _checked(pairs: Sequence[Sequence[str]], x: Sequence[float], y: Sequence[flo
             i = int(np.flatnonzero(~np.isfinite(v))[0])
             raise LorasumError(f"{name} of pair {tuple(pairs[i])} is {v[i]}; every value must be a finite number "
                                "(drop the pair or recompute it)")
-    keys = [pair_key(p) for p in pairs]
-    seen: set[Pair] = set()
-    for dup in keys:
-        if dup in seen:
-            raise LorasumError(f"pair {dup} appears twice (pairs are unordered); give one value per pair, e.g. the "
-                               "mean over seeds")
-        seen.add(dup)
-    return keys, xa, ya
+    return pair_keys(pairs), xa, ya
 
 
 # --- leave one domain out ----------------------------------------------------------------------------------------

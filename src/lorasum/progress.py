@@ -9,10 +9,9 @@ import sys
 from tqdm.auto import tqdm
 
 
-def progress(total: int, desc: str, unit: str = "it", **kw) -> tqdm:
-    disable = not enabled()
+def progress(total: int, desc: str, unit: str = "it", disable: bool = False, **kw) -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, file=sys.stderr,
-                disable=disable, mininterval=0.5, **kw)
+                disable=disable or not enabled(), mininterval=0.5, **kw)
 
 
 

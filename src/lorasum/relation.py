@@ -63,6 +63,18 @@ def pair_key(pair: Sequence[str]) -> Pair:
     return (a, b) if a <= b else (b, a)
 
 
+def pair_keys(pairs: Sequence[Sequence[str]]) -> list[Pair]:
+    """Each pair's key, refusing a pair given twice (in either order): one value per pair, seeds averaged first."""
+    keys = [pair_key(p) for p in pairs]
+    seen: set[Pair] = set()
+    for k in keys:
+        if k in seen:
+            raise LorasumError(f"pair {k} appears twice (pairs are unordered); give one value per pair, e.g. the "
+                               "mean over seeds")
+        seen.add(k)
+    return keys
+
+
 def _prepare(pairs: Sequence[Sequence[str]], x: Sequence[float], y: Sequence[float]
              ) -> tuple[list[Pair], list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Checked pair keys, sorted domains, (n, 2) domain indices of each pair, and x, y as float arrays."""
@@ -71,13 +83,7 @@ def _prepare(pairs: Sequence[Sequence[str]], x: Sequence[float], y: Sequence[flo
         raise LorasumError(f"pairs, x and y differ in length: {len(pairs)}, {len(xa)}, {len(ya)}")
     if not (np.isfinite(xa).all() and np.isfinite(ya).all()):
         raise LorasumError("x and y must be finite numbers (a pair with a missing RMS or %Δ cannot be tested)")
-    keys = [pair_key(p) for p in pairs]
-    seen: set[Pair] = set()
-    for k in keys:
-        if k in seen:
-            raise LorasumError(f"pair {k} appears twice (pairs are unordered); give one point per pair, e.g. "
-                               "the mean over seeds")
-        seen.add(k)
+    keys = pair_keys(pairs)
     domains = sorted({d for k in keys for d in k})
     at = {d: i for i, d in enumerate(domains)}
     ab = np.array([[at[a], at[b]] for a, b in keys], dtype=np.int64).reshape(-1, 2)  # (n, 2)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..cluster import EXECUTORS, ExecutorOptions
 from ..errors import LorasumError
-from ..files import read_json
+from ..jsonfile import read_json
 from ..lm.choices import SPLITS
 from ..outputs import OutKind, check_out_dir
 

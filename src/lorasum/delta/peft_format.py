@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import LorasumError
-from ..files import atomic_dir, atomic_write_json, read_json, recover
+from ..files import atomic_dir, atomic_write_json, recover
+from ..jsonfile import read_json
 from .factors import Adapter, LoraFactors, lora_scale
 
 CONFIG_FILE = "adapter_config.json"

@@ -21,7 +21,7 @@ import torch
 
 from .. import schema
 from ..errors import LorasumError
-from ..files import sha256_file
+from ..jsonfile import sha256_file
 from .choices import SPLITS, LossOn, Split  # noqa: F401 - re-exported
 from .datafiles import DATA_DIR_ENV, EXTENSIONS, data_dir_from, read_rows, resolve_source  # noqa: F401 - re-exported
 

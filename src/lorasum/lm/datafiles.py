@@ -18,7 +18,8 @@ from typing import BinaryIO, Iterator
 import pyarrow.parquet as pq
 
 from ..errors import LorasumError
-from ..files import parse_json, stat_or_refuse
+from ..files import stat_or_refuse
+from ..jsonfile import parse_json
 
 EXTENSIONS = (".jsonl", ".csv", ".parquet")
 DATA_DIR_ENV = "LORASUM_DATA_DIR"

@@ -267,23 +267,21 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
     ~1.3x faster training and eval on CPUs with bf16 instructions, at bf16 round-off in activations.
     """
     spec = spec or DEFAULT_MODEL
+    dev, weights = resolve_device(device), resolve_dtype(dtype)  # a bad value is refused before a slow load
+    mixed = resolve_dtype(autocast) if autocast not in (None, "none", "off") else None
     if spec in BUILTIN_MODELS:
         loaded = BUILTIN_MODELS[spec]()
-    elif spec.endswith(".gguf"):
-        loaded = _load_gguf(Path(spec))
-    else:
+    elif not spec.endswith(".gguf"):
         loaded = _load_pretrained(spec)
+    else:
+        loaded = _load_gguf(Path(spec))
     tok = loaded.tokenizer
     if tok.pad_token is None:  # GPT-2 has none; padding is masked by attention mask, so EOS is safe to reuse
         tok.pad_token = tok.eos_token
-    dev = resolve_device(device)
     if dev.type == "cuda":
         deterministic_cuda()
-    loaded.model.to(device=dev, dtype=resolve_dtype(dtype))
-    if autocast not in (None, "none", "off"):
-        loaded.autocast_dtype = resolve_dtype(autocast)
-        if loaded.autocast_dtype == torch.float32:
-            loaded.autocast_dtype = None
+    loaded.model.to(device=dev, dtype=weights)
+    loaded.autocast_dtype = None if mixed == torch.float32 else mixed
     return loaded
 
 

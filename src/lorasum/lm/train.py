@@ -25,7 +25,8 @@ from transformers import get_linear_schedule_with_warmup
 from .. import schema
 from ..delta.factors import Adapter, lora_scale
 from ..errors import DivergedError, LorasumError
-from ..files import atomic_dir, atomic_write_json, pause_for_test, read_json
+from ..files import atomic_dir, atomic_write_json, pause_for_test
+from ..jsonfile import read_json
 from ..progress import progress
 from ..provenance import provenance
 from ..schema import Range, Rule, Wording

@@ -13,7 +13,8 @@ from pathlib import Path
 import jinja2
 
 from ..errors import LorasumError
-from ..files import atomic_write_bytes, atomic_write_text, content_digest, read_json
+from ..files import atomic_write_bytes, atomic_write_text
+from ..jsonfile import content_digest, read_json
 from .figures import FIGURES, available
 from .overview import run_facts
 from .science import speed_section

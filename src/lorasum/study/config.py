@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from .. import schema
 from ..errors import LorasumError, show
-from ..files import read_json
+from ..jsonfile import read_json
 from ..schema import Range, Rule, Wording
 from ..yamlfile import read_yaml
 from ..lm.choices import INIT_MODES, SPLITS, LossOn
@@ -63,8 +63,9 @@ class TuneSettings:
 
     def check(self) -> None:
         """The search space, checked and written out in full (the default space where none is given), so the
-        config's hash names the space searched."""
-        self.space = space_dict(parse_space(self.space or DEFAULT_SPACE, "tune.space"))
+        config's hash names the space searched; the parsed form is kept for the search."""
+        self.parsed_space = parse_space(self.space or DEFAULT_SPACE, "tune.space")
+        self.space = space_dict(self.parsed_space)
 
 
 def _check_domains(domains: list[str]) -> None:
@@ -282,8 +283,10 @@ PRESETS: dict[str, dict] = {
                  "max_validation": 30, "max_test": 50, "seeds": [0, 1], "autocast": "bfloat16", "max_ppl_ratio": 0.8,
                  "eval_scope": "own", "min_records": {"train": 100, "test": 50},
                  "train": {"epochs": 1, "init": "independent"},
-                 # beyond the sum: the oracle (always), the prompt router and Arrow (top_k 1 or 2, on validation)
-                 "compositions": [*DEFAULT_COMPOSITIONS, "prompt_router", "arrow"],
+                 # beyond the sum: the oracle (always), the prompt router, Arrow (top_k 1 or 2, on validation) and
+                 # the repair at the two budgets that tell most (1 step can make a pair worse; see docs/evidence.md)
+                 "compositions": [*DEFAULT_COMPOSITIONS, "prompt_router", "arrow", "repair"],
+                 "repair_budgets": [0.1, 0.25],
                  "method_grid": {"arrow": {"top_k": [1, 2], "router_temperature": [1.0]}}},
     # the paper's setup: GPT-2 small from the hub, all data, r=4, alpha=64, c_attn/c_proj, max length 64 (a GPU)
     "paper": {"model": "gpt2", "domains": ["math", "medicine", "finance"], "seeds": [0],

@@ -61,12 +61,10 @@ def needed_sources(spec: dict) -> list[str]:
     return files
 
 
-def run_serial(jobs: list[dict], loaded: LoadedModel | None, on_done: OnDone) -> None:
-    """Today's path: every job in this process, in the given order (which respects what each reads), with the
-    caller's thread count."""
+def run_serial(jobs: list[dict], loaded: LoadedModel, on_done: OnDone) -> None:
+    """Every job in this process on the caller's loaded model, in the given order (which respects what each reads),
+    with the caller's thread count."""
     for job in jobs:
-        if loaded is None and JOB_KINDS[job["kind"]].needs_model:
-            loaded = load_model(job["model"], job.get("device"), job.get("dtype"), job.get("autocast"))
         t0 = time.perf_counter()
         measured: dict = {}
         run_job(job, loaded, measured)

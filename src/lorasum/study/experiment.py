@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 
 from ..errors import LorasumError
-from ..files import atomic_write_json, check_out_path, is_temp_name, read_json, sweep
+from ..files import atomic_write_json, check_out_path, is_temp_name, sweep
+from ..jsonfile import read_json
 from ..lm.data import SPLITS, load_domain, require_nonempty
 from ..lm.models import check_positions, load_model, torch_threads
 from ..lock import LOCK_FILE, folder_lock
 from ..progress import progress
+from ..provenance import provenance
 from ..report.render import write_report
 from ..schema import config_diff
 from .config import ExperimentConfig
@@ -140,9 +142,6 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
     cfg.data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else cfg.data_dir
     _check_run_dir(cfg, run_dir, overwrite)  # before the lock file is made: never inside a folder that is not a run
     check_out_path(run_dir, "--out")
-    if executor.kind == "serial":  # the model this process runs every job on: its limits are checked before any write
-        loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
-        check_positions(loaded, cfg.train.max_length)
     made = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +155,9 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, overwrite: bool =
             sweep(run_dir, sorted({k.folder for k in JOB_KINDS.values()} | {"figures", "tune"}))
             _check_run_dir(cfg, run_dir, overwrite)  # again, now that no other run can change it
             _check_domains(cfg)
+            if executor.kind == "serial":  # the model this process runs every job on, checked before config.json
+                loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, cfg.autocast)
+                check_positions(loaded, cfg.train.max_length)
             with torch_threads(cfg.threads):  # this run's thread count, the caller's again afterwards
                 return _run(cfg, run_dir, plans(cfg, run_dir), loaded, executor, placements)
     except BaseException:
@@ -187,6 +189,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, Plan], loaded, exec
     """The planned run in an existing folder: config.json, tuning, the missing jobs (on `executor`), results and
     report."""
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    prov = provenance(cfg.device)  # the versions, revision and device this run runs with
     tuning = None
     if cfg.tune:  # tuned parameters replace cfg.train in the train jobs (and so in their keys)
         first = next(iter(ps.values()))
@@ -215,6 +218,6 @@ def _run(cfg: ExperimentConfig, run_dir: Path, ps: dict[str, Plan], loaded, exec
         else:  # weight searches, and the evals that read their weights, after the rest
             later = [j for j in pending if j["kind"] == "weight_search" or j.get("weights_from")]
             run_serial([j for j in pending if j not in later] + later, loaded, on_done)
-    results = assemble(cfg, ps, run_dir, tuning)
+    results = assemble(cfg, ps, run_dir, prov, tuning)
     write_report(run_dir, results)
     return results

@@ -28,7 +28,8 @@ from ..delta.peft_format import WEIGHTS_FILE, load_adapter
 from ..delta.similarity import layer_cosines, layer_norms, rms
 from ..delta.subspace import factor_similarity, factor_summary, null_rms
 from ..errors import LorasumError
-from ..files import atomic_write_json, parse_json, read_json
+from ..files import atomic_write_json
+from ..jsonfile import read_json
 from ..lm.choices import SPLITS
 from ..lm.data import DataConfig, load_domain, parse_spec, partition_domains, require_nonempty, \
     require_predicted_tokens, tokenize_records
@@ -43,6 +44,7 @@ from ..lm.interference import question_prompts
 from ..lm.pair_predictors import all_predictors
 from ..lm.throughput import serving_throughput
 from ..lm.train import TrainConfig, train_adapter
+from .artifacts import readable
 from .jobspec import AdapterTerm, DataSpec, JobSpec, adapter_dir, job_key
 from ..tune.search import InputsChanged
 from ..tune.weights import check_search, input_files, search_weights, validation_examples, \
@@ -318,42 +320,8 @@ def is_done(spec: dict) -> bool:
     if JOB_KINDS[spec["kind"]].folder_artifact:
         if not (p / WEIGHTS_FILE).is_file():
             return False
-        return _readable(p, [p / "adapter_config.json", p / "lorasum.json"], p / WEIGHTS_FILE)
-    return p.is_file() and _readable(p, [p])
-
-
-def check_safetensors(path: Path) -> None:
-    """A safetensors file is an 8-byte header length, a JSON header whose tensors' data_offsets tile the data, and
-    exactly that much data: a shorter (truncated) or longer file is refused."""
-    fix = "removed: its job runs again"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        size = path.stat().st_size
-        if n < 2 or 8 + n > size:
-            raise LorasumError(f"{path} is truncated (its header does not fit in {size} bytes); {fix}")
-        header = parse_json(f.read(n).decode("utf-8", "replace"), str(path), fix)
-    offsets = [t.get("data_offsets") for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)] \
-        if isinstance(header, dict) else []
-    ends = [o[1] for o in offsets if isinstance(o, list) and len(o) == 2 and isinstance(o[1], int)]
-    if 8 + n + max(ends, default=0) != size:
-        raise LorasumError(f"{path} is truncated or damaged ({size} bytes, its header describes "
-                           f"{8 + n + max(ends, default=0)}); {fix}")
-
-
-def _readable(artifact: Path, files: list[Path], tensors: Path | None = None) -> bool:
-    """Whether every JSON file of a finished artifact reads as a JSON object, and its safetensors file (if any) is
-    whole; if not, the artifact is removed."""
-    try:
-        for f in files:
-            read_json(f, "finished-job artifact", "removed: its job runs again")
-        if tensors is not None:
-            check_safetensors(tensors)
-    except LorasumError as e:
-        shutil.rmtree(artifact, ignore_errors=True) if artifact.is_dir() else artifact.unlink(missing_ok=True)
-        print(f"lorasum: {e}", file=sys.stderr)
-        return False
-    return True
+        return readable(p, [p / "adapter_config.json", p / "lorasum.json"], p / WEIGHTS_FILE)
+    return p.is_file() and readable(p, [p])
 
 
 def run_job(spec: dict, loaded: LoadedModel | None = None, timings: dict | None = None) -> Path:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..files import atomic_write_json, content_digest
-from ..provenance import provenance
+from ..files import atomic_write_json
+from ..jsonfile import content_digest
 from .config import ExperimentConfig
 from .findings import claims, findings
 from .plan import Plan
@@ -31,9 +31,10 @@ def mode_body(cfg: ExperimentConfig, plan: Plan) -> dict:
     return body
 
 
-def assemble(cfg: ExperimentConfig, plans: dict[str, Plan], run_dir: str | Path, tuning: dict | None = None) -> dict:
+def assemble(cfg: ExperimentConfig, plans: dict[str, Plan], run_dir: str | Path, prov: dict,
+             tuning: dict | None = None) -> dict:
     """results.json: the primary init mode's units at the top level, then the run-scope units (which see every
-    mode's body), tuning, findings, the claims and provenance."""
+    mode's body), tuning, findings, the claims and provenance (`prov`, as recorded when the run started)."""
     modes = list(plans)
     bodies = {m: mode_body(cfg, plans[m]) for m in modes}
     primary = plans[modes[0]]
@@ -43,7 +44,7 @@ def assemble(cfg: ExperimentConfig, plans: dict[str, Plan], run_dir: str | Path,
     for unit in UNITS.values():
         if unit.scope == "run":
             out.update(unit.assemble(a, out))
-    out["provenance"] = {k: v for k, v in provenance(cfg.device).items() if k != "torch_threads"}
+    out["provenance"] = {k: v for k, v in prov.items() if k != "torch_threads"}
     if tuning:  # how the hyperparameters were tuned (per_partition: confounded)
         out["tuning"] = tuning
     out["findings"] = findings(out)

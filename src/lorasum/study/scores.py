@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..files import read_json
+from ..jsonfile import read_json
 from ..stats import Scores
 from .config import ExperimentConfig
 from .jobs import artifact_path

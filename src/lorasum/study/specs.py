@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from ..files import sha256_file
+from ..jsonfile import sha256_file
 from ..lm.data import parse_spec, partition_domains, resolve_source
 from ..lm.train import TrainConfig, init_seed
 from .config import ExperimentConfig

@@ -15,11 +15,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..errors import LorasumError
-from ..files import atomic_write_text, read_json
+from ..files import atomic_write_text
+from ..jsonfile import read_json
 from ..lm.models import load_model
 from ..lm.train import TrainConfig
 from ..tune.search import tune
-from ..tune.space import parse_space
 from .config import ExperimentConfig
 from .grid import partition_name, subsets
 
@@ -35,11 +35,10 @@ def run_tuning(cfg: ExperimentConfig, run_dir: Path, loaded, sources: dict) -> t
     shared = t.mode == "shared"
     caps = cfg.caps(("train", "validation"))
     data = cfg.data_config(("train", "validation"))
-    space = parse_space(t.space, "tune.space")
+    partitions = [partition_name(s) for s in subsets(cfg.domains, cfg.level)]
     base = replace(cfg.train, seed=cfg.seeds[0])  # the grid's seeds replace it per job
     storage = t.storage or f"sqlite:///{run_dir / 'tune' / 'study.db'}"
     (run_dir / "tune").mkdir(parents=True, exist_ok=True)
-    partitions = [partition_name(s) for s in subsets(cfg.domains, cfg.level)]
     targets = [partition_name(cfg.domains)] if shared else partitions
     studies, train_for = {}, {}
     for i, part in enumerate(targets):
@@ -53,7 +52,7 @@ def run_tuning(cfg: ExperimentConfig, run_dir: Path, loaded, sources: dict) -> t
         if best is None:
             if loaded is None:
                 loaded = _load(cfg)
-            best = tune(loaded, part, folder, t.trials, space, storage, f"{t.mode}:{part}", data, base, t.seed,
+            best = tune(loaded, part, folder, t.trials, t.parsed_space, storage, f"{t.mode}:{part}", data, base, t.seed,
                         t.heartbeat)
             if not best:
                 raise LorasumError(f"tuning {part}: no trial completed (all were pruned or failed); see "

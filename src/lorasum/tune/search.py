@@ -211,8 +211,6 @@ def prepare(model_id: str, partitions: str | list[str], out: Path, trials: int, 
             base: TrainConfig | None = None, seed: int = 0, heartbeat: int = HEARTBEAT_S,
             default_store: str = "study.db") -> Search:
     """Check the inputs and describe the study, before anything is written."""
-    schema.check_count(trials, "trials", MAX_TRIALS)
-    schema.check_count(heartbeat, "heartbeat", MAX_HEARTBEAT_S)
     space = space or default_space()
     base = TrainConfig.from_dict(asdict(base)) if base is not None else TrainConfig()
     data = data or DataConfig()
@@ -220,6 +218,8 @@ def prepare(model_id: str, partitions: str | list[str], out: Path, trials: int, 
     domains = [load_domain(d, data) for s in specs for d in partition_domains(s)]
     require_nonempty(domains, "train")
     require_nonempty(domains, "validation")
+    schema.check_count(trials, "trials", MAX_TRIALS)
+    schema.check_count(heartbeat, "heartbeat", MAX_HEARTBEAT_S)
     partition = "+".join(d.spec for d in domains)
     if out.exists() and not out.is_dir():
         raise LorasumError(f"{out} exists and is not a folder", key="out")
@@ -237,13 +237,13 @@ def prepare(model_id: str, partitions: str | list[str], out: Path, trials: int, 
 
 
 def open_search(search: Search):
-    return open_study(open_storage(search.url, search.heartbeat), search.name, search.label, search.space,
-                      search.setup, search.seed, search.trials)
+    storage = open_storage(search.url, search.heartbeat)
+    return open_study(storage, search.name, search.label, search.space, search.setup, search.seed, search.trials)
 
 
-def work(loaded, search: Search, study, scratch: Path, worker: str, after_trial=None, bar=None) -> None:
+def work(loaded, search: Search, study, scratch: Path, worker: str, after_trial=None, show: str | None = None) -> None:
     """Run trials until the study holds `trials` finished ones (this worker's and others'); `after_trial()` runs
-    after each of this worker's trials, `bar` (a progress bar) follows the count."""
+    after each of this worker's trials; with `show`, a progress bar of that name follows the count."""
     trials, space, base = search.trials, search.space, search.base
 
     def objective(trial) -> float:
@@ -276,24 +276,24 @@ def work(loaded, search: Search, study, scratch: Path, worker: str, after_trial=
 
     barrier_for_test()  # test-only: parallel workers start together; no-op unless set
     done, waiting = finished(study), False
-    while done < trials:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL, then retried
-        running = count_states(study).get("RUNNING", 0)
-        if done + running >= trials:  # the last slots are being worked on elsewhere: wait for them
-            if not waiting and bar is not None:
-                bar.write(f"waiting for {running} trial(s) running elsewhere (a dead worker's trial is failed "
-                          f"after {2 * search.heartbeat} s without a heartbeat, then retried)", file=sys.stderr)
-            waiting = True
-            time.sleep(min(2.0, search.heartbeat))
-        else:
-            waiting = False
-            study.optimize(objective, n_trials=1, catch=(_Surplus,), gc_after_trial=False)
-            if after_trial is not None:
-                after_trial()
-        done = finished(study)
-        if bar is not None:
+    with progress(total=trials, desc=show or "", unit="trial", initial=min(done, trials), disable=not show) as bar:
+        while done < trials:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL, then retried
+            running = count_states(study).get("RUNNING", 0)
+            if done + running >= trials:  # the last slots are being worked on elsewhere: wait for them
+                if not waiting and show:
+                    bar.write(f"waiting for {running} trial(s) running elsewhere (a dead worker's trial is failed "
+                              f"after {2 * search.heartbeat} s without a heartbeat, then retried)", file=sys.stderr)
+                waiting = True
+                time.sleep(min(2.0, search.heartbeat))
+            else:
+                waiting = False
+                study.optimize(objective, n_trials=1, catch=(_Surplus,), gc_after_trial=False)
+                if after_trial is not None:
+                    after_trial()
+            done = finished(study)
             bar.update(min(done, trials) - bar.n)
             if _has_complete(study):
                 bar.set_postfix(best=f"{study.best_value:.4f}", refresh=False)
@@ -313,9 +313,7 @@ def tune(loaded, partitions: str | list[str], out: str | Path, trials: int, spac
                      heartbeat)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     with opened(search, out) as study:
-        with progress(total=trials, desc=f"tune {search.name}", unit="trial",
-                      initial=min(finished(study), trials)) as bar:
-            work(loaded, search, study, out, worker, lambda: write_best(study, out, search), bar)
+        work(loaded, search, study, out, worker, lambda: write_best(study, out, search), show=f"tune {search.name}")
     return finish(study, out, search)
 
 

@@ -22,7 +22,8 @@ from ..delta.registry import METHODS, check_method, method_params
 from ..delta.apply import applied
 from ..delta.peft_format import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from ..errors import LorasumError
-from ..files import atomic_write_json, sha256_file
+from ..files import atomic_write_json
+from ..jsonfile import sha256_file
 from ..lm.combination import GROUPS, combine, method_terms
 from ..lm.data import DataConfig, load_domain, require_nonempty, require_predicted_tokens, tokenize_records
 from ..lm.evaluate import per_example_nll

@@ -3,7 +3,7 @@ per domain and split (a data_stats job)."""
 
 from __future__ import annotations
 
-from ...files import read_json
+from ...jsonfile import read_json
 from ..jobs import artifact_path
 from ..plan import Planner, TrainKey
 from ..scores import load

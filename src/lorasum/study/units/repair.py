@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from ...files import read_json
+from ...jsonfile import read_json
 from ..grid import subsets
 from ..jobs import artifact_path
 from ..plan import Planner, TrainKey
