@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from ..errors import LorasumError
 from ..progress import quiet_module
+from .model_cache import converted_folder, load_converted, save_converted
 from ..identity import DEFAULT_MODEL, SMOLLM2_GGUF, SMOLLM2_PACKAGE, canonical_base_id
 
 # LoRA target modules per architecture (config.model_type). GPT-2's `c_proj` matches both attn.c_proj and
@@ -177,18 +178,30 @@ def _smollm2() -> LoadedModel:
 
 
 def _load_gguf(path: Path) -> LoadedModel:
+    """A GGUF model de-quantized to fp32, from its converted copy when one is cached (see lm.model_cache)."""
     if not path.is_file():
         raise LorasumError(f"GGUF file not found: {path}")
+    folder = converted_folder(path)
+    with quiet_hub_logging():
+        hit = load_converted(folder, weights_fingerprint) if folder is not None else None
+        model, tok = hit or _convert_gguf(path)
+        if hit is None and folder is not None:
+            save_converted(folder, model, tok, weights_fingerprint)
+    # the embedded model's file maps to its built-in name, so adapters trained on `smollm2-135m` match it
+    return LoadedModel(model.eval(), tok, canonical_base_id(str(path)), model.config.model_type)
+
+
+def _convert_gguf(path: Path) -> tuple:
+    """(model, tokenizer) read from the GGUF file itself (about 20 s for SmolLM2-135M)."""
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     quiet_module(gguf_utils)  # its conversion bar is a bare tqdm, outside transformers' switch
-    with quiet_hub_logging():
-        try:
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        except Exception as e:  # noqa: BLE001 - a corrupt file raises ValueError, struct.error, KeyError ...
-            raise LorasumError(f"cannot read GGUF file {path}: {_first_line(e)}; the file is corrupt, truncated or "
-                               "not a GGUF model") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - a corrupt file raises ValueError, struct.error, KeyError ...
+        raise LorasumError(f"cannot read GGUF file {path}: {_first_line(e)}; the file is corrupt, truncated or "
+                           "not a GGUF model") from None
     # Weights are de-quantized to fp32 on load: drop the GGUF marker so PEFT treats it as a plain model.
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
@@ -198,8 +211,7 @@ def _load_gguf(path: Path) -> LoadedModel:
                 setattr(model, attr, None if attr == "hf_quantizer" else False)
             except AttributeError:
                 pass
-    # the embedded model's file maps to its built-in name, so adapters trained on `smollm2-135m` match it
-    return LoadedModel(model.eval(), tok, canonical_base_id(str(path)), model.config.model_type)
+    return model, tok
 
 
 def _load_pretrained(spec: str) -> LoadedModel:
