@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from peft_reference import peft_from_pretrained_strict, peft_strict_load
 
 import torch
 
@@ -299,42 +301,7 @@ def kill_when_paused(proc: subprocess.Popen, marker: Path, name: str, point: str
         proc.wait()
 
 
-# --- stock PEFT references ----------------------------------------------------------------------------------------
-def peft_strict_load(peft_model, folder, adapter_name: str):
-    """Load an adapter into a PeftModel and fail on any missing or unexpected key (PEFT itself only warns)."""
-    from peft.utils import get_peft_model_state_dict, load_peft_weights
-
-    result = peft_model.load_adapter(str(folder), adapter_name=adapter_name)
-    assert list(result.missing_keys) == [], f"missing adapter keys: {result.missing_keys}"
-    assert list(result.unexpected_keys) == [], f"unexpected keys: {result.unexpected_keys}"
-    saved = load_peft_weights(str(folder), device="cpu")
-    expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-    assert set(saved) == set(expected), f"saved keys differ: {set(saved) ^ set(expected)}"
-    for k, v in saved.items():
-        assert expected[k].shape == v.shape and bool((expected[k].cpu() == v).all()), k
-    return result
-
-
-def peft_from_pretrained_strict(base, folder, adapter_name: str = "a"):
-    """PeftModel.from_pretrained, asserting PEFT warned about no missing/unexpected keys; then a strict key check."""
-    from peft import PeftModel
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pm = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
-    bad = [str(w.message) for w in caught if "missing" in str(w.message).lower()
-           or "unexpected" in str(w.message).lower()]
-    assert bad == [], bad
-    from peft.utils import get_peft_model_state_dict, load_peft_weights
-
-    saved = load_peft_weights(str(folder), device="cpu")
-    loaded = get_peft_model_state_dict(pm, adapter_name=adapter_name)
-    assert set(saved) == set(loaded), f"saved vs loaded keys differ: {set(saved) ^ set(loaded)}"
-    for k, v in saved.items():
-        assert bool((loaded[k].cpu() == v).all()), k
-    return pm
-
-
+# --- stock PEFT references (peft_reference.py) ----------------------------------------------------------------
 @pytest.fixture
 def peft_sum_model():
     """A factory for the independent reference: stock PEFT with adapters A and B summed by add_weighted_adapter
@@ -370,6 +337,18 @@ def unavailable(reason: str):
     if under_ci():
         pytest.fail(f"{reason} (CI=true: this is required, not skipped)", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache_dir(tmp_path_factory):
+    """Converted GGUF copies (lm.model_cache) go to this session's temp folder, removed at its end: tests never write
+    to the user's cache, and subprocesses inherit the folder."""
+    folder = tmp_path_factory.mktemp("model-cache")
+    before = os.environ.get("LORASUM_CACHE_DIR")
+    os.environ["LORASUM_CACHE_DIR"] = str(folder)
+    yield folder
+    os.environ.pop("LORASUM_CACHE_DIR") if before is None else os.environ.update(LORASUM_CACHE_DIR=before)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
