@@ -19,11 +19,27 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c"
-    monkeypatch.setenv(CACHE_ENV, "off")
-    assert cache_root() is None and converted_folder(tmp_path / "m.gguf") is None
+    for off in ("off", "0", "OFF"):
+        monkeypatch.setenv(CACHE_ENV, off)
+        assert cache_root() is None and converted_folder(tmp_path / "m.gguf") is None
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(CACHE_ENV, "rel")
+    assert cache_root() == tmp_path / "rel"  # absolute: a later chdir does not move it
     monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "lorasum"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(model_cache.Path, "home", staticmethod(no_home))
+    assert cache_root() is None  # no cache rather than a traceback
+
+
+def test_an_unreadable_gguf_has_no_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
+    assert converted_folder(tmp_path / "missing.gguf") is None  # reading the GGUF itself then names the problem
 
 
 def test_the_folder_is_named_by_the_file_content(monkeypatch, tmp_path):
@@ -48,11 +64,12 @@ def test_a_saved_copy_loads_the_same_weights_and_tokens(tmp_path):
     assert tok(text)["input_ids"] == tiny.tokenizer(text)["input_ids"]
 
 
-@pytest.mark.parametrize("damage", ["edited", "truncated", "no stamp", "foreign stamp"])
+@pytest.mark.parametrize("damage", ["edited", "truncated", "config edited", "no stamp", "foreign stamp"])
 def test_a_damaged_copy_is_not_used(tmp_path, damage):
     tiny = load_model("tiny-llama", device="cpu")
     folder = tmp_path / "copy"
     save_converted(folder, tiny.model, tiny.tokenizer, weights_fingerprint)
+    assert load_converted(folder, weights_fingerprint) is not None
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
     if damage == "edited":  # same size, one weight changed: only the fingerprint can tell
@@ -63,6 +80,11 @@ def test_a_damaged_copy_is_not_used(tmp_path, damage):
         assert not same_weights(AutoModelForCausalLM.from_pretrained(folder), tiny.model)  # it loads, changed
     elif damage == "truncated":
         weights.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "config edited":  # weights intact, the architecture changed: the stamp's file hashes tell
+        cfg = folder / "config.json"
+        text = cfg.read_text()
+        assert '"rope_theta"' in text
+        cfg.write_text(text.replace('"rope_theta"', '"rope_theta_was"'))
     elif damage == "no stamp":
         (folder / STAMP).unlink()
     else:
@@ -70,12 +92,62 @@ def test_a_damaged_copy_is_not_used(tmp_path, damage):
     assert load_converted(folder, weights_fingerprint) is None
 
 
-def test_an_unwritable_cache_only_costs_time(tmp_path):
+def test_an_unwritable_cache_only_costs_time(tmp_path, monkeypatch):
     tiny = load_model("tiny-llama", device="cpu")
     root = tmp_path / "cache"
     root.write_text("a file where the cache folder should be")  # (tests may run as root: no chmod)
     save_converted(root / "models" / "copy", tiny.model, tiny.tokenizer, weights_fingerprint)  # no error
     assert root.read_text() == "a file where the cache folder should be"
+
+    class DiskFull(Exception):  # safetensors raises its own error type, not OSError, on a full disk
+        pass
+
+    def full(*args, **kwargs):
+        raise DiskFull("No space left on device (os error 28)")
+
+    monkeypatch.setattr(tiny.model, "save_pretrained", full)
+    save_converted(tmp_path / "other", tiny.model, tiny.tokenizer, weights_fingerprint)  # no error
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_copy_published_first_is_kept_and_a_damaged_one_replaced(tmp_path):
+    tiny, other = load_model("tiny-llama", device="cpu"), load_model("tiny-gpt2", device="cpu")
+    folder = tmp_path / "copy"
+    save_converted(folder, tiny.model, tiny.tokenizer, weights_fingerprint)
+    save_converted(folder, other.model, other.tokenizer, weights_fingerprint)  # another writer came second
+    assert same_weights(load_converted(folder, weights_fingerprint)[0], tiny.model)
+    (folder / STAMP).unlink()
+    save_converted(folder, other.model, other.tokenizer, weights_fingerprint, replace=True)
+    assert same_weights(load_converted(folder, weights_fingerprint)[0], other.model)
+
+
+def test_a_gguf_is_converted_once_then_loaded_from_its_copy(tmp_path, monkeypatch):
+    """The load path itself, with the conversion stubbed by tiny-llama: a miss writes the copy, a hit converts
+    nothing, a damaged copy is converted again and rewritten, and a copy that cannot be written changes nothing."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    gguf = tmp_path / "My.Q8_0.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    calls = []
+
+    def convert(path):
+        calls.append(path)
+        tiny = load_model("tiny-llama", device="cpu")
+        return tiny.model, tiny.tokenizer
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    reference = load_model("tiny-llama", device="cpu").model
+    first = load_model(str(gguf), device="cpu")
+    folder = converted_folder(gguf)
+    assert len(calls) == 1 and (folder / STAMP).is_file() and first.model_id == "My.Q8_0"
+    again = load_model(str(gguf), device="cpu")
+    assert len(calls) == 1 and same_weights(again.model, reference)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    rebuilt = load_model(str(gguf), device="cpu")
+    assert len(calls) == 2 and same_weights(rebuilt.model, reference)
+    assert load_converted(folder, weights_fingerprint) is not None  # rewritten whole
+    monkeypatch.setenv(CACHE_ENV, str(gguf))  # a file where the cache folder should be: nothing can be written
+    assert same_weights(load_model(str(gguf), device="cpu").model, reference) and len(calls) == 3
 
 
 @pytest.mark.slow

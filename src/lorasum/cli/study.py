@@ -50,10 +50,14 @@ def job_command(args: argparse.Namespace) -> int:
 
 
 def tune_command(args: argparse.Namespace) -> int:
+    from .. import schema
     from ..files import check_out_path
-    from ..tune.search import HEARTBEAT_S, tune
+    from ..tune.search import HEARTBEAT_S, MAX_HEARTBEAT_S, MAX_TRIALS, tune
     from ..tune.space import default_space, load_space
 
+    heartbeat = HEARTBEAT_S if args.heartbeat is None else args.heartbeat  # 0 is refused, not defaulted
+    schema.check_count(args.trials, "trials", MAX_TRIALS)  # before the model and the data load
+    schema.check_count(heartbeat, "heartbeat", MAX_HEARTBEAT_S)
     check_out_path(args.out, "--out")  # a name the filesystem takes, in a folder this user may write (or resume in)
     executor = executor_options(args)
     check_out(args.out, TUNE)
@@ -61,7 +65,6 @@ def tune_command(args: argparse.Namespace) -> int:
     fixed = {k: getattr(args, k) for k in ("r", "alpha", "max_length", "seed", "init", "loss_on", "targets")
              if getattr(args, k) is not None}
     base = train_config(args.params, fixed)
-    heartbeat = HEARTBEAT_S if args.heartbeat is None else args.heartbeat  # 0 is refused by tune, not defaulted
     kw = dict(space=space, storage=args.storage, study_name=args.study, data=data_config(args), base=base,
               seed=base.seed, heartbeat=heartbeat)
     if executor.kind == "ray":

@@ -218,7 +218,7 @@ def prepare(model_id: str, partitions: str | list[str], out: Path, trials: int, 
     domains = [load_domain(d, data) for s in specs for d in partition_domains(s)]
     require_nonempty(domains, "train")
     require_nonempty(domains, "validation")
-    schema.check_count(trials, "trials", MAX_TRIALS)
+    schema.check_count(trials, "trials", MAX_TRIALS)  # (the CLI and the experiment check both where they enter)
     schema.check_count(heartbeat, "heartbeat", MAX_HEARTBEAT_S)
     partition = "+".join(d.spec for d in domains)
     if out.exists() and not out.is_dir():
@@ -295,7 +295,7 @@ def work(loaded, search: Search, study, scratch: Path, worker: str, after_trial=
                     after_trial()
             done = finished(study)
             bar.update(min(done, trials) - bar.n)
-            if _has_complete(study):
+            if show and _has_complete(study):
                 bar.set_postfix(best=f"{study.best_value:.4f}", refresh=False)
 
 
