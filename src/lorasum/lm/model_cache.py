@@ -22,7 +22,6 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..files import atomic_dir, atomic_write_json
-from ..jsonfile import sha256_file
 
 CACHE_ENV = "LORASUM_CACHE_DIR"  # where converted models live; "off" (or 0): never read or write one
 CONVERSION = 1  # lorasum's own steps after transformers' conversion (see models._convert_gguf); bump when they change
@@ -51,15 +50,20 @@ def converted_folder(gguf: Path) -> Path | None:
     if root is None:
         return None
     try:
-        digest = sha256_file(gguf)
+        digest = _sha256(gguf)
     except OSError:
         return None
     versions = f"{digest}:{transformers.__version__}:{metadata.version('gguf')}:{CONVERSION}"
     return root / "models" / f"{gguf.stem[:80]}-{hashlib.sha256(versions.encode()).hexdigest()[:20]}"
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _small_files(folder: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (WEIGHTS, STAMP)}
+    return {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (WEIGHTS, STAMP)}
 
 
 def load_converted(folder: Path, fingerprint: Fingerprint):

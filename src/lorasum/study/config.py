@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from ..lm.data import DataConfig, check_domain
 from ..lm.train import Seed, TrainConfig
 from ..lm.models import MAX_THREADS, resolve_device
 from ..tune.search import HEARTBEAT_S, MAX_HEARTBEAT_S
-from ..tune.space import DEFAULT_SPACE, parse_space, space_dict
+from ..tune.space import DEFAULT_SPACE, Space, parse_space, space_dict
 from ..delta.methods import method_params
 from ..delta.registry import graded
 from .grid import COMPOSITIONS, DEFAULT_COMPOSITIONS, METHOD_COMPOSITIONS, grid_points
@@ -61,10 +62,14 @@ class TuneSettings:
             return {"mode": value}
         raise schema.Mismatch("a mapping or a string or true or false or null")
 
+    @functools.cached_property
+    def parsed_space(self) -> Space:
+        """The search space as the search uses it, parsed once (a copy made with `replace` parses its own)."""
+        return parse_space(self.space or DEFAULT_SPACE, "tune.space")
+
     def check(self) -> None:
         """The search space, checked and written out in full (the default space where none is given), so the
-        config's hash names the space searched; the parsed form is kept for the search."""
-        self.parsed_space = parse_space(self.space or DEFAULT_SPACE, "tune.space")
+        config's hash names the space searched."""
         self.space = space_dict(self.parsed_space)
 
 
