@@ -366,3 +366,13 @@ def test_adapter_files_get_the_usual_permissions(tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
     assert modes == {n: 0o666 & ~mask for n in ("adapter_config.json", "adapter_model.safetensors", "lorasum.json")} \
         or modes == {n: 0o666 & ~mask for n in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+@pytest.mark.parametrize("module", ["lorasum", "lorasum.cli"])
+def test_python_dash_m_runs_the_command(module, tmp_path):
+    """`python -m lorasum` and `python -m lorasum.cli` are the `lorasum` command: help on stdout, and a bad
+    command refused in one line with exit 2."""
+    ok = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "usage: lorasum" in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", module, "combobulate"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "combobulate" in bad.stderr, bad.stderr
