@@ -22,6 +22,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..files import atomic_dir, atomic_write_json
+from ..jsonfile import sha256_file
 
 CACHE_ENV = "LORASUM_CACHE_DIR"  # where converted models live; "off" (or 0): never read or write one
 CONVERSION = 1  # lorasum's own steps after transformers' conversion (see models._convert_gguf); bump when they change
@@ -50,20 +51,15 @@ def converted_folder(gguf: Path) -> Path | None:
     if root is None:
         return None
     try:
-        digest = _sha256(gguf)
+        digest = sha256_file(gguf)
     except OSError:
         return None
     versions = f"{digest}:{transformers.__version__}:{metadata.version('gguf')}:{CONVERSION}"
     return root / "models" / f"{gguf.stem[:80]}-{hashlib.sha256(versions.encode()).hexdigest()[:20]}"
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _small_files(folder: Path) -> dict[str, str]:
-    return {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (WEIGHTS, STAMP)}
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (WEIGHTS, STAMP)}
 
 
 def load_converted(folder: Path, fingerprint: Fingerprint):
@@ -99,3 +95,16 @@ def save_converted(folder: Path, model: torch.nn.Module, tok, fingerprint: Finge
                                             "transformers": transformers.__version__})
     except Exception:  # noqa: BLE001 - OSError, LorasumError, safetensors' own errors on a full disk ...
         return
+
+
+def load_or_convert(gguf: Path, convert: Callable[[Path], tuple], fingerprint: Fingerprint) -> tuple:
+    """(model, tokenizer) of `gguf`: from its converted copy when that is whole, else `convert(gguf)`, keeping the
+    result as the copy (replacing a damaged one)."""
+    folder = converted_folder(gguf)
+    hit = load_converted(folder, fingerprint) if folder is not None else None
+    if hit is not None:
+        return hit
+    model, tok = convert(gguf)
+    if folder is not None:  # an existing folder that did not load is a damaged copy
+        save_converted(folder, model, tok, fingerprint, replace=folder.exists())
+    return model, tok

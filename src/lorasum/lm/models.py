@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 from ..errors import LorasumError
 from ..progress import quiet_module
 from ..identity import DEFAULT_MODEL, SMOLLM2_GGUF, SMOLLM2_PACKAGE, canonical_base_id
-from .model_cache import converted_folder, load_converted, save_converted
+from .model_cache import load_or_convert
 
 # LoRA target modules per architecture (config.model_type). GPT-2's `c_proj` matches both attn.c_proj and
 # mlp.c_proj: 36 layers on GPT-2 small, as in the paper. Llama-family analogues: attention projections + down_proj.
@@ -181,12 +181,8 @@ def _load_gguf(path: Path) -> LoadedModel:
     """A GGUF model de-quantized to fp32, from its converted copy when one is cached (see lm.model_cache)."""
     if not path.is_file():
         raise LorasumError(f"GGUF file not found: {path}")
-    folder = converted_folder(path)
     with quiet_hub_logging():
-        hit = load_converted(folder, weights_fingerprint) if folder is not None else None
-        model, tok = hit or _convert_gguf(path)
-        if hit is None and folder is not None:  # an existing folder that did not load is a damaged copy
-            save_converted(folder, model, tok, weights_fingerprint, replace=folder.exists())
+        model, tok = load_or_convert(path, _convert_gguf, weights_fingerprint)
     # the embedded model's file maps to its built-in name, so adapters trained on `smollm2-135m` match it
     return LoadedModel(model.eval(), tok, canonical_base_id(str(path)), model.config.model_type)
 
